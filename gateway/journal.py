@@ -1,0 +1,103 @@
+"""The request journal, written in batches so that no token costs a Redis round trip.
+
+NOTE: request handlers only record what happened (``open``, ``append``, ``close``); a
+background task flushes everything recorded in the last ``interval_s`` at once: the closes,
+then the opens, then every request's new tokens in one ``journal_append_many`` pipeline.
+Closes go first because a close is only queued for a request whose open already reached
+Redis, and a request id may be reused right after it finished. A request that opens and
+ends within one window never reaches Redis at all. The journal is for failover, so a Redis
+outage is logged and the batch dropped; it never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+from stagemesh.errors import StagemeshError
+from stagemesh.serving.types import SamplingParams
+from stagemesh.store import Store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_INTERVAL_S = 0.005
+
+
+def params_doc(params: SamplingParams) -> dict[str, Any]:
+    """The JSON form of sampling parameters, as journaled."""
+    return {**dataclasses.asdict(params), "stop_token_ids": list(params.stop_token_ids)}
+
+
+class JournalWriter:
+    """Buffers journal writes and flushes them together every ``interval_s`` seconds."""
+
+    def __init__(self, store: Store, *, interval_s: float = DEFAULT_FLUSH_INTERVAL_S):
+        self._store = store
+        self._interval_s = interval_s
+        self._opens: dict[str, tuple[list[int], dict[str, Any], int]] = {}
+        self._tokens: dict[str, list[int]] = {}
+        self._closes: list[str] = []
+        self._dirty = asyncio.Event()
+        self._stopping = False
+        self._failing = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="journal-writer")
+
+    async def stop(self) -> None:
+        """Flush what is buffered and end the background task."""
+        self._stopping = True
+        self._dirty.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    # --- what handlers record --------------------------------------------------------
+
+    def open(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], chain: int) -> None:
+        self._opens[request_id] = (list(prompt_token_ids), params, chain)
+        self._tokens.pop(request_id, None)
+        self._dirty.set()
+
+    def append(self, request_id: str, token_id: int) -> None:
+        self._tokens.setdefault(request_id, []).append(token_id)
+        self._dirty.set()
+
+    def close(self, request_id: str) -> None:
+        self._tokens.pop(request_id, None)
+        if self._opens.pop(request_id, None) is None:  # its open already went out
+            self._closes.append(request_id)
+            self._dirty.set()
+
+    # --- flushing --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._dirty.wait()
+            if not self._stopping:
+                await asyncio.sleep(self._interval_s)  # gather a window's worth of writes
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything recorded so far (closes, opens, then tokens)."""
+        closes, opens, tokens = self._closes, self._opens, self._tokens
+        self._closes, self._opens, self._tokens = [], {}, {}
+        self._dirty.clear()
+        if not (closes or opens or tokens):
+            return
+        try:
+            await asyncio.gather(*(self._store.journal_close(rid) for rid in closes))
+            await asyncio.gather(*(self._store.journal_open(rid, *entry) for rid, entry in opens.items()))
+            if tokens:
+                await self._store.journal_append_many(tokens)
+        except StagemeshError as err:
+            if not self._failing:
+                logger.warning("journal writes dropped (failover cannot resume these requests): %s", err)
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("journal writes reach Redis again")
+        self._failing = False

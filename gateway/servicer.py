@@ -1,0 +1,106 @@
+"""The client-facing ``Gateway`` service: decode, hand to the chain's engine, encode."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from stagemesh.codec.messages import GenerateChunk, GenerateInput, chunk_to_pb, generate_request_from_pb, status_to_pb
+from stagemesh.errors import InvalidArgument, StagemeshError
+from stagemesh.serving.scheduler import SEED_RANGE
+from stagemesh.serving.types import Request, SamplingParams, TokenEvent
+from stagemesh.tokenizer import IncrementalDecoder, Tokenizer
+from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+from .journal import JournalWriter, params_doc
+from .router import Router
+from .status import StatusReporter
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Generate / Cancel / Status over the router's chains. Failures are gRPC statuses."""
+
+    def __init__(self, router: Router, journal: JournalWriter, tokenizer: Tokenizer | None, status: StatusReporter):
+        self.router = router
+        self.journal = journal
+        self.tokenizer = tokenizer
+        self.status = status
+        self._rng = random.SystemRandom()
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Streams the request's tokens; leaving the call early aborts it and frees its KV cache."""
+        try:
+            # aclosing: a client that leaves while we wait in ``yield`` still ends the engine's stream.
+            async with contextlib.aclosing(self._generate(generate_request_from_pb(request))) as stream:
+                async for msg in stream:
+                    yield msg
+        except StagemeshError as err:
+            await context.abort(_status_code(err.code), err.message)
+
+    async def Cancel(self, request: gateway_pb2.CancelRequest, context: grpc.aio.ServicerContext):
+        return gateway_pb2.CancelResponse(cancelled=self.router.abort(request.request_id))
+
+    async def Status(self, request: gateway_pb2.StatusRequest, context: grpc.aio.ServicerContext):
+        return status_to_pb(await self.status.document())
+
+    # --- Generate, transport-free ----------------------------------------------------
+
+    async def _generate(self, inp: GenerateInput) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        request = Request(inp.request_id or uuid.uuid4().hex, self._encode(inp), self._seeded(inp.params), time.monotonic())
+        rid = request.request_id
+        chain = self.router.admit(rid)
+        # NOTE: the engine validates at the first __anext__, synchronously, so a refused request's
+        # open and close land in the same journal window and cancel out: it never reaches Redis.
+        self.journal.open(rid, list(request.prompt_token_ids), params_doc(request.params), chain.chain_id)
+        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
+        try:
+            async with contextlib.aclosing(chain.engine.generate(request)) as events:
+                async for event in events:
+                    if event.token_id is not None:
+                        self.journal.append(rid, event.token_id)
+                    yield chunk_to_pb(_chunk(event, decoder))
+        finally:
+            self.journal.close(rid)
+            self.router.release(rid)
+
+    def _encode(self, inp: GenerateInput) -> tuple[int, ...]:
+        if inp.token_ids is not None:
+            return inp.token_ids
+        if self.tokenizer is None:
+            raise InvalidArgument("this model has no tokenizer.json; send token ids instead of a text prompt")
+        if not inp.prompt:
+            raise InvalidArgument("the prompt is empty; send non-empty text or token ids")
+        return tuple(self.tokenizer.encode(inp.prompt))
+
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        """The request's seed, drawn here when the client gave none, so the journal holds it."""
+        if params.seed is not None:
+            return params
+        return dataclasses.replace(params, seed=self._rng.randrange(SEED_RANGE))
+
+
+def _chunk(event: TokenEvent, decoder: IncrementalDecoder | None) -> GenerateChunk:
+    text = ""
+    if decoder is not None:
+        text = decoder.push(event.token_id) if event.token_id is not None else ""
+        if event.finish_reason is not None:
+            text += decoder.flush()
+    token_ids = () if event.token_id is None else (event.token_id,)
+    return GenerateChunk(event.request_id, token_ids, event.index, text, event.finish_reason)
+
+
+def _status_code(name: str) -> grpc.StatusCode:
+    try:
+        return grpc.StatusCode[name]
+    except KeyError:
+        return grpc.StatusCode.UNKNOWN

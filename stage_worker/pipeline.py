@@ -1,0 +1,180 @@
+"""The stage's step pipeline: every received micro-batch runs through the runner and gets one answer.
+
+NOTE: ordering. Steps run on ONE dedicated thread (a single-worker executor runs its queue in
+submission order), so they run strictly in arrival order while the event loop keeps receiving
+and sending. When a step ends, the thread hands its outcome to the loop with
+``call_soon_threadsafe``, which runs callbacks in the order they were scheduled: so the
+answers of the last stage, and the requests forwarded to the next stage, also keep arrival
+order. A step that fails here is answered with its error and is not forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from stagemesh.codec.messages import failed_step_to_pb, plan_from_pb, result_to_pb
+from stagemesh.codec.tensors import tensor_from_pb, tensor_to_pb
+from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
+from stagemesh.serving.types import StepPlan
+from stagemesh.v1 import stage_pb2
+
+from .downstream import DownstreamLink
+from .runner import StageRunner
+from .topology import StagePlace
+
+log = logging.getLogger(__name__)
+
+BUSY_INTERVALS_KEPT = 256
+
+
+class StageFigures:
+    """Counters the heartbeat publishes. The step thread writes them; the event loop reads them."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        """Requests submitted (event loop only)."""
+        self.computed = 0
+        """Requests whose step ended, failed ones included (step thread only)."""
+        self.steps = 0
+        self.steps_failed = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=BUSY_INTERVALS_KEPT)
+        self._lock = threading.Lock()
+        self._last_report = (time.time(), 0.0)
+
+    def record(self, t_start: float, t_end: float, tokens: int) -> None:
+        with self._lock:
+            self.steps += 1
+            self.tokens += tokens
+            self.busy_s += t_end - t_start
+            self._intervals.append((t_start, t_end))
+
+    def report(self, runner: StageRunner | None) -> dict[str, Any]:
+        """The figures as JSON values; ``busy_fraction`` covers the time since the previous report."""
+        now = time.time()
+        with self._lock:
+            intervals = [list(pair) for pair in self._intervals]
+            busy_s = self.busy_s
+        last_time, last_busy = self._last_report
+        self._last_report = (now, busy_s)
+        cache = runner.cache if runner is not None else None
+        return {
+            "steps": self.steps,
+            "steps_failed": self.steps_failed,
+            "tokens_processed": self.tokens,
+            "busy_s": busy_s,
+            "busy_fraction": min(1.0, (busy_s - last_busy) / max(now - last_time, 1e-6)),
+            "queue_depth": self.received - self.computed,
+            "kv_blocks_used": cache.blocks_used if cache else 0,
+            "kv_blocks_total": cache.num_blocks if cache else 0,
+            "running_sequences": len(cache.block_tables) if cache else 0,
+            "busy_intervals": intervals,
+        }
+
+
+class StagePipeline:
+    """Runs this stage's micro-batches in arrival order; ``submit`` returns each one's answer."""
+
+    def __init__(self, place: StagePlace):
+        self.place = place
+        self.runner: StageRunner | None = None
+        """Set once ``load`` has built it; until then every step is answered UNAVAILABLE."""
+        self.figures = StageFigures()
+        self._loop = asyncio.get_running_loop()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{place.name}")
+        self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name)
+
+    async def load(self, make_runner: Callable[[], StageRunner]) -> StageRunner:
+        """Build the runner on the step thread (the loop keeps answering health checks meanwhile)."""
+        self.runner = await self._loop.run_in_executor(self._thread, make_runner)
+        return self.runner
+
+    def submit(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
+        """Queue ``request``'s step; the future always resolves to a StageResponse, never raises."""
+        answer = self._loop.create_future()
+        if self.runner is None:
+            err = Unavailable(f"stage {self.place.name} is still loading its weights")
+            answer.set_result(failed_step_to_pb(request.step_id, err))
+            return answer
+        self.figures.received += 1
+        try:
+            self._thread.submit(self._run, request, answer)
+        except RuntimeError as err:  # the executor is shut down: the worker is exiting
+            self.figures.received -= 1
+            answer.set_result(failed_step_to_pb(request.step_id, Unavailable(f"stage {self.place.name}: {err}")))
+        return answer
+
+    async def close(self) -> None:
+        """Finish the queued steps, then close the link to the next stage."""
+        await self._loop.run_in_executor(None, self._thread.shutdown)
+        if self._downstream is not None:
+            await self._downstream.close()
+
+    # --- on the step thread ----------------------------------------------------------------
+
+    def _run(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> None:
+        try:
+            outcome = self._step(request)
+        except Exception as err:  # noqa: BLE001 - a failed step is answered, never fatal
+            self.figures.steps_failed += 1
+            expected = isinstance(err, StagemeshError)
+            log.warning("stage %s: step %d failed: %s", self.place.name, request.step_id, err, exc_info=not expected)
+            outcome = failed_step_to_pb(request.step_id, err)
+        finally:
+            self.figures.computed += 1
+        self._loop.call_soon_threadsafe(self._deliver, outcome, answer)
+
+    def _step(self, request: stage_pb2.StageRequest) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
+        plan, hidden = self._decode(request)
+        t_start = time.time()
+        out = self.runner.step(plan, hidden)
+        t_end = time.time()
+        self.figures.record(t_start, t_end, plan.num_tokens)
+        if self.place.spec.is_last:
+            return result_to_pb(out)
+        # NOTE: the next stage gets the request as received, its hidden replaced: the plan is
+        # not encoded again (no per-token work), and what it runs is exactly what we ran.
+        request.hidden.CopyFrom(tensor_to_pb(out))
+        return request
+
+    def _decode(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | None]:
+        """The plan and input activations of a request; InvalidArgument when it is malformed."""
+        try:
+            plan = plan_from_pb(request)
+            hidden = None if self.place.spec.is_first else self._hidden(request, plan)
+        except ValueError as err:
+            raise InvalidArgument(f"stage {self.place.name}: malformed StageRequest {request.step_id}: {err}") from err
+        return plan, hidden
+
+    def _hidden(self, request: stage_pb2.StageRequest, plan: StepPlan) -> torch.Tensor:
+        if not request.HasField("hidden"):
+            raise ValueError(f"it has no hidden, which a stage from layer {self.place.spec.start_layer} needs")
+        hidden = tensor_from_pb(request.hidden)  # [N, H], read-only view of the message's bytes
+        want = [plan.num_tokens, self.runner.config.hidden_size]
+        if list(hidden.shape) != want:
+            raise ValueError(f"hidden has shape {list(hidden.shape)}; this step needs {want} (tokens, hidden_size)")
+        return hidden.to(self.runner.device, self.runner.dtype)
+
+    # --- back on the event loop ------------------------------------------------------------
+
+    def _deliver(self, outcome: stage_pb2.StageRequest | stage_pb2.StageResponse, answer: asyncio.Future) -> None:
+        if not isinstance(outcome, stage_pb2.StageRequest):
+            if not answer.done():
+                answer.set_result(outcome)
+            return
+        try:
+            # Forwarded even when the upstream asker is gone: the next stages' KV must follow.
+            self._downstream.send(outcome, answer)
+        except Exception as err:  # noqa: BLE001 - the answer must come whatever happens
+            log.exception("stage %s: could not forward step %d", self.place.name, outcome.step_id)
+            if not answer.done():
+                answer.set_result(failed_step_to_pb(outcome.step_id, err))

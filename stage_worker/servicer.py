@@ -1,0 +1,79 @@
+"""The ``Stage`` gRPC service: a thin shell over ``StagePipeline``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+
+from stagemesh.codec.tensors import dtype_name
+from stagemesh.v1 import stage_pb2, stage_pb2_grpc
+
+from .pipeline import StagePipeline
+
+log = logging.getLogger(__name__)
+
+
+class StageServicer(stage_pb2_grpc.StageServicer):
+    """Serves one stage worker's ``Forward`` streams and ``Info``."""
+
+    def __init__(self, pipeline: StagePipeline):
+        self._pipeline = pipeline
+        self._receivers: set[asyncio.Task] = set()
+
+    async def Forward(self, request_iterator, context):
+        """One answer per request, in request order.
+
+        A receiver task submits each request as it arrives (so steps queue up while earlier
+        ones compute); this handler yields the answers from a FIFO of their futures.
+        """
+        answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
+        receiver = asyncio.create_task(self._receive(request_iterator, answers))
+        self._receivers.add(receiver)
+        receiver.add_done_callback(self._receivers.discard)
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+        finally:
+            receiver.cancel()
+
+    async def _receive(self, requests, answers: asyncio.Queue) -> None:
+        try:
+            async for request in requests:
+                answers.put_nowait(self._pipeline.submit(request))
+        except grpc.RpcError as err:
+            log.info("a Forward stream into stage %s ended: %s", self._pipeline.place.name, err)
+        finally:
+            answers.put_nowait(None)  # the handler answers what it took, then ends the stream
+
+    def drain(self) -> None:
+        """Stop taking requests on every open stream; each ends once its taken ones are answered."""
+        for receiver in list(self._receivers):
+            receiver.cancel()
+
+    async def Info(self, request, context) -> stage_pb2.StageInfo:
+        """What this worker holds; UNAVAILABLE while it is loading its weights."""
+        place, runner = self._pipeline.place, self._pipeline.runner
+        if runner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"stage {place.name} is still loading its weights")
+        # NOTE: StageInfo has no domain dataclass to convert from, so it is filled here.
+        return stage_pb2.StageInfo(
+            role="stage",
+            chain=place.chain,
+            stage=place.stage,
+            num_stages=place.num_stages,
+            layer_start=place.spec.start_layer,
+            layer_end=place.spec.end_layer,
+            num_layers=place.spec.num_layers,
+            device=str(runner.device),
+            tp_size=runner.tp.size,
+            dtype=dtype_name(runner.dtype),
+            hidden_size=runner.config.hidden_size,
+            num_kv_blocks=runner.cache.num_blocks,
+            block_size=runner.cache.block_size,
+            kv_blocks_used=runner.cache.blocks_used,
+            pid=os.getpid(),
+            model=place.model,
+        )

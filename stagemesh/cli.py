@@ -1,0 +1,140 @@
+"""`stagemesh` command line: generate, demo-model (and the mesh commands as they exist)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .errors import StagemeshError
+from .serving.types import SamplingParams
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="checkpoint directory: run the in-process engine on it")
+    where.add_argument("--addr", help="HOST:PORT of a running mesh's gateway")
+    p.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
+    p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--input", help='JSONL file: {"prompt": ...} or {"token_ids": [...]} per line, optional per-line sampling keys')
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
+    p.add_argument("--json", action="store_true", help="one JSON object per input line, in input order")
+    local = p.add_argument_group("in-process engine (--model)")
+    local.add_argument("--pp", type=int, default=1, help="pipeline stages, run in this process")
+    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    local.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
+    local.add_argument("--block-size", type=int, default=16)
+    local.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one step")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .requests_io import parse_token_ids, read_inputs, write_outcomes
+
+    defaults = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=parse_token_ids(args.stop_token_ids),
+    )
+    lines = read_inputs(args.prompt, args.token_ids, args.input, defaults)
+    if args.model:
+        from .inprocess import InProcessEngine
+
+        engine = InProcessEngine(
+            args.model,
+            pp=args.pp,
+            dtype=args.dtype,
+            num_kv_blocks=args.kv_blocks,
+            block_size=args.block_size,
+            max_num_batched_tokens=args.max_batch_tokens,
+        )
+        outcomes = asyncio.run(engine.run(lines))
+    else:
+        from .remote import run_remote
+
+        outcomes = asyncio.run(run_remote(args.addr, lines))
+    return write_outcomes(outcomes, args.json, sys.stdout, sys.stderr)
+
+
+def _up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (one worker process each)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
+    p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port (status JSON)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
+    p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
+    p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a new temp dir)")
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .launch import UpOptions, run_up
+
+    opts = UpOptions(
+        model=Path(args.model),
+        pp=args.pp,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        http_port=args.http_port,
+        redis_url=args.redis_url,
+        deployment=args.deployment,
+        dtype=args.dtype,
+        kv_blocks=args.kv_blocks,
+        log_dir=args.log_dir,
+    )
+    return run_up(opts)
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagemesh", description="Serve LLMs as a gRPC mesh of pipeline stages and experts.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate tokens in-process (--model) or from a mesh (--addr)")
+    _generate_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+    up = sub.add_parser("up", help="start a mesh (Redis, stage workers, gateway) on this machine")
+    _up_args(up)
+    up.set_defaults(func=_cmd_up)
+    from . import demo
+
+    dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=_cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except StagemeshError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The asyncio client of a stagemesh gateway (grpc.aio)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, Sequence
+
+import grpc
+import grpc.aio
+
+from stagemesh.client._common import UNARY_TIMEOUT, assemble, error_from_rpc, generate_request, tokens_of
+from stagemesh.client._types import GeneratedToken, GenerateResult
+from stagemesh.codec.messages import status_from_pb
+from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+class AsyncClient:
+    """The asyncio twin of ``stagemesh.Client``: same calls, same errors, awaited.
+
+    Create it inside a running event loop; ``async with AsyncClient(addr) as client: ...``.
+    """
+
+    def __init__(self, addr: str, *, timeout: float | None = None):
+        self.addr = addr
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(addr)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        token_ids: Sequence[int] | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates from a text ``prompt`` or from ``token_ids`` (exactly one) and waits for the end."""
+        items = self.stream(
+            prompt, token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            request_id=request_id, timeout=timeout,
+        )
+        return assemble([item async for item in items], request_id)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        token_ids: Sequence[int] | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        """Like ``generate``, but an async iterator of each token as it comes.
+
+        Closing it early (``contextlib.aclosing``) cancels the request on the gateway. The
+        arguments are checked when this is called, before anything is sent.
+        """
+        request = generate_request(
+            prompt, token_ids, request_id=request_id, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+        )
+        return self._stream(request, self._deadline(timeout, None))
+
+    async def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> AsyncIterator[GeneratedToken]:
+        call = self._stub.Generate(request, timeout=timeout)
+        try:
+            async for msg in call:
+                for item in tokens_of(msg):
+                    yield item
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Cancels a running request; False when the gateway knows no running request of that id."""
+        try:
+            reply = await self._stub.Cancel(
+                gateway_pb2.CancelRequest(request_id=request_id), timeout=self._deadline(timeout, UNARY_TIMEOUT)
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return reply.cancelled
+
+    async def status(self, *, timeout: float | None = None) -> dict:
+        """The status document; see ``stagemesh.Client.status``."""
+        try:
+            reply = await self._stub.Status(
+                gateway_pb2.StatusRequest(), timeout=self._deadline(timeout, UNARY_TIMEOUT)
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return status_from_pb(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _deadline(self, timeout: float | None, fallback: float | None) -> float | None:
+        if timeout is not None:
+            return timeout
+        return self.timeout if self.timeout is not None else fallback

@@ -1,0 +1,95 @@
+"""What the blocking and the asyncio clients share: request building, error mapping, assembly."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import grpc
+
+from stagemesh.codec.messages import GenerateChunk, GenerateInput, chunk_from_pb, generate_request_to_pb
+from stagemesh.errors import InvalidArgument, StagemeshError, error_for
+from stagemesh.serving.types import SamplingParams
+from stagemesh.client._types import GeneratedToken, GenerateResult
+from stagemesh.v1 import gateway_pb2
+
+UNARY_TIMEOUT = 30.0
+"""Deadline (s) of Cancel and Status when neither the call nor the client sets one."""
+
+
+def generate_request(
+    prompt: str | Sequence[int] | None,
+    token_ids: Sequence[int] | None,
+    *,
+    request_id: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop_token_ids: Iterable[int],
+    ignore_eos: bool,
+) -> gateway_pb2.GenerateRequest:
+    """The GenerateRequest of a generate/stream call; InvalidArgument on bad local input.
+
+    A non-string ``prompt`` is taken as token ids, so ``generate([1, 2, 3])`` works. Values
+    are checked by the gateway; only what cannot be encoded at all fails here.
+    """
+    if prompt is not None and not isinstance(prompt, str):
+        if token_ids is not None:
+            raise InvalidArgument("give exactly one of prompt (text) or token_ids")
+        prompt, token_ids = None, prompt
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=tuple(int(t) for t in stop_token_ids),
+            ignore_eos=ignore_eos,
+        )
+        ids = None if token_ids is None else tuple(int(t) for t in token_ids)
+        inp = GenerateInput(prompt=prompt, token_ids=ids, params=params, request_id=request_id or "")
+        return generate_request_to_pb(inp)
+    except (TypeError, ValueError) as e:  # int() of a bad id, protobuf type/range checks
+        raise InvalidArgument(f"bad generate argument: {e}") from None
+
+
+def tokens_of(msg: gateway_pb2.GenerateResponse) -> list[GeneratedToken]:
+    """The per-token items of one streamed chunk; its text and end ride on the last one."""
+    chunk: GenerateChunk = chunk_from_pb(msg)
+    if not chunk.token_ids:
+        if not chunk.text and chunk.finish_reason is None:
+            return []
+        return [GeneratedToken(chunk.request_id, None, chunk.text, chunk.index, chunk.finish_reason)]
+    last = len(chunk.token_ids) - 1
+    return [
+        GeneratedToken(
+            request_id=chunk.request_id,
+            token_id=token,
+            text=chunk.text if i == last else "",
+            index=chunk.index + i,
+            finish_reason=chunk.finish_reason if i == last else None,
+        )
+        for i, token in enumerate(chunk.token_ids)
+    ]
+
+
+def assemble(tokens: Iterable[GeneratedToken], request_id: str | None) -> GenerateResult:
+    """The GenerateResult of a whole stream of items."""
+    ids, text, finish, rid = [], [], None, request_id or ""
+    for tok in tokens:
+        rid = tok.request_id or rid
+        if tok.token_id is not None:
+            ids.append(tok.token_id)
+        text.append(tok.text)
+        finish = tok.finish_reason or finish
+    return GenerateResult(request_id=rid, token_ids=tuple(ids), text="".join(text), finish_reason=finish)
+
+
+def error_from_rpc(err: grpc.RpcError) -> StagemeshError:
+    """The StagemeshError of a failed call (grpc.RpcError and grpc.aio.AioRpcError alike)."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else None
+    name = code.name if code is not None else "UNKNOWN"
+    return error_for(name, details or f"gateway call failed with {name}")

@@ -1,0 +1,126 @@
+"""The blocking client of a stagemesh gateway."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+
+from stagemesh.client._common import UNARY_TIMEOUT, assemble, error_from_rpc, generate_request, tokens_of
+from stagemesh.client._types import GeneratedToken, GenerateResult
+from stagemesh.codec.messages import status_from_pb
+from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+class Client:
+    """Talks to a stagemesh gateway at ``addr`` (``host:port``) over one gRPC channel.
+
+    ``timeout`` (seconds) is the default deadline of every call; a call's own ``timeout``
+    overrides it. Without either, Generate has no deadline and Cancel/Status get 30 s.
+    Every failure raises a ``stagemesh.StagemeshError`` subclass (``InvalidArgument``,
+    ``DeadlineExceeded``, ``Unavailable``, ...), never a grpc type.
+    """
+
+    def __init__(self, addr: str, *, timeout: float | None = None):
+        self.addr = addr
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(addr)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        token_ids: Sequence[int] | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates from a text ``prompt`` or from ``token_ids`` (exactly one) and waits for the end."""
+        items = self.stream(
+            prompt, token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            request_id=request_id, timeout=timeout,
+        )
+        return assemble(items, request_id)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        token_ids: Sequence[int] | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """Like ``generate``, but yields each token as it comes.
+
+        Leaving the loop early (or closing the iterator) cancels the request on the gateway.
+        The arguments are checked when this is called, before anything is sent.
+        """
+        request = generate_request(
+            prompt, token_ids, request_id=request_id, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+        )
+        return self._stream(request, self._deadline(timeout, None))
+
+    def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> Iterator[GeneratedToken]:
+        call = self._stub.Generate(request, timeout=timeout)
+        try:
+            for msg in call:
+                yield from tokens_of(msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Cancels a running request; False when the gateway knows no running request of that id."""
+        try:
+            reply = self._stub.Cancel(
+                gateway_pb2.CancelRequest(request_id=request_id), timeout=self._deadline(timeout, UNARY_TIMEOUT)
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return reply.cancelled
+
+    def status(self, *, timeout: float | None = None) -> dict:
+        """The status document: ``{"chains": [...], "workers": [...], "model": ..., "version": ...}``.
+
+        Each worker is a dict with ``role``, ``chain``, ``stage``, ``layers`` ([start, end)),
+        ``experts``, ``address``, ``pid``, ``device``, ``healthy``, ``tp_size``,
+        ``heartbeat_age_s`` and ``load`` (``queue_depth``, ``running_sequences``,
+        ``kv_blocks_used``, ``kv_blocks_total``, ``busy_fraction``, ``tokens_processed``).
+        """
+        try:
+            reply = self._stub.Status(gateway_pb2.StatusRequest(), timeout=self._deadline(timeout, UNARY_TIMEOUT))
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return status_from_pb(reply)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None, fallback: float | None) -> float | None:
+        if timeout is not None:
+            return timeout
+        return self.timeout if self.timeout is not None else fallback

@@ -1,0 +1,33 @@
+"""What the SDK hands back: plain frozen dataclasses, no grpc or protobuf types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One token of a streamed generation, or (``token_id`` None) a final item that only ends it."""
+
+    request_id: str
+    token_id: int | None
+    """None only on an item that just carries the end or trailing text."""
+    text: str
+    """Text this token adds to the output ("" without a tokenizer, or mid-character)."""
+    index: int
+    """Position of this token among the request's generated tokens (0-based)."""
+    finish_reason: str | None = None
+    """``stop`` (EOS or a stop id) or ``length`` on the last item; None while running."""
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A finished generation."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    """The generated tokens (the prompt not included)."""
+    text: str
+    """Their text, when the model has a tokenizer; "" otherwise."""
+    finish_reason: str | None
+    """``stop`` or ``length``; None only if the stream ended without saying why."""

@@ -1,0 +1,304 @@
+"""protobuf <-> domain conversions of everything but tensors. Torch-free: the gateway and the SDK use it.
+
+Each conversion is a pair ``x_to_pb`` / ``x_from_pb``. Decoding a malformed message raises
+``ValueError`` naming the bad field, except client input (``generate_request_from_pb``),
+which raises ``InvalidArgument`` so the gateway can hand it straight back.
+
+NOTE: the gateway's own messages (GenerateRequest, GenerateResponse, StatusResponse) have no
+dataclass in ``stagemesh.serving.types``; ``GenerateInput`` and ``GenerateChunk`` below are
+their domain form, and the status document is a plain dict (what ``Client.status()`` returns).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from array import array
+from dataclasses import dataclass
+from typing import Iterable
+
+from stagemesh.errors import InvalidArgument, StagemeshError, error_for
+from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan, StepResult
+from stagemesh.v1 import gateway_pb2, sampling_pb2, stage_pb2, tensor_pb2
+
+__all__ = [
+    "pack_int64", "unpack_int64", "sampling_to_pb", "sampling_from_pb", "plan_to_pb", "plan_from_pb",
+    "result_to_pb", "result_from_pb", "failed_step_to_pb", "error_to_pb", "error_from_pb",
+    "GenerateInput", "generate_request_to_pb", "generate_request_from_pb",
+    "GenerateChunk", "chunk_to_pb", "chunk_from_pb", "status_to_pb", "status_from_pb",
+]
+
+_DEFAULTS = SamplingParams()
+
+
+# --- int64 columns as one raw-bytes Tensor -------------------------------------------------
+
+
+def pack_int64(values: Iterable[int]) -> tensor_pb2.Tensor:
+    """A 1-D ``int64`` Tensor of ``values``, packed with ``array('q')`` (no per-element protobuf)."""
+    arr = array("q", values)
+    if sys.byteorder == "big":  # the wire is little-endian
+        arr.byteswap()
+    return tensor_pb2.Tensor(data=arr.tobytes(), dtype="int64", shape=[len(arr)])
+
+
+def unpack_int64(msg: tensor_pb2.Tensor) -> array:
+    """The values of a 1-D ``int64`` Tensor as an ``array('q')``."""
+    if msg.dtype != "int64" or len(msg.shape) != 1:
+        raise ValueError(f"expected a 1-D int64 tensor, got dtype {msg.dtype!r} shape {list(msg.shape)}")
+    if len(msg.data) != 8 * msg.shape[0]:
+        raise ValueError(f"int64 tensor of shape {list(msg.shape)} needs {8 * msg.shape[0]} bytes, got {len(msg.data)}")
+    arr = array("q")
+    arr.frombytes(msg.data)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return arr
+
+
+# --- SamplingParams ------------------------------------------------------------------------
+
+
+def sampling_to_pb(params: SamplingParams) -> sampling_pb2.SamplingParams:
+    msg = sampling_pb2.SamplingParams(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def sampling_from_pb(msg: sampling_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take the dataclass defaults (``seed`` stays None)."""
+    return SamplingParams(
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else _DEFAULTS.max_new_tokens,
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else _DEFAULTS.top_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+# --- StepPlan <-> StageRequest -------------------------------------------------------------
+
+_NO_SAMPLE = SampleSpec(temperature=0.0, top_k=0, top_p=0.0, seed=0, index=0)
+"""The zeros written into the sampling columns of a chunk that does not sample."""
+_PLAN_COLUMNS = ("starts", "lengths", "sample", "temperature", "top_k", "top_p", "seed", "index")
+
+
+def plan_to_pb(plan: StepPlan, hidden: tensor_pb2.Tensor | None = None) -> stage_pb2.StageRequest:
+    """The columnar StageRequest of one micro-batch; ``hidden`` from ``codec.tensors.tensor_to_pb``."""
+    chunks = plan.chunks
+    specs = [c.sample or _NO_SAMPLE for c in chunks]
+    msg = stage_pb2.StageRequest(
+        step_id=plan.step_id,
+        seq_ids=[c.seq_id for c in chunks],
+        starts=[c.start for c in chunks],
+        lengths=[len(c.token_ids) for c in chunks],
+        token_ids=pack_int64(t for c in chunks for t in c.token_ids),
+        sample=[c.sample is not None for c in chunks],
+        temperature=[s.temperature for s in specs],
+        top_k=[s.top_k for s in specs],
+        top_p=[s.top_p for s in specs],
+        seed=[s.seed for s in specs],
+        index=[s.index for s in specs],
+        free=plan.free,
+    )
+    if hidden is not None:
+        msg.hidden.CopyFrom(hidden)
+    return msg
+
+
+def plan_from_pb(msg: stage_pb2.StageRequest) -> StepPlan:
+    """The StepPlan of a StageRequest (its ``hidden`` is left to ``codec.tensors``)."""
+    n = len(msg.seq_ids)
+    for name in _PLAN_COLUMNS:
+        if len(getattr(msg, name)) != n:
+            raise ValueError(f"StageRequest column {name!r} has {len(getattr(msg, name))} entries, seq_ids has {n}")
+    if any(length < 0 for length in msg.lengths):
+        raise ValueError(f"StageRequest lengths must be >= 0, got {list(msg.lengths)}")
+    tokens = unpack_int64(msg.token_ids) if msg.HasField("token_ids") else array("q")
+    if len(tokens) != sum(msg.lengths):
+        raise ValueError(f"StageRequest token_ids has {len(tokens)} ids, lengths add up to {sum(msg.lengths)}")
+    chunks, offset = [], 0
+    for i in range(n):
+        end = offset + msg.lengths[i]
+        chunks.append(SeqChunk(msg.seq_ids[i], msg.starts[i], tuple(tokens[offset:end]), _sample_spec(msg, i)))
+        offset = end
+    return StepPlan(step_id=msg.step_id, chunks=tuple(chunks), free=tuple(msg.free))
+
+
+def _sample_spec(msg: stage_pb2.StageRequest, i: int) -> SampleSpec | None:
+    if not msg.sample[i]:
+        return None
+    return SampleSpec(msg.temperature[i], msg.top_k[i], msg.top_p[i], msg.seed[i], msg.index[i])
+
+
+# --- StepResult <-> StageResponse, errors --------------------------------------------------
+
+
+def result_to_pb(result: StepResult) -> stage_pb2.StageResponse:
+    return stage_pb2.StageResponse(
+        step_id=result.step_id, seq_ids=list(result.tokens), tokens=list(result.tokens.values())
+    )
+
+
+def result_from_pb(msg: stage_pb2.StageResponse) -> StepResult:
+    """The StepResult of a StageResponse; raises the StagemeshError it carries when the step failed."""
+    if msg.HasField("error"):
+        raise error_from_pb(msg.error)
+    if len(msg.seq_ids) != len(msg.tokens):
+        raise ValueError(f"StageResponse has {len(msg.seq_ids)} seq_ids but {len(msg.tokens)} tokens")
+    return StepResult(step_id=msg.step_id, tokens=dict(zip(msg.seq_ids, msg.tokens)))
+
+
+def failed_step_to_pb(step_id: int, err: BaseException) -> stage_pb2.StageResponse:
+    """The StageResponse of a step that raised ``err``."""
+    return stage_pb2.StageResponse(step_id=step_id, error=error_to_pb(err))
+
+
+def error_to_pb(err: BaseException) -> tensor_pb2.Error:
+    """A StagemeshError keeps its code; anything else is ``INTERNAL`` named by its type."""
+    if isinstance(err, StagemeshError):
+        return tensor_pb2.Error(code=err.code, message=err.message)
+    return tensor_pb2.Error(code="INTERNAL", message=f"{type(err).__name__}: {err}")
+
+
+def error_from_pb(msg: tensor_pb2.Error) -> StagemeshError:
+    return error_for(msg.code or "UNKNOWN", msg.message)
+
+
+# --- Gateway: GenerateRequest / GenerateResponse -------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A client's generate call: exactly one of ``prompt`` / ``token_ids``, and its parameters."""
+
+    prompt: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    params: SamplingParams = _DEFAULTS
+    request_id: str = ""
+    """Empty lets the gateway assign one."""
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.token_ids is None):
+            raise InvalidArgument("give exactly one of prompt (text) or token_ids")
+
+
+def generate_request_to_pb(inp: GenerateInput) -> gateway_pb2.GenerateRequest:
+    msg = gateway_pb2.GenerateRequest(request_id=inp.request_id, params=sampling_to_pb(inp.params))
+    if inp.prompt is not None:
+        msg.prompt = inp.prompt
+    else:
+        msg.token_ids.ids.extend(inp.token_ids)
+    return msg
+
+
+def generate_request_from_pb(msg: gateway_pb2.GenerateRequest) -> GenerateInput:
+    """Raises InvalidArgument when the request has neither a prompt nor token ids."""
+    which = msg.WhichOneof("input")
+    return GenerateInput(
+        prompt=msg.prompt if which == "prompt" else None,
+        token_ids=tuple(msg.token_ids.ids) if which == "token_ids" else None,
+        params=sampling_from_pb(msg.params),
+        request_id=msg.request_id,
+    )
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One streamed piece of a request's output (usually one token)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    index: int
+    """Position of token_ids[0] among the request's generated tokens."""
+    text: str = ""
+    """Text these tokens add, when the model has a tokenizer."""
+    finish_reason: str | None = None
+    """``stop`` or ``length`` on the last chunk, None while running."""
+
+
+def chunk_to_pb(chunk: GenerateChunk) -> gateway_pb2.GenerateResponse:
+    return gateway_pb2.GenerateResponse(
+        request_id=chunk.request_id,
+        token_ids=chunk.token_ids,
+        index=chunk.index,
+        text=chunk.text,
+        finish_reason=chunk.finish_reason or "",
+    )
+
+
+def chunk_from_pb(msg: gateway_pb2.GenerateResponse) -> GenerateChunk:
+    return GenerateChunk(
+        request_id=msg.request_id,
+        token_ids=tuple(msg.token_ids),
+        index=msg.index,
+        text=msg.text,
+        finish_reason=msg.finish_reason or None,
+    )
+
+
+# --- Gateway: StatusResponse <-> status document (dict) ------------------------------------
+
+_CHAIN_KEYS = ("id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting")
+_WORKER_KEYS = ("role", "chain", "stage", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s")
+_LOAD_KEYS = (
+    "queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed",
+)
+
+
+def status_to_pb(doc: dict) -> gateway_pb2.StatusResponse:
+    """The StatusResponse of a status document; keys beyond the typed ones go to ``json``.
+
+    A chain or worker dict with a key the proto does not know raises ValueError.
+    """
+    extra = {k: v for k, v in doc.items() if k not in ("chains", "workers", "model", "version")}
+    return gateway_pb2.StatusResponse(
+        chains=[gateway_pb2.ChainStatus(**_known(chain, _CHAIN_KEYS, "chain")) for chain in doc.get("chains", ())],
+        workers=[_worker_to_pb(w) for w in doc.get("workers", ())],
+        model=doc.get("model", ""),
+        version=doc.get("version", ""),
+        json=json.dumps(extra) if extra else "",
+    )
+
+
+def _worker_to_pb(worker: dict) -> gateway_pb2.WorkerStatus:
+    fields = dict(_known(worker, (*_WORKER_KEYS, "layers", "experts", "load"), "worker"))
+    start, end = fields.pop("layers", (0, 0))
+    load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), _LOAD_KEYS, "worker load"))
+    return gateway_pb2.WorkerStatus(layer_start=start, layer_end=end, load=load, **fields)
+
+
+def _known(record: dict, keys: tuple[str, ...], what: str) -> dict:
+    unknown = sorted(set(record) - set(keys))
+    if unknown:
+        raise ValueError(f"{what} status has unknown keys {unknown}; known: {', '.join(keys)}")
+    return record
+
+
+def status_from_pb(msg: gateway_pb2.StatusResponse) -> dict:
+    """The status document: ``{"chains": [...], "workers": [...], "model", "version"}`` plus json extras."""
+    doc = json.loads(msg.json) if msg.json else {}
+    doc.update(
+        chains=[{k: getattr(c, k) for k in _CHAIN_KEYS} for c in msg.chains],
+        workers=[_worker_from_pb(w) for w in msg.workers],
+        model=msg.model,
+        version=msg.version,
+    )
+    return doc
+
+
+def _worker_from_pb(msg: gateway_pb2.WorkerStatus) -> dict:
+    worker = {k: getattr(msg, k) for k in _WORKER_KEYS}
+    worker["layers"] = [msg.layer_start, msg.layer_end]
+    worker["experts"] = list(msg.experts)
+    worker["load"] = {k: getattr(msg.load, k) for k in _LOAD_KEYS}
+    return worker

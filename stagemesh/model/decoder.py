@@ -1,0 +1,88 @@
+"""A pipeline stage of a decoder-only model: only its own layers, global layer numbers kept.
+
+Stage 0 embeds token ids; the last stage applies the final norm and ``lm_head``. The same
+``StageModel`` runs the whole model (one stage), a pipeline slice, or one TP rank of either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, StageSpec
+from .attention import Attention, AttnMetadata
+from .kv_cache import KVCache
+from .layers import GatedMLP, RMSNorm, RotaryEmbedding
+from .loader import CheckpointReader
+from .moe import Experts, SparseMoE
+from .parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(.)) — the MLP dense or sparse per the config."""
+
+    def __init__(self, config: ModelConfig, layer: int, tp: TPGroup, experts: Experts | None):
+        super().__init__()
+        self.layer = layer
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, tp)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoE(config, layer, tp, experts)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
+
+    def load(self, reader: CheckpointReader) -> None:
+        p = f"model.layers.{self.layer}"
+        self.input_norm.load(reader, f"{p}.input_layernorm.weight")
+        self.post_norm.load(reader, f"{p}.post_attention_layernorm.weight")
+        self.attn.load(reader, f"{p}.self_attn")
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.load(reader)
+        else:
+            self.mlp.load(reader, f"{p}.mlp")
+
+    def forward(self, x, meta: AttnMetadata, rotary: RotaryEmbedding, k_cache, v_cache) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), meta, rotary, k_cache, v_cache)
+        return x + self.mlp(self.post_norm(x))
+
+
+class StageModel(nn.Module):
+    """The layers ``spec.layers`` of a model (+ embedding on the first stage, + head on the last)."""
+
+    def __init__(self, config: ModelConfig, spec: StageSpec, tp: TPGroup = TPGroup(), experts: Experts | None = None):
+        super().__init__()
+        self.config, self.spec, self.tp = config, spec, tp
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if spec.is_first else None
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp, experts) for i in spec.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if spec.is_last else None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp) if spec.is_last else None
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers[0].attn.num_kv_heads
+
+    def load(self, reader: CheckpointReader) -> None:
+        """Read this stage's (and this rank's) tensors — and nothing else — from the checkpoint."""
+        if self.embed is not None:
+            self.embed.load(reader, "model.embed_tokens.weight")
+        for layer in self.layers:
+            layer.load(reader)
+        if self.norm is not None:
+            self.norm.load(reader, "model.norm.weight")
+            tied = self.config.tie_word_embeddings or not reader.has("lm_head.weight")
+            self.lm_head.load(reader, "model.embed_tokens.weight" if tied else "lm_head.weight")
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> torch.Tensor:
+        """inputs: token ids [N] on the first stage, else hidden states [N, H]. Returns [N, H]."""
+        x = self.embed(inputs) if self.embed is not None else inputs
+        for i, layer in enumerate(self.layers):
+            x = layer(x, meta, self.rotary, cache.k[i], cache.v[i])
+        return x
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on the rows to sample from: [B, H] → float32 [B, V]."""
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,207 @@
+"""The step loop: one engine for the in-process path and the mesh.
+
+NOTE: the loop keeps up to ``num_slots`` plans in flight on a ``Chain`` (the in-process
+model, or the first stage of a gRPC chain), applies each result to the pure scheduler as it
+comes back, and routes token events to one queue per request. A failed step fails only the
+requests in it; the loop itself never dies of a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from stagemesh.errors import Cancelled, Internal, StagemeshError, Unavailable, error_for
+from stagemesh.serving.scheduler import Scheduler, SchedulerConfig
+from stagemesh.serving.types import Request, StepPlan, StepResult, TokenEvent
+from stagemesh.serving.validate import validate_request
+
+logger = logging.getLogger(__name__)
+
+
+class Chain(Protocol):
+    """Runs one micro-batch through every stage and returns the sampled tokens."""
+
+    async def step(self, plan: StepPlan) -> StepResult: ...
+
+
+@dataclass
+class EngineCounters:
+    """Running totals for status and metrics (plain ints: cheap to read)."""
+
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_aborted: int = 0
+    tokens_emitted: int = 0
+    steps_done: int = 0
+    steps_failed: int = 0
+
+
+class Engine:
+    """Drives a ``Scheduler`` over a ``Chain``; ``generate`` streams one request's tokens."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        config: SchedulerConfig,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_model_len != config.max_model_len:
+            raise ValueError(
+                f"max_model_len={max_model_len} differs from SchedulerConfig.max_model_len={config.max_model_len}"
+            )
+        self.chain = chain
+        self.scheduler = Scheduler(config)
+        self.counters = EngineCounters()
+        self._vocab_size = vocab_size
+        self._max_model_len = max_model_len
+        self._clock = clock
+        self._queues: dict[str, asyncio.Queue[TokenEvent | StagemeshError]] = {}
+        self._steps: dict[asyncio.Task[StepResult], StepPlan] = {}
+        self._wakeup = asyncio.Event()
+        self._wake_task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the step loop on the running event loop."""
+        if self._loop_task is not None:
+            raise RuntimeError("Engine.start() called twice")
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="stagemesh-engine")
+
+    async def stop(self) -> None:
+        """Stop the loop, cancel in-flight steps, and fail every open request as UNAVAILABLE."""
+        tasks = [t for t in (self._loop_task, self._wake_task, *self._steps) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop_task = self._wake_task = None
+        self._steps.clear()
+        for queue in self._queues.values():
+            queue.put_nowait(Unavailable("the engine stopped before the request finished; retry it"))
+
+    async def __aenter__(self) -> "Engine":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- requests ------------------------------------------------------------------
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Validate and queue ``request``, then yield its token events until it finishes.
+
+        Errors in the request raise at the first ``__anext__``, before any token. Leaving
+        the iteration early (``aclose``, cancellation) aborts the request and frees its KV cache.
+        """
+        rid = request.request_id
+        validate_request(
+            request.prompt_token_ids, request.params, vocab_size=self._vocab_size, max_model_len=self._max_model_len
+        )
+        if self._loop_task is None:
+            raise Unavailable("the engine is not running; call Engine.start() first")
+        events = self.scheduler.add(request)
+        queue: asyncio.Queue[TokenEvent | StagemeshError] = asyncio.Queue()
+        self._queues[rid] = queue
+        for event in events:
+            self._deliver(event)
+        self._wakeup.set()
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, StagemeshError):
+                    done = True
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            self._queues.pop(rid, None)
+            if not done and self.scheduler.abort(rid):
+                self.counters.requests_aborted += 1
+                self._wakeup.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its consumer gets ``Cancelled``. False when it is not known."""
+        if not self.scheduler.abort(request_id):
+            return False
+        self.counters.requests_aborted += 1
+        self._wakeup.set()
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(Cancelled(f"request {request_id!r} was cancelled; its KV cache is freed"))
+        return True
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            self._launch_steps()
+            done, _ = await asyncio.wait({*self._steps, self._wake_waiter()}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task in self._steps:
+                    self._complete(task, self._steps.pop(task))
+
+    def _launch_steps(self) -> None:
+        """Start a step for every plan the scheduler has, up to its free slots."""
+        while (plan := self.scheduler.schedule(self._clock())) is not None:
+            task = asyncio.create_task(self.chain.step(plan), name=f"stagemesh-step-{plan.step_id}")
+            self._steps[task] = plan
+
+    def _wake_waiter(self) -> asyncio.Task:
+        if self._wake_task is None or self._wake_task.done():
+            self._wake_task = asyncio.create_task(self._wakeup.wait())
+        return self._wake_task
+
+    def _complete(self, task: asyncio.Task[StepResult], plan: StepPlan) -> None:
+        """Apply a finished step; a step that raised (or answered wrong) fails its requests."""
+        try:
+            events = self.scheduler.update(plan, task.result())
+        except (Exception, asyncio.CancelledError) as exc:  # any step failure must not stop the loop
+            self._fail(plan, exc)
+            return
+        self.counters.steps_done += 1
+        for event in events:
+            self._deliver(event)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        if event.token_id is not None:
+            self.counters.tokens_emitted += 1
+        if event.finish_reason is not None:
+            self.counters.requests_finished += 1
+        queue = self._queues.get(event.request_id)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def _fail(self, plan: StepPlan, exc: BaseException) -> None:
+        logger.error("step %d failed: %s: %s", plan.step_id, type(exc).__name__, exc)
+        self.counters.steps_failed += 1
+        try:
+            failed = self.scheduler.fail(plan)
+        except ValueError:
+            logger.exception("step %d could not be failed cleanly; its requests may hang", plan.step_id)
+            return
+        for rid in failed:
+            self.counters.requests_failed += 1
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(_step_error(plan.step_id, exc))
+
+
+def _step_error(step_id: int, exc: BaseException) -> StagemeshError:
+    """A fresh error per request (raising one object in many tasks would tangle tracebacks)."""
+    if isinstance(exc, StagemeshError):
+        return error_for(exc.code, f"step {step_id} failed: {exc.message}")
+    if isinstance(exc, ValueError):
+        return Internal(f"step {step_id} returned a broken result: {exc}")
+    return Unavailable(f"step {step_id} failed in the chain: {type(exc).__name__}: {exc}")

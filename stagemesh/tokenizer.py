@@ -1,0 +1,138 @@
+"""Text <-> token ids for a checkpoint's ``tokenizer.json``, and streaming detokenization.
+
+Torch-free: the gateway tokenizes prompts and detokenizes the tokens it streams back.
+Built on the ``tokenizers`` library (the Rust tokenizer that ``tokenizer.json`` belongs to).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: ``encode`` text to ids and ``decode`` ids to text.
+
+    BOS rule (kept simple): ``tokenizer.json``'s post-processor decides, as in
+    ``transformers`` (Llama's ``TemplateProcessing`` prepends ``<s>``, Qwen2's ``ByteLevel``
+    adds nothing). When ``tokenizer_config.json`` sets ``add_bos_token`` explicitly, that
+    wins: ``true`` makes sure the BOS id leads, ``false`` encodes without special tokens.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        self._backend = backend
+        self.bos_token_id = bos_token_id
+        """Id of the beginning-of-sequence token, None when the tokenizer names none."""
+        self.eos_token_id = eos_token_id
+        """Id of the end-of-sequence token, None when the tokenizer names none."""
+        self.add_bos_token = add_bos_token
+        """``tokenizer_config.json``'s ``add_bos_token``; None leaves it to the post-processor."""
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+        """The tokenizer of a checkpoint directory, or None when it has no ``tokenizer.json``."""
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception on a bad file
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        config = _read_tokenizer_config(Path(model_dir) / "tokenizer_config.json")
+        return cls(
+            backend,
+            bos_token_id=_special_id(backend, config.get("bos_token")),
+            eos_token_id=_special_id(backend, config.get("eos_token")),
+            add_bos_token=config.get("add_bos_token"),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added (special) tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with BOS when the tokenizer asks for it (see the class doc)."""
+        if self.add_bos_token is False:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(text, add_special_tokens=True).ids
+        if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens (BOS, EOS, padding) are left out by default."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into a stream of text deltas.
+
+    NOTE: a byte-level BPE token can hold half of a UTF-8 character, and some decoders
+    depend on context (SentencePiece's leading-space strip), so a token's text is not
+    ``decode([token])``. Following vLLM, each push decodes a short window twice: the tokens
+    already shown (``[prefix, read)``) and the same window plus the new ones. The delta is the
+    difference, held back while it ends in the replacement char (an unfinished character).
+    A window starts only where the text was complete, so the deltas concatenate to
+    ``decode(all_ids)``; ``flush()`` returns what is still held back at the end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0
+        """Start of the decode window: the first token whose text was already emitted in full."""
+        self._read = 0
+        """End of the emitted tokens: ids before it have their text out."""
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self._ids)
+
+    def push(self, token_id: int) -> str:
+        """Adds one token; returns the text it completes ("" while a character is unfinished)."""
+        self._ids.append(token_id)
+        shown = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(shown) or text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(shown) :]
+
+    def flush(self) -> str:
+        """The held-back text at the end of the stream (it may end in replacement chars)."""
+        shown = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(shown) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _special_id(backend: tokenizers.Tokenizer, token: str | dict | None) -> int | None:
+    """Id of a special token given as ``"<s>"`` or ``{"content": "<s>", ...}`` (older files)."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return backend.token_to_id(token) if token else None
