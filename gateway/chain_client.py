@@ -7,7 +7,7 @@ and its future appended in the same synchronous call, and each answer settles th
 future (whose step id it must carry). When the stream breaks (the stage died, the connection
 dropped, keepalive found a hung host, or a step stayed unanswered for ``step_timeout_s``),
 every pending step fails with ``UNAVAILABLE: stage c{C}-s0 at ADDR is unreachable: ...`` and
-the next step opens a new stream on a fresh channel.
+the next step opens a new stream on a fresh channel, after a backoff (``RETRY_BACKOFF_S``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 )
+RETRY_BACKOFF_S = (0.05, 2.0)
+"""After a step failed as UNAVAILABLE (stream broken, or a later stage down), the next steps
+wait this long (first, doubling up to the longest) until one succeeds: the engine retries the
+KV frees of failed steps at once, and a dead stage must not turn that into a hot loop."""
 DEFAULT_STEP_TIMEOUT_S = 120.0
 """One micro-batch (a decode token, or a prefill chunk within the token budget) never takes this
 long on a healthy chain; a long generation is many steps, so this never cuts one short."""
@@ -48,9 +52,23 @@ class RemoteChain:
         self.step_timeout_s = step_timeout_s
         self._stream: _Stream | None = None
         self._readers: set[asyncio.Task] = set()  # broken streams' readers, kept until they end
+        self._failures = 0
+        """Steps failed as UNAVAILABLE in a row: the exponent of the retry backoff."""
 
     async def step(self, plan: StepPlan) -> StepResult:
         """Send ``plan`` down the stream and wait for its answer (StagemeshError if it failed)."""
+        if self._failures:
+            first, longest = RETRY_BACKOFF_S
+            await asyncio.sleep(min(longest, first * 2 ** (self._failures - 1)))
+        try:
+            result = await self._send(plan)
+        except Unavailable:
+            self._failures += 1
+            raise
+        self._failures = 0
+        return result
+
+    async def _send(self, plan: StepPlan) -> StepResult:
         stream = self._open_stream()
         future = stream.submit(plan)
         try:

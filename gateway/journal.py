@@ -79,7 +79,10 @@ class JournalWriter:
             await self._dirty.wait()
             if not self._stopping:
                 await asyncio.sleep(self._interval_s)  # gather a window's worth of writes
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug here must not end journaling for the gateway's lifetime
+                logger.exception("journal flush failed")
 
     async def flush(self) -> None:
         """Write everything recorded so far (closes, opens, then tokens)."""

@@ -59,5 +59,5 @@ class Router:
     def _why_unavailable(self) -> str:
         if not self.chains:
             return "the gateway is still starting: its stage workers are not all ready yet; retry shortly"
-        down = ", ".join(f"chain {h.chain_id} ({' -> '.join(h.stage_addresses)})" for h in self.chains)
-        return f"no healthy chain: {down} have a stage worker that stopped heartbeating; retry later"
+        down = "; ".join(f"chain {h.chain_id}: {' -> '.join(h.stage_addresses)}" for h in self.chains)
+        return f"no healthy chain: every chain has a stage worker that stopped heartbeating ({down}); retry later"

@@ -53,7 +53,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Status(self, request: gateway_pb2.StatusRequest, context: grpc.aio.ServicerContext):
         return status_to_pb(await self.status.document())
 
-    # --- Generate, transport-free ----------------------------------------------------
+    # --- Generate, step by step ------------------------------------------------------
 
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = Request(inp.request_id or uuid.uuid4().hex, self._encode(inp), self._seeded(inp.params), time.monotonic())

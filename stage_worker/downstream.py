@@ -35,9 +35,10 @@ CHANNEL_OPTIONS = (
     # A hung host (no RST) is found by HTTP/2 pings: no ack within the timeout breaks the stream.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Channels of one process share subchannels by default, so a new channel would inherit
+    # the reconnect backoff of the broken one: each link stream gets its own.
+    ("grpc.use_local_subchannel_pool", 1),
 )
-
-Answer = "asyncio.Future[stage_pb2.StageResponse]"
 
 
 class DownstreamLink:
@@ -50,7 +51,7 @@ class DownstreamLink:
         self._stream: _Stream | None = None
         self._readers: set[asyncio.Task] = set()  # keeps broken streams' readers alive until they end
 
-    def send(self, request: stage_pb2.StageRequest, answer: Answer) -> None:
+    def send(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> None:
         """Queue ``request`` for the next stage; ``answer`` gets its response (or an error one)."""
         if self._stream is None or self._stream.broken:
             # NOTE: a fresh channel per stream: an old one may sit in reconnect backoff for minutes.
@@ -75,12 +76,12 @@ class _Stream:
         self._unreachable = unreachable
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._outbox: asyncio.Queue[stage_pb2.StageRequest | None] = asyncio.Queue()
-        self._pending: deque[tuple[int, Answer]] = deque()
+        self._pending: deque[tuple[int, asyncio.Future]] = deque()
         # NOTE: no deadline: the stream lives as long as the worker; keepalive guards it.
         self._call = stage_pb2_grpc.StageStub(self._channel).Forward(self._requests())
         self.reader = asyncio.get_running_loop().create_task(self._read(), name=f"downstream-{address}")
 
-    def send(self, request: stage_pb2.StageRequest, answer: Answer) -> None:
+    def send(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> None:
         self._pending.append((request.step_id, answer))
         self._outbox.put_nowait(request)
 
@@ -94,6 +95,8 @@ class _Stream:
             async for response in self._call:
                 step_id, answer = self._pending.popleft() if self._pending else (None, None)
                 if response.step_id != step_id:
+                    if answer is not None:
+                        self._pending.appendleft((step_id, answer))  # _break answers it
                     detail = f"it answered step {response.step_id} while step {step_id} was next"
                     return
                 if not answer.done():  # done: the upstream stream that asked has gone
@@ -111,7 +114,8 @@ class _Stream:
         """Answer every pending step with UNAVAILABLE and end the call; the link opens a new one."""
         if not self.broken:
             self.broken = True
-            log.warning("%s; failing %d pending steps", self._unreachable(detail), len(self._pending))
+            report = log.warning if self._pending else log.info
+            report("%s; failing %d pending steps", self._unreachable(detail), len(self._pending))
             self._outbox.put_nowait(None)
             self._call.cancel()
         while self._pending:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -114,8 +115,9 @@ class StagePipeline:
         return answer
 
     async def close(self) -> None:
-        """Finish the queued steps, then close the link to the next stage."""
-        await self._loop.run_in_executor(None, self._thread.shutdown)
+        """Drop the steps not yet started (nobody is left to take their answers), finish the
+        running one, then close the link to the next stage."""
+        await self._loop.run_in_executor(None, partial(self._thread.shutdown, wait=True, cancel_futures=True))
         if self._downstream is not None:
             await self._downstream.close()
 
@@ -155,7 +157,9 @@ class StagePipeline:
             raise InvalidArgument(f"stage {self.place.name}: malformed StageRequest {request.step_id}: {err}") from err
         return plan, hidden
 
-    def _hidden(self, request: stage_pb2.StageRequest, plan: StepPlan) -> torch.Tensor:
+    def _hidden(self, request: stage_pb2.StageRequest, plan: StepPlan) -> torch.Tensor | None:
+        if not plan.chunks and not request.HasField("hidden"):
+            return None  # a plan that only frees needs no activations
         if not request.HasField("hidden"):
             raise ValueError(f"it has no hidden, which a stage from layer {self.place.spec.start_layer} needs")
         hidden = tensor_from_pb(request.hidden)  # [N, H], read-only view of the message's bytes

@@ -15,6 +15,9 @@ from .pipeline import StagePipeline
 
 log = logging.getLogger(__name__)
 
+MAX_IN_FLIGHT = 256
+"""Requests one stream may have taken but not yet answered; beyond it, gRPC flow control pushes back."""
+
 
 class StageServicer(stage_pb2_grpc.StageServicer):
     """Serves one stage worker's ``Forward`` streams and ``Info``."""
@@ -27,21 +30,28 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         """One answer per request, in request order.
 
         A receiver task submits each request as it arrives (so steps queue up while earlier
-        ones compute); this handler yields the answers from a FIFO of their futures.
+        ones compute, at most ``MAX_IN_FLIGHT`` of them); this handler yields the answers from
+        a FIFO of their futures.
         """
         answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
-        receiver = asyncio.create_task(self._receive(request_iterator, answers))
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        receiver = asyncio.create_task(self._receive(request_iterator, answers, slots))
         self._receivers.add(receiver)
         receiver.add_done_callback(self._receivers.discard)
         try:
             while (answer := await answers.get()) is not None:
                 yield await answer
+                slots.release()
         finally:
             receiver.cancel()
 
-    async def _receive(self, requests, answers: asyncio.Queue) -> None:
+    async def _receive(self, requests, answers: asyncio.Queue, slots: asyncio.Semaphore) -> None:
         try:
-            async for request in requests:
+            while True:
+                await slots.acquire()
+                request = await anext(requests, None)
+                if request is None:
+                    break
                 answers.put_nowait(self._pipeline.submit(request))
         except grpc.RpcError as err:
             log.info("a Forward stream into stage %s ended: %s", self._pipeline.place.name, err)

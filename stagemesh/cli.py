@@ -77,6 +77,7 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
     p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a new temp dir)")
+    p.add_argument("--try", dest="try_prompt", default=None, metavar="PROMPT", help="once ready, generate from PROMPT and print it")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -94,8 +95,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         kv_blocks=args.kv_blocks,
         log_dir=args.log_dir,
+        try_prompt=args.try_prompt,
     )
     return run_up(opts)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .remote import fetch_status, format_status
+
+    doc = asyncio.run(fetch_status(args.addr))
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    return 0
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
@@ -114,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a mesh (Redis, stage workers, gateway) on this machine")
     _up_args(up)
     up.set_defaults(func=_cmd_up)
+    st = sub.add_parser("status", help="chains, workers and their load, from a mesh's gateway")
+    st.add_argument("--addr", required=True, help="HOST:PORT of a running mesh's gateway")
+    st.add_argument("--json", action="store_true", help="the whole status document as JSON")
+    st.set_defaults(func=_cmd_status)
     from . import demo
 
     dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")

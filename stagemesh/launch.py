@@ -45,6 +45,8 @@ class UpOptions:
     dtype: str | None = None
     kv_blocks: int | None = None
     log_dir: Path | None = None
+    try_prompt: str | None = None
+    """Once ready, send this prompt through the gateway and print the reply."""
 
 
 def plan_topology(opts: UpOptions) -> dict:
@@ -198,6 +200,18 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _try(address: str, prompt: str) -> None:
+    from .client import Client
+    from .errors import StagemeshError
+
+    try:
+        with Client(address, timeout=120) as client:
+            result = client.generate(prompt, max_new_tokens=24)
+        print(f"try: {prompt!r} -> {result.text!r} (token ids {result.token_ids}, {result.finish_reason})", flush=True)
+    except StagemeshError as e:
+        print(f"try: {e.code}: {e.message}", flush=True)
+
+
 def run_up(opts: UpOptions) -> int:
     """Start the mesh, print the ready line, serve until SIGTERM/Ctrl-C, then stop everything."""
     mesh = Mesh(opts)
@@ -217,6 +231,8 @@ def run_up(opts: UpOptions) -> int:
             f"| redis {mesh.redis_url} | logs {mesh.log_dir}",
             flush=True,
         )
+        if opts.try_prompt:
+            _try(mesh.gateway_address, opts.try_prompt)
         while not stop["requested"]:
             mesh.check_children()
             time.sleep(0.5)

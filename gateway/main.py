@@ -1,0 +1,279 @@
+"""Gateway startup and shutdown.
+
+Startup: connect to Redis and read the topology (both retried until present), start the gRPC
+server with health NOT_SERVING, wait until every stage of every chain answers its health
+check SERVING and its ``Info``, build one engine per chain, then turn health SERVING.
+SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
+``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any, Awaitable, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stagemesh.config import ModelConfig
+from stagemesh.errors import StagemeshError
+from stagemesh.serving.engine import Engine
+from stagemesh.serving.scheduler import SchedulerConfig
+from stagemesh.store import Store
+from stagemesh.tokenizer import Tokenizer
+from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+
+from .chain_client import RemoteChain
+from .http import start_http
+from .journal import JournalWriter
+from .router import ChainHandle, Router
+from .servicer import GatewayServicer
+from .status import StatusReporter
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+POLL_S = 0.5
+LOG_EVERY_S = 10.0
+HEALTH_WATCH_S = 1.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """How one gateway process runs."""
+
+    redis_url: str
+    deployment: str = "default"
+    """Names the mesh's keys in Redis; the same as its workers'."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int | None = None
+    """Serve ``/api/status`` and ``/healthz`` over HTTP on this port; None: no HTTP."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one micro-batch."""
+    max_num_seqs: int = 256
+    """Sequences in one micro-batch at most."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM, running calls get this long to finish before they are cancelled."""
+
+
+async def serve(opts: GatewayOptions) -> None:
+    """Run the gateway until SIGTERM / SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(opts)
+    try:
+        if await _until(stop, gateway.start()):
+            await stop.wait()
+        logger.info("gateway stopping")
+    finally:
+        await gateway.shutdown()
+
+
+class Gateway:
+    """The gateway's parts, built by ``start`` and torn down (whatever exists) by ``shutdown``."""
+
+    def __init__(self, opts: GatewayOptions):
+        self.opts = opts
+        self.router = Router()
+        self.store: Store | None = None
+        self.journal: JournalWriter | None = None
+        self.status: StatusReporter | None = None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._http = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> bool:
+        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment))
+        topology = await _retry("read the topology", self._topology)
+        config = ModelConfig.from_dir(topology["model"])
+        tokenizer = Tokenizer.from_dir(topology["model"])
+        self.journal = JournalWriter(self.store)
+        self.journal.start()
+        self.status = StatusReporter(self.store, self.router, topology)
+        await self._start_server(GatewayServicer(self.router, self.journal, tokenizer, self.status))
+        for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
+            self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
+        self._watch = asyncio.create_task(watch_health(self.store, self.router), name="gateway-health")
+        for service in ("", GATEWAY_SERVICE):
+            await self.health.set(service, SERVING)
+        self.status.ready = True
+        logger.info("gateway ready on %s:%d with %d chain(s)", self.opts.host, self.opts.port, len(self.router.chains))
+        return True
+
+    async def _topology(self) -> dict[str, Any]:
+        doc = await self.store.get_topology()
+        if doc is None:
+            raise LookupError(f"no topology in Redis for deployment {self.opts.deployment!r} yet")
+        return doc
+
+    async def _start_server(self, servicer: GatewayServicer) -> None:
+        for service in ("", GATEWAY_SERVICE):
+            await self.health.set(service, NOT_SERVING)
+        self.server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
+        await self.server.start()
+        if self.opts.http_port is not None:
+            self._http = await start_http(self.status, self.opts.host, self.opts.http_port)
+
+    async def shutdown(self) -> None:
+        if self.status is not None:
+            self.status.ready = False
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.opts.shutdown_grace_s)
+        if self._watch is not None:
+            self._watch.cancel()
+        for handle in self.router.chains:
+            await handle.engine.stop()
+            await handle.remote.close()
+        if self.journal is not None:
+            await self.journal.stop()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.store is not None:
+            await self.store.close()
+
+
+# --- chains ------------------------------------------------------------------------------
+
+
+async def build_chain(
+    entry: dict[str, Any], config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions
+) -> ChainHandle:
+    """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
+    chain_id = entry["chain"]
+    stages = sorted(entry["stages"], key=lambda s: s["stage"])
+    addresses = tuple(s["address"] for s in stages)
+    infos = await asyncio.gather(*(wait_for_stage(a) for a in addresses))
+    for stage, info in zip(stages, infos):
+        if (info.chain, info.stage) != (chain_id, stage["stage"]):
+            raise ValueError(
+                f"the worker at {stage['address']} serves chain {info.chain} stage {info.stage}, "
+                f"but the topology puts chain {chain_id} stage {stage['stage']} there"
+            )
+    await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
+    sched = scheduler_config(infos, config, tokenizer, opts)
+    remote = RemoteChain(chain_id, addresses[0])
+    engine = Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
+    engine.start()
+    logger.info("chain %d: %d stages, %d KV blocks of %d tokens", chain_id, len(stages), sched.num_blocks, sched.block_size)
+    return ChainHandle(chain_id, remote, engine, addresses)
+
+
+def scheduler_config(
+    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
+) -> SchedulerConfig:
+    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage."""
+    block_sizes = {info.block_size for info in infos}
+    if len(block_sizes) != 1:
+        raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
+    return SchedulerConfig(
+        block_size=block_sizes.pop(),
+        num_blocks=min(info.num_kv_blocks for info in infos),
+        max_num_seqs=opts.max_num_seqs,
+        max_num_batched_tokens=opts.max_num_batched_tokens,
+        num_slots=len(infos),
+        max_model_len=config.max_position_embeddings,
+        eos_token_ids=eos_token_ids(config, tokenizer),
+    )
+
+
+def eos_token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The model's EOS ids: ``config.json``'s plus the tokenizer's (as ``InProcessEngine`` does)."""
+    eos = set(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tuple(sorted(eos))
+
+
+async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
+    """The stage's Info, once its health check answers SERVING (retried until it does)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        checker = health_pb2_grpc.HealthStub(channel)
+        stage = stage_pb2_grpc.StageStub(channel)
+
+        async def ready() -> stage_pb2.StageInfo:
+            reply = await checker.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            if reply.status != SERVING:
+                raise LookupError(f"its health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+            return await stage.Info(tensor_pb2.InfoRequest(), timeout=5.0)
+
+        return await _retry(f"reach the stage worker at {address}", ready)
+
+
+def stage_worker_ids(chain_id: int, num_stages: int) -> list[str]:
+    """The registry ids of a chain's stage workers (as ``stage_worker`` registers them)."""
+    return [f"stage-c{chain_id}-s{s}" for s in range(num_stages)]
+
+
+async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
+    alive = {w.worker_id for w in await store.list_workers() if w.alive}
+    missing = [w for w in stage_worker_ids(chain_id, num_stages) if w not in alive]
+    if missing:
+        raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
+
+
+async def watch_health(store: Store, router: Router, interval_s: float = HEALTH_WATCH_S) -> None:
+    """Keep each chain's ``healthy`` current: every stage worker of it heartbeats."""
+    while True:
+        try:
+            alive = {w.worker_id for w in await store.list_workers() if w.alive}
+        except StagemeshError as err:
+            logger.warning("cannot read worker health: %s", err.message)
+            alive = None
+        for handle in router.chains if alive is not None else ():
+            ids = stage_worker_ids(handle.chain_id, len(handle.stage_addresses))
+            healthy = all(worker_id in alive for worker_id in ids)
+            if healthy != handle.healthy:
+                logger.warning("chain %d is now %s", handle.chain_id, "healthy" if healthy else "UNHEALTHY")
+            handle.healthy = healthy
+        await asyncio.sleep(interval_s)
+
+
+# --- waiting -----------------------------------------------------------------------------
+
+
+async def _retry(what: str, attempt) -> T:
+    """``await attempt()`` until it succeeds, logging why not every LOG_EVERY_S seconds."""
+    loop = asyncio.get_running_loop()
+    next_log = loop.time() + LOG_EVERY_S
+    while True:
+        try:
+            return await attempt()
+        except (StagemeshError, LookupError, grpc.RpcError) as err:
+            if loop.time() >= next_log:
+                logger.info("still waiting to %s: %s", what, _reason(err))
+                next_log = loop.time() + LOG_EVERY_S
+        await asyncio.sleep(POLL_S)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)
+
+
+async def _until(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """The result of ``work``, or None when ``stop`` is set first (``work`` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()

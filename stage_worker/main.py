@@ -1,0 +1,210 @@
+"""Startup and shutdown of one stage worker process (``python -m stage_worker``).
+
+Startup: Redis, the topology (waited for a few seconds), this worker's place in it, the gRPC
+server with health NOT_SERVING, the weights (loaded off the event loop), health SERVING, then
+registration and heartbeats in Redis. Shutdown on SIGTERM / SIGINT: health NOT_SERVING, leave
+the registry, stop taking requests and answer those taken, ``server.stop(grace)``, exit 0.
+Exit 1 when the worker cannot start (the log line says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from functools import partial
+
+import grpc
+import grpc.aio
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stagemesh.errors import StagemeshError
+from stagemesh.store import Store, WorkerInfo
+from stagemesh.v1 import stage_pb2, stage_pb2_grpc
+
+from .downstream import MESSAGE_OPTIONS
+from .heartbeat import Heartbeat
+from .pipeline import StagePipeline
+from .runner import StageRunner
+from .servicer import StageServicer
+from .topology import StagePlace, default_host, find_stage, port_of
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = (
+    *MESSAGE_OPTIONS,
+    # Callers keep one stream open for hours and ping it (keepalive) while it idles: allow that.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message says what to fix."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stage_worker", description="Run one pipeline stage of a stagemesh chain."
+    )
+    p.add_argument("--redis-url", required=True, help="Redis holding the topology, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--chain", type=int, required=True, help="data-parallel chain of this stage")
+    p.add_argument("--stage", type=int, required=True, help="pipeline stage index within the chain")
+    p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
+    p.add_argument("--host", help="interface to bind (default: the topology address's host if loopback, else [::])")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads)")
+    p.add_argument("--kv-blocks", type=int, help="KV-cache blocks (overrides the topology's kv_blocks)")
+    p.add_argument("--kv-memory-mb", type=int, help="KV-cache budget in MiB when no block count is given")
+    p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
+    p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s stage-c{args.chain}-s{args.stage} %(name)s: %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return asyncio.run(_run(args))
+    except StartupError as err:
+        log.error("stage c%d-s%d cannot start: %s", args.chain, args.stage, err)
+        return 1
+
+
+async def _run(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.topology_wait_s
+    store = await _connect(args, deadline)
+    try:
+        place = await _read_place(store, args, deadline)
+        return await StageWorker(args, place, store).serve()
+    finally:
+        await store.close()
+
+
+async def _connect(args: argparse.Namespace, deadline: float) -> Store:
+    while True:
+        try:
+            return await Store.connect(args.redis_url, args.deployment)
+        except StagemeshError as err:
+            if time.monotonic() > deadline:
+                raise StartupError(str(err)) from err
+            await asyncio.sleep(0.5)
+
+
+async def _read_place(store: Store, args: argparse.Namespace, deadline: float) -> StagePlace:
+    while (doc := await store.get_topology()) is None:
+        if time.monotonic() > deadline:
+            raise StartupError(
+                f"no topology in Redis at {args.redis_url} (deployment {args.deployment!r}) after "
+                f"{args.topology_wait_s:.0f} s; `stagemesh up` writes it (Store.set_topology)"
+            )
+        await asyncio.sleep(0.2)
+    try:
+        return find_stage(doc, args.chain, args.stage)
+    except ValueError as err:
+        raise StartupError(f"the topology in Redis at {args.redis_url}: {err}") from err
+
+
+class StageWorker:
+    """One stage worker's lifetime: serve until SIGTERM / SIGINT, then drain."""
+
+    def __init__(self, args: argparse.Namespace, place: StagePlace, store: Store):
+        self.args, self.place, self.store = args, place, store
+        self.pipeline = StagePipeline(place)
+        self.servicer = StageServicer(self.pipeline)
+        self.health = health.aio.HealthServicer()
+        self.heartbeat: Heartbeat | None = None
+
+    async def serve(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await self._start_server()
+        try:
+            if not await self._load(stop):
+                return 0
+            await self._set_health(SERVING)
+            self.heartbeat = Heartbeat(self.store, self._worker_info(), self._figures)
+            self.heartbeat.start()
+            log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.layers,
+                     self.place.device, self.place.address)
+            await stop.wait()
+            return 0
+        finally:
+            await self._shutdown(server)
+
+    async def _start_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        stage_pb2_grpc.add_StageServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_health(NOT_SERVING)
+        bind = f"{self.args.host or default_host(self.place.address)}:{port_of(self.place.address)}"
+        try:
+            if server.add_insecure_port(bind) == 0:
+                raise RuntimeError("port unavailable")
+        except RuntimeError as err:
+            raise StartupError(f"cannot listen on {bind} ({err}); is another process using the port?") from err
+        await server.start()
+        log.info("listening on %s; loading weights", bind)
+        return server
+
+    async def _load(self, stop: asyncio.Event) -> bool:
+        """Load the weights; False when a stop signal came first."""
+        make_runner = partial(
+            StageRunner,
+            self.place.model,
+            self.place.spec,
+            device=self.place.device,
+            dtype=self.place.dtype,
+            kv_memory_bytes=self.args.kv_memory_mb * 2**20 if self.args.kv_memory_mb else None,
+            num_kv_blocks=self.args.kv_blocks or self.place.kv_blocks,
+            block_size=self.place.block_size,
+        )
+        loading = asyncio.ensure_future(self.pipeline.load(make_runner))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            log.info("stop requested while loading weights")
+            return False
+        try:
+            loading.result()
+        except Exception as err:  # noqa: BLE001 - reported as a startup failure
+            raise StartupError(f"loading layers {self.place.spec.layers} of {self.place.model} failed: {err}") from err
+        return True
+
+    async def _shutdown(self, server: grpc.aio.Server) -> None:
+        log.info("stage %s draining", self.place.name)
+        await self.health.enter_graceful_shutdown()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+        self.servicer.drain()
+        await server.stop(self.args.grace_s)
+        await self.pipeline.close()
+        log.info("stage %s stopped", self.place.name)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", STAGE_SERVICE):
+            await self.health.set(service, status)
+
+    def _worker_info(self) -> WorkerInfo:
+        spec = self.place.spec
+        return WorkerInfo(
+            worker_id=self.place.worker_id, role="stage", chain=self.place.chain, stage=self.place.stage,
+            start_layer=spec.start_layer, end_layer=spec.end_layer, address=self.place.address,
+            device=self.place.device, tp_size=1,
+        )
+
+    def _figures(self) -> dict:
+        return self.pipeline.figures.report(self.pipeline.runner)

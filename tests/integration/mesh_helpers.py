@@ -1,0 +1,71 @@
+"""Bring up a real mesh with `stagemesh up` (real processes, sockets and redis-server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from stagemesh.redis_server import free_port
+
+
+@contextmanager
+def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 180.0):
+    """Yields (gateway address, redis url, the `up` process); SIGTERMs it afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--port", str(port), "--log-dir", str(log_dir), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = _wait_for_ready(proc, timeout, log_dir)
+        redis_url = re.search(r"redis (\S+)", line).group(1)
+        yield f"127.0.0.1:{port}", redis_url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_for_ready(proc: subprocess.Popen, timeout: float, log_dir: Path) -> str:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if "ready" in line:
+                return line
+        elif proc.poll() is not None:
+            break
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
+    raise AssertionError(f"stagemesh up never printed ready (exit {proc.poll()}):\n{''.join(seen)}\n{logs}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
