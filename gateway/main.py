@@ -23,8 +23,8 @@ from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.store import Store
-from stagemesh.tokenizer import Tokenizer
+from stagemesh.store import Store, stage_worker_id
+from stagemesh.tokenizer import Tokenizer, eos_token_ids
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
 from .chain_client import RemoteChain
@@ -191,14 +191,6 @@ def scheduler_config(
     )
 
 
-def eos_token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    """The model's EOS ids: ``config.json``'s plus the tokenizer's (as ``InProcessEngine`` does)."""
-    eos = set(config.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return tuple(sorted(eos))
-
-
 async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
     """The stage's Info, once its health check answers SERVING (retried until it does)."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -214,14 +206,10 @@ async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
         return await _retry(f"reach the stage worker at {address}", ready)
 
 
-def stage_worker_ids(chain_id: int, num_stages: int) -> list[str]:
-    """The registry ids of a chain's stage workers (as ``stage_worker`` registers them)."""
-    return [f"stage-c{chain_id}-s{s}" for s in range(num_stages)]
-
-
 async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
     alive = {w.worker_id for w in await store.list_workers() if w.alive}
-    missing = [w for w in stage_worker_ids(chain_id, num_stages) if w not in alive]
+    ids = (stage_worker_id(chain_id, stage) for stage in range(num_stages))
+    missing = [worker_id for worker_id in ids if worker_id not in alive]
     if missing:
         raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
 
@@ -235,8 +223,8 @@ async def watch_health(store: Store, router: Router, interval_s: float = HEALTH_
             logger.warning("cannot read worker health: %s", err.message)
             alive = None
         for handle in router.chains if alive is not None else ():
-            ids = stage_worker_ids(handle.chain_id, len(handle.stage_addresses))
-            healthy = all(worker_id in alive for worker_id in ids)
+            stages = range(len(handle.stage_addresses))
+            healthy = all(stage_worker_id(handle.chain_id, stage) in alive for stage in stages)
             if healthy != handle.healthy:
                 logger.warning("chain %d is now %s", handle.chain_id, "healthy" if healthy else "UNHEALTHY")
             handle.healthy = healthy

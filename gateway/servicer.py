@@ -14,10 +14,10 @@ import grpc
 import grpc.aio
 
 from stagemesh.codec.messages import GenerateChunk, GenerateInput, chunk_to_pb, generate_request_from_pb, status_to_pb
-from stagemesh.errors import InvalidArgument, StagemeshError
+from stagemesh.errors import StagemeshError
 from stagemesh.serving.scheduler import SEED_RANGE
 from stagemesh.serving.types import Request, SamplingParams, TokenEvent
-from stagemesh.tokenizer import IncrementalDecoder, Tokenizer
+from stagemesh.tokenizer import IncrementalDecoder, Tokenizer, encode_prompt
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .journal import JournalWriter, params_doc
@@ -76,11 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _encode(self, inp: GenerateInput) -> tuple[int, ...]:
         if inp.token_ids is not None:
             return inp.token_ids
-        if self.tokenizer is None:
-            raise InvalidArgument("this model has no tokenizer.json; send token ids instead of a text prompt")
-        if not inp.prompt:
-            raise InvalidArgument("the prompt is empty; send non-empty text or token ids")
-        return tuple(self.tokenizer.encode(inp.prompt))
+        return encode_prompt(self.tokenizer, inp.prompt)
 
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         """The request's seed, drawn here when the client gave none, so the journal holds it."""

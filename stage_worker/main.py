@@ -5,6 +5,11 @@ server with health NOT_SERVING, the weights (loaded off the event loop), health 
 registration and heartbeats in Redis. Shutdown on SIGTERM / SIGINT: health NOT_SERVING, leave
 the registry, stop taking requests and answer those taken, ``server.stop(grace)``, exit 0.
 Exit 1 when the worker cannot start (the log line says why).
+
+With ``tp > 1`` in its topology entry this process is rank 0 of the stage: it starts ranks
+1..T-1 (``stage_worker.tp_rank``) before loading, and watches them. When one dies, the stage
+can never run a step again: health NOT_SERVING, down in the registry, every step answered
+``UNAVAILABLE: tp rank R of stage cC-sS died ...``, and after a short grace, exit 1.
 """
 
 from __future__ import annotations
@@ -12,25 +17,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
-from functools import partial
 
 import grpc
 import grpc.aio
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stagemesh.errors import StagemeshError
+from stagemesh.config import ModelConfig
+from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.plan import validate_layout
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 
+from .build import StageOptions, build_runner
 from .downstream import MESSAGE_OPTIONS
 from .heartbeat import Heartbeat
 from .pipeline import StagePipeline
-from .runner import StageRunner
+from .ranks import RankProcesses
 from .servicer import StageServicer
+from .stage import LocalStage, dead_rank_error, launch_tp
 from .topology import StagePlace, default_host, find_stage, port_of
+from .tp import check_devices
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,10 @@ SERVER_OPTIONS = (
 )
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+WATCH_S = 0.2
+"""How often rank 0 polls its TP rank processes."""
+FAILED_EXIT_GRACE_S = 3.0
+"""After a TP rank died: how long the worker stays up, unhealthy and answering UNAVAILABLE, before it exits 1."""
 
 
 class StartupError(Exception):
@@ -60,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads)")
     p.add_argument("--kv-blocks", type=int, help="KV-cache blocks (overrides the topology's kv_blocks)")
     p.add_argument("--kv-memory-mb", type=int, help="KV-cache budget in MiB when no block count is given")
+    p.add_argument("--tp-backend", choices=["nccl", "gloo"],
+                   help="TP ranks' torch.distributed backend (default: the topology's, else nccl on cuda, gloo on cpu)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -86,6 +102,7 @@ async def _run(args: argparse.Namespace) -> int:
     store = await _connect(args, deadline)
     try:
         place = await _read_place(store, args, deadline)
+        _check_layout(place)
         return await StageWorker(args, place, store).serve()
     finally:
         await store.close()
@@ -115,15 +132,36 @@ async def _read_place(store: Store, args: argparse.Namespace, deadline: float) -
         raise StartupError(f"the topology in Redis at {args.redis_url}: {err}") from err
 
 
+def _check_layout(place: StagePlace) -> None:
+    """The layout checks of `stagemesh up`, made again here against this host's devices."""
+    try:
+        validate_layout(ModelConfig.from_dir(place.model), place.num_stages, place.tp)
+        check_devices(place.devices)
+    except ValueError as err:
+        raise StartupError(f"stage {place.name} cannot run as the topology places it: {err}") from err
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once, without joining the step thread (it may be blocked in a collective for good)."""
+    logging.shutdown()
+    os._exit(code)
+
+
 class StageWorker:
     """One stage worker's lifetime: serve until SIGTERM / SIGINT, then drain."""
 
     def __init__(self, args: argparse.Namespace, place: StagePlace, store: Store):
         self.args, self.place, self.store = args, place, store
+        self.opts = StageOptions(
+            kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads,
+            tp_backend=args.tp_backend, log_level=args.log_level,
+        )
         self.pipeline = StagePipeline(place)
         self.servicer = StageServicer(self.pipeline)
         self.health = health.aio.HealthServicer()
         self.heartbeat: Heartbeat | None = None
+        self.ranks: RankProcesses | None = None
+        """TP ranks 1..T-1 (None when tp == 1)."""
 
     async def serve(self) -> int:
         stop = asyncio.Event()
@@ -138,8 +176,13 @@ class StageWorker:
             self.heartbeat = Heartbeat(self.store, self._worker_info(), self._figures)
             self.heartbeat.start()
             log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.layers,
-                     self.place.device, self.place.address)
-            await stop.wait()
+                     ", ".join(self.place.devices), self.place.address)
+            stopping, failing = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._watch())
+            await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            failing.cancel()
+            if failing.done() and not failing.cancelled():
+                await self._fail(failing.result())
             return 0
         finally:
             await self._shutdown(server)
@@ -160,29 +203,71 @@ class StageWorker:
         return server
 
     async def _load(self, stop: asyncio.Event) -> bool:
-        """Load the weights; False when a stop signal came first."""
-        make_runner = partial(
-            StageRunner,
-            self.place.model,
-            self.place.spec,
-            device=self.place.device,
-            dtype=self.place.dtype,
-            kv_memory_bytes=self.args.kv_memory_mb * 2**20 if self.args.kv_memory_mb else None,
-            num_kv_blocks=self.args.kv_blocks or self.place.kv_blocks,
-            block_size=self.place.block_size,
-        )
-        loading = asyncio.ensure_future(self.pipeline.load(make_runner))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        """Load the weights (every TP rank's); False when a stop signal came first."""
+        if self.place.tp > 1:
+            self.ranks, make_stage = launch_tp(self.place, self.opts)
+        else:
+            def make_stage() -> LocalStage:
+                return LocalStage(build_runner(self.place, self.opts, self.place.device), self.place.name)
+        loading = asyncio.ensure_future(self.pipeline.load(make_stage))
+        stopping, failing = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._watch())
+        await asyncio.wait([loading, stopping, failing], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        failing.cancel()
+        if failing.done() and not failing.cancelled():
+            log.error("stage %s cannot start: %s", self.place.name, failing.result().message)
+            self._leave_while_loading(1)
         if not loading.done():
             log.info("stop requested while loading weights")
+            self._leave_while_loading(0)
             return False
         try:
             loading.result()
         except Exception as err:  # noqa: BLE001 - reported as a startup failure
-            raise StartupError(f"loading layers {self.place.spec.layers} of {self.place.model} failed: {err}") from err
+            why = self._failure()
+            raise StartupError(
+                why.message if why else f"loading layers {self.place.spec.layers} of {self.place.model} failed: {err}"
+            ) from err
         return True
+
+    def _leave_while_loading(self, code: int) -> None:
+        """With TP ranks, leave at once: the step thread may be inside the ranks' rendezvous,
+        which nothing interrupts; nothing is served or registered yet, so nothing is lost."""
+        if self.ranks is not None:
+            self.ranks.kill()
+            _exit_now(code)
+
+    async def _watch(self) -> Unavailable:
+        """Returns once the stage can never run a step again (a TP rank died); never for tp == 1."""
+        while (failure := self._failure()) is None:
+            await asyncio.sleep(WATCH_S)
+        return failure
+
+    def _failure(self) -> Unavailable | None:
+        if self.pipeline.stage is not None:
+            return self.pipeline.stage.failure()
+        dead = self.ranks.first_dead() if self.ranks is not None else None
+        return dead_rank_error(self.place.name, *dead) if dead else None
+
+    async def _fail(self, err: Unavailable) -> None:
+        """Unhealthy at once, every step answered with ``err``; exit 1 after a short grace.
+
+        NOTE: the exit is ``os._exit``: the step thread may be blocked for good in a collective
+        with the dead rank (NCCL never gives up), and a normal exit would join it.
+        """
+        log.error("%s: stage %s is unhealthy and exits in %.0f s", err.message, self.place.name, FAILED_EXIT_GRACE_S)
+        await self._set_health(NOT_SERVING)
+        self.pipeline.fail(err)
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=False)
+        try:
+            await asyncio.wait_for(self.store.mark_down(self.place.worker_id), FAILED_EXIT_GRACE_S)
+        except (StagemeshError, asyncio.TimeoutError) as mark_err:
+            log.warning("could not mark %s down in Redis: %s", self.place.worker_id, mark_err)
+        await asyncio.sleep(FAILED_EXIT_GRACE_S)  # the answers reach their callers
+        if self.ranks is not None:
+            self.ranks.kill()
+        _exit_now(1)
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
         log.info("stage %s draining", self.place.name)
@@ -192,6 +277,8 @@ class StageWorker:
         self.servicer.drain()
         await server.stop(self.args.grace_s)
         await self.pipeline.close()
+        if self.ranks is not None:
+            self.ranks.kill()  # those that did not stop (a stage that never finished loading)
         log.info("stage %s stopped", self.place.name)
 
     async def _set_health(self, status) -> None:
@@ -203,8 +290,12 @@ class StageWorker:
         return WorkerInfo(
             worker_id=self.place.worker_id, role="stage", chain=self.place.chain, stage=self.place.stage,
             start_layer=spec.start_layer, end_layer=spec.end_layer, address=self.place.address,
-            device=self.place.device, tp_size=1,
+            device=self.place.device, tp_size=self.place.tp,
         )
 
     def _figures(self) -> dict:
-        return self.pipeline.figures.report(self.pipeline.runner)
+        """The pipeline's figures, plus each TP rank's pid and weight bytes."""
+        figures = self.pipeline.figures.report(self.pipeline.runner)
+        if self.pipeline.stage is not None:
+            figures.update(self.pipeline.stage.figures())
+        return figures

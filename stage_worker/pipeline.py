@@ -6,6 +6,9 @@ and sending. When a step ends, the thread hands its outcome to the loop with
 ``call_soon_threadsafe``, which runs callbacks in the order they were scheduled: so the
 answers of the last stage, and the requests forwarded to the next stage, also keep arrival
 order. A step that fails here is answered with its error and is not forwarded.
+
+What runs a step is the stage object (``stage_worker.stage``): the runner in this process, or
+rank 0 of a tensor-parallel stage, which first broadcasts the step to the other ranks.
 """
 
 from __future__ import annotations
@@ -19,16 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-import torch
-
-from stagemesh.codec.messages import failed_step_to_pb, plan_from_pb, result_to_pb
-from stagemesh.codec.tensors import tensor_from_pb, tensor_to_pb
-from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
-from stagemesh.serving.types import StepPlan
+from stagemesh.codec.messages import failed_step_to_pb, result_to_pb
+from stagemesh.codec.tensors import tensor_to_pb
+from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.v1 import stage_pb2
 
 from .downstream import DownstreamLink
 from .runner import StageRunner
+from .stage import LocalStage, TPStage
 from .topology import StagePlace
 
 log = logging.getLogger(__name__)
@@ -87,23 +88,32 @@ class StagePipeline:
 
     def __init__(self, place: StagePlace):
         self.place = place
-        self.runner: StageRunner | None = None
+        self.stage: LocalStage | TPStage | None = None
         """Set once ``load`` has built it; until then every step is answered UNAVAILABLE."""
+        self.failure: StagemeshError | None = None
+        """Set by ``fail``: every step from then on is answered with it."""
         self.figures = StageFigures()
         self._loop = asyncio.get_running_loop()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{place.name}")
         self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name)
+        self._unanswered: dict[asyncio.Future, int] = {}
+        """Answers not given yet -> their step ids (for ``fail``)."""
 
-    async def load(self, make_runner: Callable[[], StageRunner]) -> StageRunner:
-        """Build the runner on the step thread (the loop keeps answering health checks meanwhile)."""
-        self.runner = await self._loop.run_in_executor(self._thread, make_runner)
-        return self.runner
+    @property
+    def runner(self) -> StageRunner | None:
+        """Rank 0's runner, once loaded."""
+        return None if self.stage is None else self.stage.runner
+
+    async def load(self, make_stage: Callable[[], LocalStage | TPStage]) -> LocalStage | TPStage:
+        """Build the stage on the step thread (the loop keeps answering health checks meanwhile)."""
+        self.stage = await self._loop.run_in_executor(self._thread, make_stage)
+        return self.stage
 
     def submit(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
         """Queue ``request``'s step; the future always resolves to a StageResponse, never raises."""
         answer = self._loop.create_future()
-        if self.runner is None:
-            err = Unavailable(f"stage {self.place.name} is still loading its weights")
+        if self.failure is not None or self.stage is None:
+            err = self.failure or Unavailable(f"stage {self.place.name} is still loading its weights")
             answer.set_result(failed_step_to_pb(request.step_id, err))
             return answer
         self.figures.received += 1
@@ -112,12 +122,31 @@ class StagePipeline:
         except RuntimeError as err:  # the executor is shut down: the worker is exiting
             self.figures.received -= 1
             answer.set_result(failed_step_to_pb(request.step_id, Unavailable(f"stage {self.place.name}: {err}")))
+            return answer
+        self._unanswered[answer] = request.step_id
+        answer.add_done_callback(self._answered)
         return answer
+
+    def fail(self, err: StagemeshError) -> None:
+        """Answer every step not answered yet with ``err``, and every later one at once.
+
+        For a stage that can never step again (a TP rank died): its step thread may be stuck
+        in a collective that will not complete, so the answers do not wait for it.
+        """
+        self.failure = err
+        for answer, step_id in list(self._unanswered.items()):
+            if not answer.done():
+                answer.set_result(failed_step_to_pb(step_id, err))
+
+    def _answered(self, answer: asyncio.Future) -> None:
+        self._unanswered.pop(answer, None)
 
     async def close(self) -> None:
         """Drop the steps not yet started (nobody is left to take their answers), finish the
-        running one, then close the link to the next stage."""
+        running one, close the stage (a TP stage stops its ranks), then the link to the next stage."""
         await self._loop.run_in_executor(None, partial(self._thread.shutdown, wait=True, cancel_futures=True))
+        if self.stage is not None:
+            await self._loop.run_in_executor(None, self.stage.close)
         if self._downstream is not None:
             await self._downstream.close()
 
@@ -136,9 +165,8 @@ class StagePipeline:
         self._loop.call_soon_threadsafe(self._deliver, outcome, answer)
 
     def _step(self, request: stage_pb2.StageRequest) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
-        plan, hidden = self._decode(request)
         t_start = time.time()
-        out = self.runner.step(plan, hidden)
+        plan, out = self.stage.step(request)
         t_end = time.time()
         self.figures.record(t_start, t_end, plan.num_tokens)
         if self.place.spec.is_last:
@@ -147,26 +175,6 @@ class StagePipeline:
         # not encoded again (no per-token work), and what it runs is exactly what we ran.
         request.hidden.CopyFrom(tensor_to_pb(out))
         return request
-
-    def _decode(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | None]:
-        """The plan and input activations of a request; InvalidArgument when it is malformed."""
-        try:
-            plan = plan_from_pb(request)
-            hidden = None if self.place.spec.is_first else self._hidden(request, plan)
-        except ValueError as err:
-            raise InvalidArgument(f"stage {self.place.name}: malformed StageRequest {request.step_id}: {err}") from err
-        return plan, hidden
-
-    def _hidden(self, request: stage_pb2.StageRequest, plan: StepPlan) -> torch.Tensor | None:
-        if not plan.chunks and not request.HasField("hidden"):
-            return None  # a plan that only frees needs no activations
-        if not request.HasField("hidden"):
-            raise ValueError(f"it has no hidden, which a stage from layer {self.place.spec.start_layer} needs")
-        hidden = tensor_from_pb(request.hidden)  # [N, H], read-only view of the message's bytes
-        want = [plan.num_tokens, self.runner.config.hidden_size]
-        if list(hidden.shape) != want:
-            raise ValueError(f"hidden has shape {list(hidden.shape)}; this step needs {want} (tokens, hidden_size)")
-        return hidden.to(self.runner.device, self.runner.dtype)
 
     # --- back on the event loop ------------------------------------------------------------
 

@@ -5,15 +5,21 @@ The launcher writes the document (``Store.set_topology``)::
     {"model": "/abs/model/dir", "num_layers": 5, "block_size": 16, "dtype": null,
      "chains": [{"chain": 0, "stages": [
         {"stage": 0, "start_layer": 0, "end_layer": 3, "address": "127.0.0.1:41001",
-         "device": "cpu", "kv_blocks": null}, ...]}]}
+         "device": "cuda:0", "tp": 2, "devices": ["cuda:0", "cuda:1"], "tp_backend": null,
+         "kv_blocks": null}, ...]}]}
+
+``tp`` (default 1), ``devices`` (default ``[device] * tp``) and ``tp_backend`` (default: nccl
+on CUDA, gloo on CPU) may be left out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from stagemesh.config import StageSpec
+from stagemesh.store import stage_worker_id
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class StagePlace:
     address: str
     """``host:port`` this worker serves on."""
     device: str
-    """Torch device, e.g. ``cpu`` or ``cuda:1``."""
+    """Torch device of rank 0 (this process), e.g. ``cpu`` or ``cuda:1``."""
     model: str
     """The checkpoint directory."""
     block_size: int
@@ -40,10 +46,17 @@ class StagePlace:
     """KV-cache blocks to allocate; None sizes the cache from a memory budget."""
     next_address: str | None
     """``host:port`` of the next stage of the chain; None on the last stage."""
+    tp: int = 1
+    """Tensor-parallel ranks of this stage: this process (rank 0) and ``tp - 1`` rank processes."""
+    devices: tuple[str, ...] = ("cpu",)
+    """Torch device of each rank, rank 0's first."""
+    tp_backend: str | None = None
+    """torch.distributed backend of the ranks; None: nccl on CUDA, gloo on CPU."""
 
     @property
     def worker_id(self) -> str:
-        return f"stage-c{self.chain}-s{self.stage}"
+        """This worker's id in the Redis registry."""
+        return stage_worker_id(self.chain, self.stage)
 
     @property
     def name(self) -> str:
@@ -66,6 +79,10 @@ def find_stage(doc: dict[str, Any], chain: int, stage: int) -> StagePlace:
     if not 0 <= stage < len(stages):
         raise ValueError(f"chain {chain} has stages 0..{len(stages) - 1}; there is no stage {stage}")
     entry = stages[stage]
+    tp = entry.get("tp") or 1
+    devices = tuple(entry.get("devices") or [entry.get("device") or "cpu"] * tp)
+    if len(devices) != tp:
+        raise ValueError(f"chain {chain} stage {stage} has tp={tp} but {len(devices)} devices {list(devices)}")
     try:
         return StagePlace(
             chain=chain,
@@ -73,15 +90,27 @@ def find_stage(doc: dict[str, Any], chain: int, stage: int) -> StagePlace:
             num_stages=len(stages),
             spec=StageSpec(entry["start_layer"], entry["end_layer"], doc["num_layers"]),
             address=entry["address"],
-            device=entry.get("device") or "cpu",
+            device=devices[0],
             model=doc["model"],
             block_size=doc.get("block_size") or 16,
             dtype=doc.get("dtype"),
             kv_blocks=entry.get("kv_blocks"),
             next_address=stages[stage + 1]["address"] if stage + 1 < len(stages) else None,
+            tp=tp,
+            devices=devices,
+            tp_backend=entry.get("tp_backend"),
         )
     except KeyError as err:
         raise ValueError(f"the topology entry of chain {chain} stage {stage} lacks the key {err}") from err
+
+
+def place_to_dict(place: StagePlace) -> dict[str, Any]:
+    """``place`` as JSON values (how rank 0 hands it to its TP rank processes)."""
+    return dataclasses.asdict(place)
+
+
+def place_from_dict(doc: dict[str, Any]) -> StagePlace:
+    return StagePlace(**{**doc, "spec": StageSpec(**doc["spec"]), "devices": tuple(doc["devices"])})
 
 
 def port_of(address: str) -> int:

@@ -68,6 +68,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (one worker process each)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (one process and one device each)")
+    p.add_argument("--tp-backend", choices=["nccl", "gloo"], default=None,
+                   help="torch.distributed backend of the TP ranks (default: nccl on cuda, gloo on cpu)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -86,6 +89,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(
         model=Path(args.model),
         pp=args.pp,
+        tp=args.tp,
+        tp_backend=args.tp_backend,
         device=args.device,
         host=args.host,
         port=args.port,
@@ -110,6 +115,58 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (the mesh's model, for the compared systems and the figures)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of the mesh brought up for the run")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage of that mesh")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--addr", default=None, help="HOST:PORT of a running mesh to benchmark instead of bringing one up")
+    p.add_argument("--redis-url", default=None, help="with --addr: that mesh's Redis, for per-stage busy figures")
+    p.add_argument("--requests", type=int, required=True)
+    p.add_argument("--input-len", type=int, required=True, help="prompt tokens (the minimum with --input-len-max)")
+    p.add_argument("--input-len-max", type=int, default=None, help="prompt lengths uniform in [--input-len, this]")
+    p.add_argument("--output-len", type=int, required=True, help="generated tokens (the minimum with --output-len-max)")
+    p.add_argument("--output-len-max", type=int, default=None, help="output lengths uniform in [--output-len, this]")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: all at once)")
+    pace.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
+    p.add_argument("--compare", default="", help="also run the requests through: hf, inprocess (comma-separated)")
+    p.add_argument("--no-mesh", action="store_true", help="run only the --compare systems")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
+    p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
+    p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="one JSON document with every figure")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSpec, LoadShape, run
+
+    shape = LoadShape(
+        requests=args.requests,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        input_len_max=args.input_len_max,
+        output_len_max=args.output_len_max,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        seed=args.seed,
+    )
+    spec = BenchSpec(
+        model=Path(args.model),
+        shape=shape,
+        pp=args.pp,
+        tp=args.tp,
+        addr=args.addr,
+        redis_url=args.redis_url,
+        compare=tuple(s.strip() for s in args.compare.split(",") if s.strip()),
+        mesh=not args.no_mesh,
+        device=args.device,
+        calibrate_s=args.calibrate_s,
+        log_dir=args.log_dir,
+    )
+    return run(spec, args.json)
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -130,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--addr", required=True, help="HOST:PORT of a running mesh's gateway")
     st.add_argument("--json", action="store_true", help="the whole status document as JSON")
     st.set_defaults(func=_cmd_status)
+    bench = sub.add_parser("bench", help="throughput, latency and roofline of a mesh, against transformers and the in-process engine")
+    _bench_args(bench)
+    bench.set_defaults(func=_cmd_bench)
     from . import demo
 
     dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")

@@ -337,6 +337,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--intermediate-size", type=int, default=256, help="width of the dense MLP")
+    parser.add_argument("--num-heads", type=int, default=4, help="attention (query) heads")
+    parser.add_argument("--num-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="embedding rows; the tokenizer gets exactly this many ids")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,6 +353,11 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        vocab_size=args.vocab_size,
+        dtype=args.dtype,
     )
     print(f"wrote a random {args.family} checkpoint to {out}")
     return 0

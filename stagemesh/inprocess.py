@@ -11,13 +11,12 @@ import itertools
 from pathlib import Path
 
 from .config import ModelConfig
-from .errors import InvalidArgument, StagemeshError
+from .errors import StagemeshError
 from .requests_io import InputLine, Outcome
 from .serving.engine import Engine
 from .serving.scheduler import SchedulerConfig
 from .serving.types import Request
-from .serving.validate import validate_text_prompt
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, encode_prompt, eos_token_ids
 
 
 class InProcessEngine:
@@ -39,16 +38,13 @@ class InProcessEngine:
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.chain = LocalChain.load(model_dir, pp, dtype=dtype, num_kv_blocks=num_kv_blocks, block_size=block_size)
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
         self.scheduler_config = SchedulerConfig(
             block_size=block_size,
             num_blocks=self.chain.num_kv_blocks,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.config.max_position_embeddings,
-            eos_token_ids=tuple(sorted(eos)),
+            eos_token_ids=eos_token_ids(self.config, self.tokenizer),
         )
         self._ids = itertools.count()
 
@@ -80,7 +76,4 @@ class InProcessEngine:
     def encode(self, line: InputLine) -> tuple[int, ...]:
         if line.token_ids is not None:
             return line.token_ids
-        if self.tokenizer is None:
-            raise InvalidArgument("this model has no tokenizer.json; send token ids instead of a text prompt")
-        validate_text_prompt(line.prompt)
-        return tuple(self.tokenizer.encode(line.prompt))
+        return encode_prompt(self.tokenizer, line.prompt)

@@ -9,7 +9,6 @@ PR_SET_PDEATHSIG so they die with the launcher even when it is SIGKILLed.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
-from .plan import split_layers
+from .plan import split_layers, stage_devices, validate_layout
+from .procs import die_with_parent
 from .redis_server import free_port, start_local_redis
 from .store import Store
 
@@ -36,6 +36,10 @@ class UpOptions:
 
     model: Path
     pp: int = 1
+    tp: int = 1
+    """Tensor-parallel ranks per stage, one process and one device each."""
+    tp_backend: str | None = None
+    """torch.distributed backend of the TP ranks; None: nccl on CUDA, gloo on CPU."""
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 50051
@@ -50,18 +54,24 @@ class UpOptions:
 
 
 def plan_topology(opts: UpOptions) -> dict:
-    """The topology document: one chain of stages with their layers, addresses and devices."""
+    """The topology document: one chain of stages with their layers, addresses and devices.
+
+    ValueError (before anything starts) when the model or the machine cannot take the layout.
+    """
     config = ModelConfig.from_dir(opts.model)
+    validate_layout(config, opts.pp, opts.tp, gpus=_visible_gpus() if opts.device == "cuda" else None)
     specs = split_layers(config, opts.pp)
-    if opts.device == "cuda":
-        _check_gpus(len(specs))
+    devices = stage_devices(opts.device, opts.pp, opts.tp)
     stages = [
         {
             "stage": i,
             "start_layer": spec.start_layer,
             "end_layer": spec.end_layer,
             "address": f"{opts.host}:{free_port()}",
-            "device": f"cuda:{i}" if opts.device == "cuda" else "cpu",
+            "device": devices[i][0],
+            "tp": opts.tp,
+            "devices": devices[i],
+            "tp_backend": opts.tp_backend,
             "kv_blocks": opts.kv_blocks,
         }
         for i, spec in enumerate(specs)
@@ -75,18 +85,10 @@ def plan_topology(opts: UpOptions) -> dict:
     }
 
 
-def _check_gpus(needed: int) -> None:
+def _visible_gpus() -> int:
     import torch  # only the GPU path needs it
 
-    have = torch.cuda.device_count()
-    if needed > have:
-        raise ValueError(f"the layout needs {needed} GPUs (one per stage) but {have} are visible")
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the launcher dies, however it dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return torch.cuda.device_count()
 
 
 class Mesh:
@@ -111,7 +113,7 @@ class Mesh:
             self.redis_url = self.redis.url
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
         stages = topology["chains"][0]["stages"]
-        threads = max(1, _cores() // len(stages))
+        threads = max(1, _cores() // (len(stages) * self.opts.tp))  # per rank
         for s in stages:
             self._spawn(f"stage-c0-s{s['stage']}", "stage_worker", "--chain", "0", "--stage", str(s["stage"]), "--threads", str(threads))
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
@@ -128,7 +130,7 @@ class Mesh:
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         logfile.close()
         log.info("started %s (pid %d), log %s", name, self.procs[name].pid, self.log_dir / f"{name}.log")
@@ -227,7 +229,7 @@ def run_up(opts: UpOptions) -> int:
         mesh.wait_ready()
         stages = len(topology["chains"][0]["stages"])
         print(
-            f"stagemesh ready: gateway {mesh.gateway_address} | {stages} stage worker(s) on {opts.device} "
+            f"stagemesh ready: gateway {mesh.gateway_address} | {stages} stage worker(s) x tp {opts.tp} on {opts.device} "
             f"| redis {mesh.redis_url} | logs {mesh.log_dir}",
             flush=True,
         )

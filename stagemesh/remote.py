@@ -51,9 +51,9 @@ def format_status(doc: dict) -> str:
     )
     out.append("")
     out += _table(
-        ("ROLE", "CHAIN", "STAGE", "LAYERS", "ADDRESS", "DEVICE", "PID", "HEALTHY", "QUEUE", "KV USED", "BUSY"),
+        ("ROLE", "CHAIN", "STAGE", "LAYERS", "ADDRESS", "DEVICE", "TP", "PID", "HEALTHY", "QUEUE", "KV USED", "BUSY"),
         [(w["role"], _id(w["chain"]), _id(w["stage"]), "{}-{}".format(*w["layers"]), w["address"], w["device"],
-          w["pid"], _yes(w["healthy"]), w["load"]["queue_depth"],
+          w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), w["load"]["queue_depth"],
           f"{w['load']['kv_blocks_used']}/{w['load']['kv_blocks_total']}", f"{w['load']['busy_fraction']:.0%}")
          for w in doc.get("workers", ())],
     )

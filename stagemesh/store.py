@@ -47,12 +47,17 @@ ROLES = ("stage", "expert", "gateway")
 DEFAULT_METRICS_TTL_S = 30.0
 
 
+def stage_worker_id(chain: int, stage: int) -> str:
+    """The registry id of the stage worker of chain ``chain``, stage ``stage``: ``stage-c0-s1``."""
+    return f"stage-c{chain}-s{stage}"
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What a worker tells the mesh about itself when it registers."""
 
     worker_id: str
-    """Unique within the deployment, e.g. ``chain0-stage1`` or ``expert-3``."""
+    """Unique within the deployment, e.g. ``stage-c0-s1`` (``stage_worker_id``) or ``expert-3``."""
     role: str
     """One of ``stage``, ``expert``, ``gateway``."""
     chain: int | None = None
@@ -203,6 +208,12 @@ class Store:
             results = await pipe.execute()
         infos, alive = results[0::2], results[1::2]
         return [WorkerInfo.from_json(text, bool(a)) for text, a in zip(infos, alive) if text is not None]
+
+    @_translate_errors
+    async def mark_down(self, worker_id: str) -> None:
+        """The worker is down as of now (no waiting for its heartbeat to expire); it stays
+        registered, so that status lists it as unhealthy."""
+        await self._r.delete(self._key("alive", worker_id))
 
     @_translate_errors
     async def deregister_worker(self, worker_id: str) -> None:

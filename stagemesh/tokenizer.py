@@ -11,6 +11,10 @@ from pathlib import Path
 
 import tokenizers
 
+from stagemesh.config import ModelConfig
+from stagemesh.errors import InvalidArgument
+from stagemesh.serving.validate import validate_text_prompt
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -74,6 +78,22 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens (BOS, EOS, padding) are left out by default."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def eos_token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The model's EOS ids, sorted: ``config.json``'s plus the tokenizer's."""
+    eos = set(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tuple(sorted(eos))
+
+
+def encode_prompt(tokenizer: Tokenizer | None, text: str) -> tuple[int, ...]:
+    """The token ids of a text prompt; InvalidArgument without a tokenizer or without text."""
+    if tokenizer is None:
+        raise InvalidArgument("this model has no tokenizer.json; send token ids instead of a text prompt")
+    validate_text_prompt(text)
+    return tuple(tokenizer.encode(text))
 
 
 class IncrementalDecoder:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Iterable, Sequence
 
-import grpc
 import grpc.aio
 
-from stagemesh.client._common import UNARY_TIMEOUT, assemble, error_from_rpc, generate_request, tokens_of
+from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.codec.messages import status_from_pb
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -73,37 +72,30 @@ class AsyncClient:
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
         )
-        return self._stream(request, self._deadline(timeout, None))
+        return self._stream(request, deadline(timeout, self.timeout, None))
 
     async def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> AsyncIterator[GeneratedToken]:
         call = self._stub.Generate(request, timeout=timeout)
         try:
-            async for msg in call:
-                for item in tokens_of(msg):
-                    yield item
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            with gateway_errors():
+                async for msg in call:
+                    for item in tokens_of(msg):
+                        yield item
         finally:
             call.cancel()  # a no-op once the stream has ended
 
     async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         """Cancels a running request; False when the gateway knows no running request of that id."""
-        try:
-            reply = await self._stub.Cancel(
-                gateway_pb2.CancelRequest(request_id=request_id), timeout=self._deadline(timeout, UNARY_TIMEOUT)
-            )
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+        request = gateway_pb2.CancelRequest(request_id=request_id)
+        with gateway_errors():
+            reply = await self._stub.Cancel(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
         return reply.cancelled
 
     async def status(self, *, timeout: float | None = None) -> dict:
         """The status document; see ``stagemesh.Client.status``."""
-        try:
-            reply = await self._stub.Status(
-                gateway_pb2.StatusRequest(), timeout=self._deadline(timeout, UNARY_TIMEOUT)
-            )
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+        request = gateway_pb2.StatusRequest()
+        with gateway_errors():
+            reply = await self._stub.Status(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
         return status_from_pb(reply)
 
     async def close(self) -> None:
@@ -114,8 +106,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def _deadline(self, timeout: float | None, fallback: float | None) -> float | None:
-        if timeout is not None:
-            return timeout
-        return self.timeout if self.timeout is not None else fallback

@@ -1,8 +1,9 @@
-"""What the blocking and the asyncio clients share: request building, error mapping, assembly."""
+"""What the blocking and the asyncio clients share: request building, deadlines, error mapping, assembly."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -21,38 +22,46 @@ def generate_request(
     token_ids: Sequence[int] | None,
     *,
     request_id: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int | None,
-    stop_token_ids: Iterable[int],
-    ignore_eos: bool,
+    stop_token_ids: Iterable[int] = (),
+    **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest of a generate/stream call; InvalidArgument on bad local input.
 
-    A non-string ``prompt`` is taken as token ids, so ``generate([1, 2, 3])`` works. Values
+    ``sampling`` holds the other ``SamplingParams`` fields, by their names there. A
+    non-string ``prompt`` is taken as token ids, so ``generate([1, 2, 3])`` works. Values
     are checked by the gateway; only what cannot be encoded at all fails here.
+
+    NOTE: ``Client`` and ``AsyncClient`` spell their ``generate``/``stream`` parameters out
+    rather than take ``**sampling``: that is what ``help()``, IDEs and type checkers show
+    users. A new parameter goes into ``SamplingParams`` and those four signatures.
     """
     if prompt is not None and not isinstance(prompt, str):
         if token_ids is not None:
             raise InvalidArgument("give exactly one of prompt (text) or token_ids")
         prompt, token_ids = None, prompt
     try:
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=tuple(int(t) for t in stop_token_ids),
-            ignore_eos=ignore_eos,
-        )
+        params = SamplingParams(stop_token_ids=tuple(int(t) for t in stop_token_ids), **sampling)
         ids = None if token_ids is None else tuple(int(t) for t in token_ids)
         inp = GenerateInput(prompt=prompt, token_ids=ids, params=params, request_id=request_id or "")
         return generate_request_to_pb(inp)
     except (TypeError, ValueError) as e:  # int() of a bad id, protobuf type/range checks
         raise InvalidArgument(f"bad generate argument: {e}") from None
+
+
+def deadline(timeout: float | None, client_timeout: float | None, fallback: float | None) -> float | None:
+    """A call's deadline: its own ``timeout``, else the client's, else ``fallback``."""
+    if timeout is not None:
+        return timeout
+    return client_timeout if client_timeout is not None else fallback
+
+
+@contextlib.contextmanager
+def gateway_errors() -> Iterator[None]:
+    """Raise a failed gateway call's ``grpc.RpcError`` as the StagemeshError of its status."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise error_from_rpc(e) from None
 
 
 def tokens_of(msg: gateway_pb2.GenerateResponse) -> list[GeneratedToken]:

@@ -6,7 +6,7 @@ from typing import Iterable, Iterator, Sequence
 
 import grpc
 
-from stagemesh.client._common import UNARY_TIMEOUT, assemble, error_from_rpc, generate_request, tokens_of
+from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.codec.messages import status_from_pb
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -75,26 +75,22 @@ class Client:
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
         )
-        return self._stream(request, self._deadline(timeout, None))
+        return self._stream(request, deadline(timeout, self.timeout, None))
 
     def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> Iterator[GeneratedToken]:
         call = self._stub.Generate(request, timeout=timeout)
         try:
-            for msg in call:
-                yield from tokens_of(msg)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            with gateway_errors():
+                for msg in call:
+                    yield from tokens_of(msg)
         finally:
             call.cancel()  # a no-op once the stream has ended
 
     def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         """Cancels a running request; False when the gateway knows no running request of that id."""
-        try:
-            reply = self._stub.Cancel(
-                gateway_pb2.CancelRequest(request_id=request_id), timeout=self._deadline(timeout, UNARY_TIMEOUT)
-            )
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+        request = gateway_pb2.CancelRequest(request_id=request_id)
+        with gateway_errors():
+            reply = self._stub.Cancel(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
         return reply.cancelled
 
     def status(self, *, timeout: float | None = None) -> dict:
@@ -105,10 +101,9 @@ class Client:
         ``heartbeat_age_s`` and ``load`` (``queue_depth``, ``running_sequences``,
         ``kv_blocks_used``, ``kv_blocks_total``, ``busy_fraction``, ``tokens_processed``).
         """
-        try:
-            reply = self._stub.Status(gateway_pb2.StatusRequest(), timeout=self._deadline(timeout, UNARY_TIMEOUT))
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+        request = gateway_pb2.StatusRequest()
+        with gateway_errors():
+            reply = self._stub.Status(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
         return status_from_pb(reply)
 
     def close(self) -> None:
@@ -119,8 +114,3 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _deadline(self, timeout: float | None, fallback: float | None) -> float | None:
-        if timeout is not None:
-            return timeout
-        return self.timeout if self.timeout is not None else fallback

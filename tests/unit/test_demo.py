@@ -129,6 +129,17 @@ def test_cli_pair_writes_the_model(tmp_path, capsys):
     assert ModelConfig.from_dir(tmp_path).num_hidden_layers == 2
 
 
+def test_cli_shape_flags_reach_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--family", "llama", "--hidden-size", "40", "--intermediate-size", "72", "--num-heads", "10",
+             "--num-kv-heads", "5", "--vocab-size", "300", "--dtype", "bfloat16"]
+    assert run(parser.parse_args([str(tmp_path), *flags])) == 0
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (72, 10, 5)
+    assert (cfg.vocab_size, cfg.dtype) == (300, "bfloat16")
+
+
 def test_demo_needs_no_transformers_and_imports_no_torch_until_writing(tmp_path):
     code = (
         "import sys; sys.modules['transformers'] = None\n"

@@ -1,0 +1,45 @@
+"""How every rank of a stage builds its runner: from the place and the worker's options alone,
+so that all ranks build the same stage (the same layers, the same number of KV blocks)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from stagemesh.model.parallel import TPGroup
+
+from .runner import StageRunner
+from .topology import StagePlace
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The worker's command-line choices that its TP ranks must share."""
+
+    kv_blocks: int | None = None
+    """KV-cache blocks; None takes the topology's, then a memory budget."""
+    kv_memory_mb: int | None = None
+    """KV-cache budget in MiB when no block count is given."""
+    threads: int | None = None
+    """torch intra-op threads of each rank."""
+    tp_backend: str | None = None
+    """torch.distributed backend; None takes the topology's, then nccl on CUDA / gloo on CPU."""
+    log_level: str = "INFO"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_runner(place: StagePlace, opts: StageOptions, device: str, tp: TPGroup = TPGroup()) -> StageRunner:
+    """This rank's runner: its TP slice of the stage's layers on ``device``."""
+    return StageRunner(
+        place.model,
+        place.spec,
+        device=device,
+        dtype=place.dtype,
+        tp=tp,
+        kv_memory_bytes=opts.kv_memory_mb * 2**20 if opts.kv_memory_mb else None,
+        num_kv_blocks=opts.kv_blocks or place.kv_blocks,
+        block_size=place.block_size,
+    )

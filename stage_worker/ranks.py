@@ -1,0 +1,87 @@
+"""The processes of TP ranks 1..T-1 of a stage, as rank 0 starts and watches them.
+
+Each is ``python -m stage_worker.tp_rank``; it dies with rank 0 (it sets PR_SET_PDEATHSIG
+itself, ``stagemesh.procs.follow_parent``), and rank 0 polls it so that a rank that dies
+turns the stage unhealthy within a poll or two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .build import StageOptions
+from .topology import StagePlace, place_to_dict
+
+log = logging.getLogger(__name__)
+
+
+def rank_command(place: StagePlace, opts: StageOptions, rank: int, init_method: str) -> list[str]:
+    """The command line of TP rank ``rank`` (> 0) of the stage at ``place``."""
+    return [
+        sys.executable, "-m", "stage_worker.tp_rank",
+        "--rank", str(rank),
+        "--parent-pid", str(os.getpid()),
+        "--init-method", init_method,
+        "--place", json.dumps(place_to_dict(place)),
+        "--options", json.dumps(opts.to_dict()),
+    ]  # fmt: skip
+
+
+class RankProcesses:
+    """Ranks 1..T-1 of one stage: started from the main thread, polled, stopped or killed."""
+
+    def __init__(self, commands: list[list[str]]):
+        # NOTE: no preexec_fn: Python code run in a child forked from a process with gRPC threads
+        # aborts. Started from the main thread, which lives as long as the process: PDEATHSIG
+        # (set by the child) fires when the creating *thread* ends.
+        self.procs = {
+            rank: subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            for rank, cmd in enumerate(commands, start=1)
+        }
+        self.stopping = False
+        """Set before a deliberate stop, so that ranks ending on request do not read as died."""
+        for rank, proc in self.procs.items():
+            log.info("started tp rank %d (pid %d)", rank, proc.pid)
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {rank: proc.pid for rank, proc in self.procs.items()}
+
+    def first_dead(self) -> tuple[int, int] | None:
+        """(rank, exit code) of a rank process that has ended unasked, or None."""
+        if self.stopping:
+            return None
+        for rank, proc in self.procs.items():
+            if proc.poll() is not None:
+                return rank, proc.returncode
+        return None
+
+    def wait_dead(self, timeout_s: float) -> tuple[int, int] | None:
+        """``first_dead``, waiting up to ``timeout_s`` for one to show."""
+        deadline = time.monotonic() + timeout_s
+        while (dead := self.first_dead()) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return dead
+
+    def stop(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the ranks to end (told to by a STOP broadcast), then kill them."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout_s
+        for rank, proc in self.procs.items():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("tp rank %d (pid %d) did not stop; killing it", rank, proc.pid)
+        self.kill()
+
+    def kill(self) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,134 @@
+"""What the pipeline runs each step on: ``LocalStage`` (tp = 1) or ``TPStage`` (rank 0 of T).
+
+Both take a received ``StageRequest`` and return its plan and the runner's output: hidden
+states for the next stage, or the sampled tokens on the last stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.redis_server import free_port
+from stagemesh.serving.types import StepPlan, StepResult
+from stagemesh.v1 import stage_pb2
+
+from .build import StageOptions, build_runner
+from .decode import decode_request
+from .ranks import RankProcesses, rank_command
+from .runner import StageRunner
+from .topology import StagePlace
+from .tp import RankGroup, all_gather_int, join_group, leave_group, send_step, send_stop, tp_backend
+
+log = logging.getLogger(__name__)
+
+RANK_DEATH_WAIT_S = 1.0
+"""After a collective failed, how long to wait for the rank death that usually explains it."""
+RANK_STOP_S = 5.0
+"""On shutdown, how long the ranks get to leave after the STOP broadcast before they are killed."""
+
+
+def dead_rank_error(name: str, rank: int, code: int) -> Unavailable:
+    return Unavailable(f"tp rank {rank} of stage {name} died (exit code {code}); the stage cannot run steps")
+
+
+class LocalStage:
+    """A stage that runs whole in this process (tp = 1)."""
+
+    def __init__(self, runner: StageRunner, name: str):
+        self.runner, self.name = runner, name
+
+    def step(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | StepResult]:
+        plan, hidden = decode_request(request, self.runner, self.name)
+        return plan, self.runner.step(plan, hidden)
+
+    def failure(self) -> Unavailable | None:
+        return None
+
+    def figures(self) -> dict[str, Any]:
+        return {"rank_pids": [os.getpid()], "rank_weight_bytes": [weight_bytes(self.runner)]}
+
+    def close(self) -> None:
+        pass
+
+
+class TPStage:
+    """Rank 0 of a tensor-parallel stage: every step goes to all ranks; only rank 0's output is used.
+
+    NOTE: errors. A StagemeshError from ``runner.step`` (a full KV cache) is raised before any
+    collective and by every rank alike, so the ranks stay in step and the error is answered.
+    Any other error may leave the ranks waiting at different collectives: the group is broken
+    for good, and so is the stage (``failure`` says why; the worker then goes unhealthy).
+    """
+
+    def __init__(
+        self, runner: StageRunner, group: RankGroup, ranks: RankProcesses, name: str, rank_weight_bytes: list[int]
+    ):
+        self.runner, self.group, self.ranks, self.name = runner, group, ranks, name
+        self.rank_weight_bytes = rank_weight_bytes
+        """Parameter bytes of each rank, rank 0's first."""
+        self._broken: Unavailable | None = None
+
+    def step(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | StepResult]:
+        if (failure := self.failure()) is not None:
+            raise Unavailable(failure.message)
+        plan, hidden = decode_request(request, self.runner, self.name)  # a malformed request stops here
+        try:
+            send_step(request.SerializeToString(), self.group.control)  # every rank runs this step with us
+            return plan, self.runner.step(plan, hidden)
+        except StagemeshError:
+            raise
+        except Exception as err:
+            self._broken = self._why_broken(err)
+            raise Unavailable(self._broken.message) from err
+
+    def failure(self) -> Unavailable | None:
+        """Why this stage can never run a step again (a rank died, the group broke), or None."""
+        dead = self.ranks.first_dead()
+        return dead_rank_error(self.name, *dead) if dead else self._broken
+
+    def _why_broken(self, err: Exception) -> Unavailable:
+        dead = self.ranks.wait_dead(RANK_DEATH_WAIT_S)  # a peer's death is what usually fails a collective
+        if dead is not None:
+            return dead_rank_error(self.name, *dead)
+        log.error("stage %s: a tensor-parallel step failed; the ranks may be out of step", self.name, exc_info=err)
+        return Unavailable(f"the tp group of stage {self.name} broke: {err}")
+
+    def figures(self) -> dict[str, Any]:
+        return {"rank_pids": [os.getpid(), *self.ranks.pids.values()], "rank_weight_bytes": self.rank_weight_bytes}
+
+    def close(self) -> None:
+        """Tell the ranks to stop, wait for them (killing what is left), leave the group."""
+        intact = self.failure() is None
+        if intact:
+            send_stop(self.group.control)
+        self.ranks.stop(RANK_STOP_S)
+        if intact:  # NOTE: leaving a broken group may block on the dead peer
+            leave_group()
+
+
+def launch_tp(place: StagePlace, opts: StageOptions) -> tuple[RankProcesses, Callable[[], TPStage]]:
+    """Start ranks 1..T-1 (call on the main thread); the callable joins them as rank 0 and
+    loads this rank's weights (call it on the step thread). It returns once every rank has loaded."""
+    backend = tp_backend(place.devices[0], opts.tp_backend or place.tp_backend)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ranks = RankProcesses([rank_command(place, opts, rank, init_method) for rank in range(1, place.tp)])
+
+    def build() -> TPStage:
+        group = join_group(0, place.tp, init_method, backend, place.devices[0])
+        runner = build_runner(place, opts, place.devices[0], group.tp)
+        per_rank = all_gather_int(weight_bytes(runner), group.control)  # returns once every rank has loaded
+        log.info("stage %s: %d tp ranks on %s over %s, weight bytes per rank %s",
+                 place.name, place.tp, list(place.devices), backend, per_rank)
+        return TPStage(runner, group, ranks, place.name, per_rank)
+
+    return ranks, build
+
+
+def weight_bytes(runner: StageRunner) -> int:
+    """Bytes of this rank's parameters."""
+    return sum(p.numel() * p.element_size() for p in runner.model.parameters())

@@ -1,0 +1,77 @@
+"""``python -m stage_worker.tp_rank``: TP rank r > 0 of one stage, started by the stage's rank 0.
+
+It joins the stage's TP group, loads its slice of the stage's weights, then runs every step
+rank 0 broadcasts until rank 0 says stop (exit 0). It serves no gRPC and never talks to Redis
+or to other stages. A step failing with anything but a StagemeshError ends it (exit 1): its
+peers may be waiting at a collective it will never reach, and rank 0 sees the exit at once.
+It dies with rank 0 (PR_SET_PDEATHSIG, set first thing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from stagemesh.errors import StagemeshError
+from stagemesh.procs import follow_parent
+from stagemesh.v1 import stage_pb2
+
+from .build import StageOptions, build_runner
+from .decode import decode_request
+from .runner import StageRunner
+from .stage import weight_bytes
+from .topology import StagePlace, place_from_dict
+from .tp import all_gather_int, join_group, leave_group, receive_step, tp_backend
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stage_worker.tp_rank", description="One TP rank (> 0) of a stage.")
+    p.add_argument("--rank", type=int, required=True, help="this rank, 1..tp-1")
+    p.add_argument("--parent-pid", type=int, required=True, help="rank 0's pid: this process dies with it")
+    p.add_argument("--init-method", required=True, help="rank 0's rendezvous, e.g. tcp://127.0.0.1:29500")
+    p.add_argument("--place", required=True, help="the stage's StagePlace as JSON")
+    p.add_argument("--options", required=True, help="the worker's StageOptions as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    follow_parent(args.parent_pid)
+    place = place_from_dict(json.loads(args.place))
+    opts = StageOptions(**json.loads(args.options))
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s stage-{place.name}-r{args.rank} %(name)s: %(message)s",
+    )
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = place.devices[args.rank]
+    backend = tp_backend(device, opts.tp_backend or place.tp_backend)
+    group = join_group(args.rank, place.tp, args.init_method, backend, device)
+    runner = build_runner(place, opts, device, group.tp)
+    all_gather_int(weight_bytes(runner), group.control)
+    log.info("tp rank %d of %d of stage %s ready on %s", args.rank, place.tp, place.name, device)
+    serve_steps(runner, place, group.control)
+    leave_group()
+    log.info("tp rank %d of stage %s stopped", args.rank, place.name)
+    return 0
+
+
+def serve_steps(runner: StageRunner, place: StagePlace, control) -> None:
+    """Run each step rank 0 broadcasts, in order, until it broadcasts STOP."""
+    while (data := receive_step(control)) is not None:
+        request = stage_pb2.StageRequest.FromString(data)
+        try:
+            runner.step(*decode_request(request, runner, place.name))
+        except StagemeshError as err:
+            # NOTE: raised before any collective and on rank 0 alike, which answers it; the ranks stay in step.
+            log.info("step %d failed as on rank 0: %s", request.step_id, err)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

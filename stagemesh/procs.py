@@ -1,0 +1,28 @@
+"""Child processes that never outlive their parent (Linux ``PR_SET_PDEATHSIG``)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when its parent dies, however it dies.
+
+    NOTE: the signal fires when the parent *thread* that forked the child ends, not only the
+    process: spawn from a thread that lives as long as the process (the main thread).
+    """
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def follow_parent(parent_pid: int) -> None:
+    """``die_with_parent`` called by the child itself, first thing: for parents that must not
+    fork with a ``preexec_fn`` (a process running gRPC threads aborts in the forked child).
+    Exits at once when the parent died before this call."""
+    die_with_parent()
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"parent process {parent_pid} is gone")

@@ -1,0 +1,157 @@
+"""Tensor parallelism inside stage workers, end to end: `stagemesh up --pp P --tp T` on CPU/gloo.
+
+Real processes: each stage worker is TP rank 0 and starts its rank 1 as a child process; the
+ranks join a gloo group over 127.0.0.1. (The CUDA/NCCL path needs one GPU per rank.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+from safetensors import safe_open
+
+from stagemesh import AsyncClient, Client, StagemeshError
+from stagemesh.codec.messages import plan_to_pb
+from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
+from stagemesh.store import Store
+from stagemesh.v1 import stage_pb2, stage_pb2_grpc
+from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
+from tests.cli_helpers import run_cli
+from tests.integration.mesh_helpers import pid_alive, stagemesh_up
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = [(f, pp, 2) for f in ("llama", "qwen2_moe", "mixtral") for pp in (1, 2)]
+"""(family, pp, tp): Llama with GQA (4 heads, 2 KV heads), Qwen2-MoE (shared expert), Mixtral."""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {f: make_hf_checkpoint(f, root / f, num_layers=4) for f in sorted({f for f, _, _ in LAYOUTS})}
+
+
+def _requests(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"token_ids": [rng.randrange(2, 320) for _ in range(rng.randint(1, 40))], "max_new_tokens": rng.randint(4, 16)}
+        for _ in range(n)
+    ]
+
+
+async def _generate_all(addr: str, requests: list[dict]) -> list:
+    async with AsyncClient(addr, timeout=120) as client:
+        return await asyncio.gather(*(client.generate(**r) for r in requests))
+
+
+async def _figures(redis_url: str) -> dict[str, dict]:
+    async with await Store.connect(redis_url) as store:
+        return await store.get_metrics()
+
+
+def _checkpoint_bytes(model_dir) -> int:
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())
+
+
+@pytest.mark.parametrize(("family", "pp", "tp"), LAYOUTS, ids=[f"{f}-pp{p}xtp{t}" for f, p, t in LAYOUTS])
+def test_tp_mesh_gives_transformers_greedy_tokens(checkpoints, tmp_path, family, pp, tp):
+    model_dir = checkpoints[family]
+    requests = _requests(6, seed=pp * 10 + tp)
+    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), "--tp", str(tp)) as (addr, redis_url, _):
+        results = asyncio.run(_generate_all(addr, requests))
+        status = Client(addr).status()
+        time.sleep(1.2)  # one heartbeat: the per-rank figures reach Redis
+        figures = asyncio.run(_figures(redis_url))
+
+    stages = [w for w in status["workers"] if w["role"] == "stage"]
+    assert len(stages) == pp and all(w["tp_size"] == tp and w["healthy"] for w in stages), stages
+    reference = hf_model(model_dir)
+    for n, (req, res) in enumerate(zip(requests, results)):
+        assert len(res.token_ids) >= 1
+        where = f"{family} pp={pp} tp={tp} request {n}"
+        teacher_forcing_check(reference, req["token_ids"], res.token_ids, request=where)
+    per_rank = [figures[f"stage-c0-s{s}"]["rank_weight_bytes"] for s in range(pp)]
+    assert all(len(ranks) == tp for ranks in per_rank), per_rank
+    if pp == 1:  # each rank of the one stage holds about 1/tp of the model's weights
+        whole = _checkpoint_bytes(model_dir)
+        assert max(per_rank[0]) < 0.56 * whole, (per_rank, whole)
+
+
+def test_up_refuses_a_tp_that_does_not_divide_the_heads_and_starts_nothing(checkpoints, tmp_path):
+    t0 = time.monotonic()
+    logs = tmp_path / "logs"
+    proc = run_cli("up", "--model", str(checkpoints["llama"]), "--tp", "3", "--log-dir", str(logs), timeout=60)
+    assert proc.returncode == 1
+    assert "error: tp=3 must divide num_attention_heads=4" in proc.stderr, proc.stderr
+    assert list(logs.iterdir()) == []  # no Redis, no worker, no gateway
+    assert time.monotonic() - t0 < 30
+
+
+def _rank_pids(redis_url: str, worker: str, timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (pids := asyncio.run(_figures(redis_url)).get(worker, {}).get("rank_pids")) is None:
+        assert time.monotonic() < deadline, f"no rank_pids figure from {worker}"
+        time.sleep(0.2)
+    return pids
+
+
+def _stage(client: Client, stage: int) -> dict:
+    return next(w for w in client.status()["workers"] if w["role"] == "stage" and w["stage"] == stage)
+
+
+def _forward_one(address: str) -> stage_pb2.StageResponse:
+    """One decode step sent straight to a stage worker's Forward stream."""
+    plan = StepPlan(7, (SeqChunk(99, 0, (5, 6, 7), SampleSpec(0.0, 0, 1.0, 0, 0)),))
+    with grpc.insecure_channel(address) as channel:
+        return next(stage_pb2_grpc.StageStub(channel).Forward(iter([plan_to_pb(plan)]), timeout=5))
+
+
+def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fast(checkpoints, tmp_path):
+    with stagemesh_up(checkpoints["llama"], tmp_path / "logs", "--tp", "2") as (addr, redis_url, up):
+        with Client(addr, timeout=60) as client:
+            assert len(client.generate(token_ids=[5, 6, 7], max_new_tokens=4, ignore_eos=True).token_ids) == 4
+            rank0, rank1 = _rank_pids(redis_url, "stage-c0-s0")
+            stream = client.stream(token_ids=list(range(3, 30)), max_new_tokens=250, ignore_eos=True, timeout=30)
+            assert len([next(stream) for _ in range(3)]) == 3
+
+            t_kill = time.monotonic()
+            subprocess.run(["kill", "-9", str(rank1)], check=True)
+            with pytest.raises(StagemeshError) as in_flight:  # the running request ends; it does not hang
+                for _ in stream:
+                    pass
+            assert in_flight.value.code == "UNAVAILABLE", in_flight.value
+            while (stage := _stage(client, 0))["healthy"]:
+                assert time.monotonic() - t_kill < 5, "the stage still reads healthy 5 s after its rank 1 died"
+                time.sleep(0.1)
+            t_down = time.monotonic() - t_kill
+            answer = _forward_one(stage["address"])  # the stage itself says why
+            assert answer.error.code == "UNAVAILABLE", answer
+            assert "tp rank 1 of stage c0-s0 died" in answer.error.message, answer
+
+            t_ask = time.monotonic()
+            with pytest.raises(StagemeshError) as later:
+                client.generate(token_ids=[5, 6, 7], max_new_tokens=4, timeout=15)
+            assert later.value.code == "UNAVAILABLE", later.value
+            assert time.monotonic() - t_ask < 10
+        # rank 0 exits 1 shortly after, and `stagemesh up` then stops the whole mesh
+        assert up.wait(30) == 1
+    assert t_down < 5
+    time.sleep(0.5)
+    assert [p for p in (rank0, rank1) if pid_alive(p)] == []
+
+
+def test_sigterm_stops_every_rank(checkpoints, tmp_path):
+    with stagemesh_up(checkpoints["llama"], tmp_path / "logs", "--tp", "2") as (addr, redis_url, up):
+        pids = _rank_pids(redis_url, "stage-c0-s0")
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    time.sleep(0.5)
+    assert [p for p in pids if pid_alive(p)] == []
+    assert "tp rank 1 of stage c0-s0 stopped" in (tmp_path / "logs" / "stage-c0-s0.log").read_text()

@@ -1,0 +1,112 @@
+"""Layout planning: the pp × tp checks made before anything starts, the device of every rank,
+the layer split, and the topology entries `stagemesh up` writes for the workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stage_worker.topology import find_stage
+from stagemesh.config import ModelConfig
+from stagemesh.launch import UpOptions, plan_topology
+from stagemesh.plan import split_layers, stage_devices, validate_layout
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+QWEN2_MOE = {
+    **LLAMA, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 96, "mlp_only_layers": [1],
+}
+
+
+def config(base: dict = LLAMA, **changes) -> ModelConfig:
+    return ModelConfig.from_dict({**base, **changes})
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_a_tp_that_divides_every_split_dimension_passes(tp):
+    validate_layout(config(), 2, tp)
+    validate_layout(config(QWEN2_MOE), 2, tp)
+
+
+@pytest.mark.parametrize(
+    ("model", "pp", "tp", "message"),
+    [
+        (config(), 1, 3, "tp=3 must divide num_attention_heads=4"),
+        (config(num_attention_heads=12, num_key_value_heads=4), 1, 6,
+         "tp=6 and num_key_value_heads=4: one must divide the other"),
+        (config(num_attention_heads=4, num_key_value_heads=4, intermediate_size=130), 1, 4,
+         "tp=4 must divide intermediate_size=130"),
+        (config(QWEN2_MOE, moe_intermediate_size=30), 1, 4, "tp=4 must divide moe_intermediate_size=30"),
+        (config(QWEN2_MOE, shared_expert_intermediate_size=90), 2, 4,
+         "tp=4 must divide shared_expert_intermediate_size=90"),
+        (config(), 1, 0, "tp=0 must be at least 1"),
+        (config(), 5, 1, "pp=5 must be between 1 and the model's 4 layers"),
+    ],
+)
+def test_a_layout_the_model_cannot_take_is_refused_naming_the_constraint(model, pp, tp, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        validate_layout(model, pp, tp)
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated_so_the_layout_passes():
+    validate_layout(config(num_attention_heads=8, num_key_value_heads=2), 1, 4)  # 4 % 2 == 0
+    validate_layout(config(num_attention_heads=8, num_key_value_heads=1), 1, 8)
+
+
+def test_the_dense_width_only_counts_when_a_layer_is_dense():
+    all_moe = config(QWEN2_MOE, mlp_only_layers=[], intermediate_size=130)
+    validate_layout(all_moe, 1, 4)
+    with pytest.raises(ValueError, match="intermediate_size=130"):
+        validate_layout(config(QWEN2_MOE, intermediate_size=130), 1, 4)  # layer 1 is dense
+
+
+def test_more_ranks_than_visible_gpus_is_refused():
+    with pytest.raises(ValueError, match=r"^pp=2 x tp=2 needs 4 GPUs \(one per rank\) but 3 are visible$"):
+        validate_layout(config(), 2, 2, gpus=3)
+    validate_layout(config(), 2, 2, gpus=4)
+
+
+def test_each_stage_gets_its_own_run_of_gpus():
+    assert stage_devices("cuda", 2, 2) == [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
+    assert stage_devices("cuda", 3, 1) == [["cuda:0"], ["cuda:1"], ["cuda:2"]]
+    assert stage_devices("cpu", 2, 2) == [["cpu", "cpu"], ["cpu", "cpu"]]
+
+
+@pytest.mark.parametrize("pp", [1, 2, 3, 4])
+def test_layers_still_split_into_contiguous_stages(pp):
+    specs = split_layers(config(), pp)
+    assert len(specs) == pp and specs[0].start_layer == 0 and specs[-1].end_layer == 4
+    assert all(a.end_layer == b.start_layer for a, b in zip(specs, specs[1:]))
+
+
+def _model_dir(tmp_path: Path, raw: dict) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_the_topology_gives_each_stage_its_tp_and_devices_and_the_worker_reads_them(tmp_path):
+    doc = plan_topology(UpOptions(model=_model_dir(tmp_path, LLAMA), pp=2, tp=2, tp_backend="gloo"))
+    entries = doc["chains"][0]["stages"]
+    assert [(e["tp"], e["devices"], e["tp_backend"]) for e in entries] == [(2, ["cpu", "cpu"], "gloo")] * 2
+    place = find_stage(doc, 0, 1)
+    assert (place.tp, place.devices, place.device, place.tp_backend) == (2, ("cpu", "cpu"), "cpu", "gloo")
+
+
+def test_plan_topology_refuses_a_bad_tp_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match="tp=3 must divide num_attention_heads=4"):
+        plan_topology(UpOptions(model=_model_dir(tmp_path, LLAMA), tp=3))
+
+
+def test_an_entry_without_tp_is_one_rank_and_a_devices_mismatch_is_refused():
+    doc = {"model": "/m", "num_layers": 4, "chains": [{"chain": 0, "stages": [
+        {"stage": 0, "start_layer": 0, "end_layer": 4, "address": "h:1", "device": "cuda:3"}]}]}
+    place = find_stage(doc, 0, 0)
+    assert (place.tp, place.devices) == (1, ("cuda:3",))
+    doc["chains"][0]["stages"][0].update(tp=2, devices=["cuda:0"])
+    with pytest.raises(ValueError, match=r"tp=2 but 1 devices \['cuda:0'\]"):
+        find_stage(doc, 0, 0)
