@@ -28,8 +28,10 @@ from stagemesh.tokenizer import Tokenizer, eos_token_ids
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
 from .chain_client import RemoteChain
+from .experts import ExpertWatch
 from .http import start_http
 from .journal import JournalWriter
+from .metrics import GatewayMetrics
 from .router import ChainHandle, Router
 from .servicer import GatewayServicer
 from .status import StatusReporter
@@ -55,7 +57,8 @@ class GatewayOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     http_port: int | None = None
-    """Serve ``/api/status`` and ``/healthz`` over HTTP on this port; None: no HTTP."""
+    """Serve the dashboard (``/``), ``/api/status``, ``/metrics`` and ``/healthz`` over HTTP on this
+    port; None: no HTTP."""
     max_num_batched_tokens: int = 512
     """Token budget of one micro-batch."""
     max_num_seqs: int = 256
@@ -88,10 +91,13 @@ class Gateway:
         self.store: Store | None = None
         self.journal: JournalWriter | None = None
         self.status: StatusReporter | None = None
+        self.metrics = GatewayMetrics()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._http = None
         self._watch: asyncio.Task | None = None
+        self.experts: ExpertWatch | None = None
+        """The chains' expert workers and their placement in Redis (None when the experts live in the stages)."""
 
     async def start(self) -> bool:
         self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment))
@@ -101,7 +107,11 @@ class Gateway:
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
-        await self._start_server(GatewayServicer(self.router, self.journal, tokenizer, self.status))
+        await self._start_server(GatewayServicer(self.router, self.journal, tokenizer, self.status, self.metrics))
+        experts = ExpertWatch(self.store, topology)
+        if experts.replicas:
+            self.experts = experts
+            await experts.start()  # the placement in Redis; returns once every expert worker serves
         for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
             self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
         self._watch = asyncio.create_task(watch_health(self.store, self.router), name="gateway-health")
@@ -126,7 +136,7 @@ class Gateway:
         self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
         await self.server.start()
         if self.opts.http_port is not None:
-            self._http = await start_http(self.status, self.opts.host, self.opts.http_port)
+            self._http = await start_http(self.status, self.opts.host, self.opts.http_port, self.metrics)
 
     async def shutdown(self) -> None:
         if self.status is not None:
@@ -136,6 +146,8 @@ class Gateway:
             await self.server.stop(self.opts.shutdown_grace_s)
         if self._watch is not None:
             self._watch.cancel()
+        if self.experts is not None:
+            await self.experts.close()
         for handle in self.router.chains:
             await handle.engine.stop()
             await handle.remote.close()

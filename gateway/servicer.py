@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -21,6 +22,7 @@ from stagemesh.tokenizer import IncrementalDecoder, Tokenizer, encode_prompt
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .journal import JournalWriter, params_doc
+from .metrics import GatewayMetrics, RequestTracker
 from .router import Router
 from .status import StatusReporter
 
@@ -30,22 +32,32 @@ logger = logging.getLogger(__name__)
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Generate / Cancel / Status over the router's chains. Failures are gRPC statuses."""
 
-    def __init__(self, router: Router, journal: JournalWriter, tokenizer: Tokenizer | None, status: StatusReporter):
+    def __init__(self, router: Router, journal: JournalWriter, tokenizer: Tokenizer | None, status: StatusReporter,
+                 metrics: GatewayMetrics | None = None):
         self.router = router
         self.journal = journal
         self.tokenizer = tokenizer
         self.status = status
+        self.metrics = metrics or GatewayMetrics()
         self._rng = random.SystemRandom()
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """Streams the request's tokens; leaving the call early aborts it and frees its KV cache."""
+        tracker = self.metrics.track()
         try:
             # aclosing: a client that leaves while we wait in ``yield`` still ends the engine's stream.
-            async with contextlib.aclosing(self._generate(generate_request_from_pb(request))) as stream:
+            async with contextlib.aclosing(self._generate(generate_request_from_pb(request), tracker)) as stream:
                 async for msg in stream:
                     yield msg
+            tracker.outcome = "ok"
         except StagemeshError as err:
+            tracker.outcome = err.code.lower()
             await context.abort(_status_code(err.code), err.message)
+        except (GeneratorExit, asyncio.CancelledError):
+            tracker.outcome = "cancelled"  # the client left
+            raise
+        finally:
+            tracker.done()
 
     async def Cancel(self, request: gateway_pb2.CancelRequest, context: grpc.aio.ServicerContext):
         return gateway_pb2.CancelResponse(cancelled=self.router.abort(request.request_id))
@@ -55,10 +67,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # --- Generate, step by step ------------------------------------------------------
 
-    async def _generate(self, inp: GenerateInput) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _generate(
+        self, inp: GenerateInput, tracker: RequestTracker
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = Request(inp.request_id or uuid.uuid4().hex, self._encode(inp), self._seeded(inp.params), time.monotonic())
         rid = request.request_id
         chain = self.router.admit(rid)
+        tracker.admitted(chain.chain_id)
         # NOTE: the engine validates at the first __anext__, synchronously, so a refused request's
         # open and close land in the same journal window and cancel out: it never reaches Redis.
         self.journal.open(rid, list(request.prompt_token_ids), params_doc(request.params), chain.chain_id)
@@ -68,6 +83,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for event in events:
                     if event.token_id is not None:
                         self.journal.append(rid, event.token_id)
+                        tracker.token()
                     yield chunk_to_pb(_chunk(event, decoder))
         finally:
             self.journal.close(rid)

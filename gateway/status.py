@@ -4,14 +4,19 @@ Its typed keys are exactly those ``stagemesh.codec.messages.status_to_pb`` accep
 
     {"model": str, "version": str,
      "chains":  [{"id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting"}],
-     "workers": [{"role", "chain", "stage", "layers": [start, end], "experts", "address", "pid",
+     "workers": [{"role", "chain", "stage", "layers": [start, end], "experts": {"<layer>": [ids]}, "address", "pid",
                   "device", "healthy", "tp_size", "heartbeat_age_s",
                   "load": {"queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total",
-                           "busy_fraction", "tokens_processed"}}],
+                           "busy_fraction", "tokens_processed", "step_latency_p50_s", "step_latency_p99_s",
+                           "micro_batches_per_s", "tokens_per_s", "bubble_fraction", "bytes_sent",
+                           "expert_tokens": {"<layer>:<expert>": rows} (expert workers only)}}],
      "gateway": {...}}   # extra: travels in StatusResponse.json
 
 ``gateway`` holds what the proto has no field for: readiness, the deployment, and per chain
 the scheduler's view (KV blocks reserved, steps in flight, failures).
+
+Step latency p50/p99 and the pipeline bubble are derived from the stages' ``busy_intervals``
+(``gateway.stage_stats``); the rates and ``bytes_sent`` are the stages' own figures.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from stagemesh.errors import StagemeshError
 from stagemesh.store import Store, WorkerInfo
 
 from .router import ChainHandle, Router
+from .stage_stats import bubble_fractions, step_latency_quantiles
 
-_INT_LOAD = ("queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "tokens_processed")
-"""WorkerLoad fields read from the worker's heartbeat figures of the same name (``busy_fraction`` too)."""
+_INT_LOAD = ("queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "tokens_processed", "bytes_sent")
+_FLOAT_LOAD = ("busy_fraction", "micro_batches_per_s", "tokens_per_s")
+"""WorkerLoad fields read from the worker's heartbeat figures of the same name."""
 
 
 class StatusReporter:
@@ -40,6 +47,8 @@ class StatusReporter:
         self.topology = topology
         self.ready = False
         """Every chain was built and the gateway serves (set by the gateway's startup)."""
+        self._last_beat: dict[str, float] = {}
+        """worker id -> time of its last heartbeat seen, for the age of a worker whose figures expired."""
 
     async def document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -54,10 +63,17 @@ class StatusReporter:
         except StagemeshError as err:
             doc["gateway"]["error"] = f"worker list unavailable: {err.message}"
             return doc
-        doc["workers"] = [
-            worker_status(w, metrics.get(w.worker_id, {})) for w in workers if w.role in ("stage", "expert")
-        ]
+        workers = [w for w in workers if w.role in ("stage", "expert")]
+        doc["workers"] = [worker_status(w, self._figures(w, metrics)) for w in workers]
+        _fill_bubbles(doc["workers"], [metrics.get(w.worker_id, {}) for w in workers])
         return doc
+
+    def _figures(self, info: WorkerInfo, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The worker's figures; once they expired (it stopped beating), only the time of its last beat."""
+        figures = metrics.get(info.worker_id)
+        if figures and isinstance(figures.get("time"), (int, float)):
+            self._last_beat[info.worker_id] = figures["time"]
+        return figures or {"time": self._last_beat.get(info.worker_id, info.started_at)}
 
     def _chain(self, entry: dict[str, Any]) -> dict[str, Any]:
         handle = self._handle(entry["chain"])
@@ -97,7 +113,7 @@ def worker_status(info: WorkerInfo, figures: dict[str, Any], now: float | None =
         "chain": -1 if info.chain is None else info.chain,
         "stage": -1 if info.stage is None else info.stage,
         "layers": [info.start_layer or 0, info.end_layer or 0],
-        "experts": sorted({e for ids in info.experts.values() for e in ids}),
+        "experts": {str(layer): list(ids) for layer, ids in sorted(info.experts.items())},
         "address": info.address,
         "pid": info.pid,
         "device": info.device,
@@ -111,8 +127,29 @@ def worker_status(info: WorkerInfo, figures: dict[str, Any], now: float | None =
 def _load(figures: dict[str, Any]) -> dict[str, Any]:
     """The WorkerLoad of a worker's figures; a figure it does not (yet) report reads 0."""
     load: dict[str, Any] = {name: int(_number(figures.get(name))) for name in _INT_LOAD}
-    load["busy_fraction"] = float(_number(figures.get("busy_fraction")))
+    load.update({name: float(_number(figures.get(name))) for name in _FLOAT_LOAD})
+    load["step_latency_p50_s"], load["step_latency_p99_s"] = step_latency_quantiles(_intervals(figures))
+    load["bubble_fraction"] = 0.0  # set per chain by _fill_bubbles
+    tokens = figures.get("expert_tokens")
+    if isinstance(tokens, dict) and tokens:  # expert workers: rows per "layer:expert"
+        load["expert_tokens"] = {key: int(_number(n)) for key, n in tokens.items()}
     return load
+
+
+def _fill_bubbles(workers: list[dict[str, Any]], figures: list[dict[str, Any]], now: float | None = None) -> None:
+    """Set each stage's ``bubble_fraction`` from the busy intervals of every stage of its chain."""
+    chains: dict[int, dict[int, list]] = {}
+    for n, (worker, figs) in enumerate(zip(workers, figures)):
+        if worker["role"] == "stage" and figs:  # a stage whose figures expired (gone) has no bubble
+            chains.setdefault(worker["chain"], {})[n] = _intervals(figs)
+    for by_worker in chains.values():
+        for n, bubble in bubble_fractions(by_worker, now or time.time()).items():
+            workers[n]["load"]["bubble_fraction"] = round(bubble, 4)
+
+
+def _intervals(figures: dict[str, Any]) -> list:
+    value = figures.get("busy_intervals")
+    return value if isinstance(value, list) else []
 
 
 def _number(value: Any) -> float:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from stagemesh.model.moe import Experts
 from stagemesh.model.parallel import TPGroup
 
 from .runner import StageRunner
@@ -31,8 +32,11 @@ class StageOptions:
         return dataclasses.asdict(self)
 
 
-def build_runner(place: StagePlace, opts: StageOptions, device: str, tp: TPGroup = TPGroup()) -> StageRunner:
-    """This rank's runner: its TP slice of the stage's layers on ``device``."""
+def build_runner(
+    place: StagePlace, opts: StageOptions, device: str, tp: TPGroup = TPGroup(), experts: Experts | None = None
+) -> StageRunner:
+    """This rank's runner: its TP slice of the stage's layers on ``device``; ``experts``: the
+    routed experts of its MoE layers when they run elsewhere (expert workers)."""
     return StageRunner(
         place.model,
         place.spec,
@@ -42,4 +46,5 @@ def build_runner(place: StagePlace, opts: StageOptions, device: str, tp: TPGroup
         kv_memory_bytes=opts.kv_memory_mb * 2**20 if opts.kv_memory_mb else None,
         num_kv_blocks=opts.kv_blocks or place.kv_blocks,
         block_size=place.block_size,
+        experts=experts,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable
 
 from stagemesh.errors import StagemeshError
@@ -58,7 +59,7 @@ class Heartbeat:
                 if not registered:
                     await self.store.register_worker(self.info, self.ttl_s)
                     log.info("registered %s at %s in Redis", self.info.worker_id, self.info.address)
-                registered = await self.store.heartbeat(self.info.worker_id, self.ttl_s, self.figures())
+                registered = await self.store.heartbeat(self.info.worker_id, self.ttl_s, self._figures())
                 if not registered:
                     log.warning("Redis forgot %s; registering it again", self.info.worker_id)
                     continue
@@ -66,6 +67,12 @@ class Heartbeat:
             except Exception as err:  # noqa: BLE001 - a failed beat is retried, never fatal
                 self._note_failure(err)
             await asyncio.sleep(self.interval_s)
+
+    def _figures(self) -> dict[str, Any]:
+        """The worker's figures, stamped with ``time`` (Unix time of this beat) unless they carry one."""
+        figures = self.figures()
+        figures.setdefault("time", time.time())
+        return figures
 
     def _note_ok(self) -> None:
         if self._failing:

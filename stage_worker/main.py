@@ -1,8 +1,9 @@
 """Startup and shutdown of one stage worker process (``python -m stage_worker``).
 
 Startup: Redis, the topology (waited for a few seconds), this worker's place in it, the gRPC
-server with health NOT_SERVING, the weights (loaded off the event loop), health SERVING, then
-registration and heartbeats in Redis. Shutdown on SIGTERM / SIGINT: health NOT_SERVING, leave
+server with health NOT_SERVING, the weights (loaded off the event loop), health SERVING once
+the next stage serves too (``stage_worker.neighbours``), then registration and heartbeats in
+Redis. Shutdown on SIGTERM / SIGINT: health NOT_SERVING, leave
 the registry, stop taking requests and answer those taken, ``server.stop(grace)``, exit 0.
 Exit 1 when the worker cannot start (the log line says why).
 
@@ -28,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.placement import chain_replicas
 from stagemesh.plan import validate_layout
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
@@ -35,8 +37,10 @@ from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from .build import StageOptions, build_runner
 from .downstream import MESSAGE_OPTIONS
 from .heartbeat import Heartbeat
+from .neighbours import follow_neighbours, stage_neighbours
 from .pipeline import StagePipeline
 from .ranks import RankProcesses
+from .remote_experts import RemoteExperts
 from .servicer import StageServicer
 from .stage import LocalStage, dead_rank_error, launch_tp
 from .topology import StagePlace, default_host, find_stage, port_of
@@ -162,6 +166,11 @@ class StageWorker:
         self.heartbeat: Heartbeat | None = None
         self.ranks: RankProcesses | None = None
         """TP ranks 1..T-1 (None when tp == 1)."""
+        self.experts: RemoteExperts | None = None
+        """The chain's expert workers, when the topology gives it some (else the experts are in the stage)."""
+        self._placement: asyncio.Task | None = None
+        self._neighbours: asyncio.Task | None = None
+        """Keeps health SERVING only while the next stage serves (``stage_worker.neighbours``)."""
 
     async def serve(self) -> int:
         stop = asyncio.Event()
@@ -170,9 +179,12 @@ class StageWorker:
             loop.add_signal_handler(sig, stop.set)
         server = await self._start_server()
         try:
+            await self._find_experts()
             if not await self._load(stop):
                 return 0
-            await self._set_health(SERVING)
+            if self.experts is not None:
+                self._placement = asyncio.create_task(self.experts.follow_placement(self.store, self.place.chain))
+            self._neighbours = asyncio.create_task(follow_neighbours(stage_neighbours(self.place), self._set_serving))
             self.heartbeat = Heartbeat(self.store, self._worker_info(), self._figures)
             self.heartbeat.start()
             log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.layers,
@@ -208,7 +220,8 @@ class StageWorker:
             self.ranks, make_stage = launch_tp(self.place, self.opts)
         else:
             def make_stage() -> LocalStage:
-                return LocalStage(build_runner(self.place, self.opts, self.place.device), self.place.name)
+                runner = build_runner(self.place, self.opts, self.place.device, experts=self.experts)
+                return LocalStage(runner, self.place.name)
         loading = asyncio.ensure_future(self.pipeline.load(make_stage))
         stopping, failing = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._watch())
         await asyncio.wait([loading, stopping, failing], return_when=asyncio.FIRST_COMPLETED)
@@ -229,6 +242,14 @@ class StageWorker:
                 why.message if why else f"loading layers {self.place.spec.layers} of {self.place.model} failed: {err}"
             ) from err
         return True
+
+    async def _find_experts(self) -> None:
+        """The chain's expert workers from the topology (the gateway's placement in Redis then takes over)."""
+        replicas = chain_replicas(await self.store.get_topology() or {"chains": []}, self.place.chain)
+        if replicas:
+            self.experts = RemoteExperts(self.place.name, replicas, asyncio.get_running_loop())
+            log.info("stage %s routes its MoE layers' rows to expert workers %s", self.place.name,
+                     [r.worker_id for r in replicas])
 
     def _leave_while_loading(self, code: int) -> None:
         """With TP ranks, leave at once: the step thread may be inside the ranks' rendezvous,
@@ -256,6 +277,7 @@ class StageWorker:
         with the dead rank (NCCL never gives up), and a normal exit would join it.
         """
         log.error("%s: stage %s is unhealthy and exits in %.0f s", err.message, self.place.name, FAILED_EXIT_GRACE_S)
+        self._stop_following()
         await self._set_health(NOT_SERVING)
         self.pipeline.fail(err)
         if self.heartbeat is not None:
@@ -271,15 +293,27 @@ class StageWorker:
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
         log.info("stage %s draining", self.place.name)
+        self._stop_following()
         await self.health.enter_graceful_shutdown()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
         self.servicer.drain()
         await server.stop(self.args.grace_s)
         await self.pipeline.close()
+        if self._placement is not None:
+            self._placement.cancel()
+        if self.experts is not None:
+            await self.experts.close()
         if self.ranks is not None:
             self.ranks.kill()  # those that did not stop (a stage that never finished loading)
         log.info("stage %s stopped", self.place.name)
+
+    def _stop_following(self) -> None:
+        if self._neighbours is not None:
+            self._neighbours.cancel()
+
+    async def _set_serving(self, serving: bool) -> None:
+        await self._set_health(SERVING if serving else NOT_SERVING)
 
     async def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -298,4 +332,6 @@ class StageWorker:
         figures = self.pipeline.figures.report(self.pipeline.runner)
         if self.pipeline.stage is not None:
             figures.update(self.pipeline.stage.figures())
+        if self.experts is not None:
+            figures.update(self.experts.figures())
         return figures

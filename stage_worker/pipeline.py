@@ -28,6 +28,7 @@ from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.v1 import stage_pb2
 
 from .downstream import DownstreamLink
+from .histogram import LatencyHistogram
 from .runner import StageRunner
 from .stage import LocalStage, TPStage
 from .topology import StagePlace
@@ -49,9 +50,13 @@ class StageFigures:
         self.steps_failed = 0
         self.tokens = 0
         self.busy_s = 0.0
+        self.bytes_sent = 0
+        """Bytes of hidden states forwarded to the next stage (step thread only)."""
+        self.step_latency = LatencyHistogram()
         self._intervals: deque[tuple[float, float]] = deque(maxlen=BUSY_INTERVALS_KEPT)
         self._lock = threading.Lock()
-        self._last_report = (time.time(), 0.0)
+        self._last_report = (time.time(), 0.0, 0, 0)
+        """(time, busy_s, steps, tokens) at the previous report: the rates' window starts there."""
 
     def record(self, t_start: float, t_end: float, tokens: int) -> None:
         with self._lock:
@@ -59,17 +64,25 @@ class StageFigures:
             self.tokens += tokens
             self.busy_s += t_end - t_start
             self._intervals.append((t_start, t_end))
+            self.step_latency.observe(t_end - t_start)
 
     def report(self, runner: StageRunner | None) -> dict[str, Any]:
-        """The figures as JSON values; ``busy_fraction`` covers the time since the previous report."""
+        """The figures as JSON values; ``busy_fraction`` and the ``*_per_s`` rates cover the time
+        since the previous report; ``time`` is when this report was made (Unix time)."""
         now = time.time()
         with self._lock:
             intervals = [list(pair) for pair in self._intervals]
-            busy_s = self.busy_s
-        last_time, last_busy = self._last_report
-        self._last_report = (now, busy_s)
+            busy_s, steps, tokens, histogram = self.busy_s, self.steps, self.tokens, self.step_latency.figure()
+        last_time, last_busy, last_steps, last_tokens = self._last_report
+        self._last_report = (now, busy_s, steps, tokens)
+        window = max(now - last_time, 1e-6)
         cache = runner.cache if runner is not None else None
         return {
+            "time": now,
+            "micro_batches_per_s": (steps - last_steps) / window,
+            "tokens_per_s": (tokens - last_tokens) / window,
+            "bytes_sent": self.bytes_sent,
+            "step_latency": histogram,
             "steps": self.steps,
             "steps_failed": self.steps_failed,
             "tokens_processed": self.tokens,
@@ -174,6 +187,7 @@ class StagePipeline:
         # NOTE: the next stage gets the request as received, its hidden replaced: the plan is
         # not encoded again (no per-token work), and what it runs is exactly what we ran.
         request.hidden.CopyFrom(tensor_to_pb(out))
+        self.figures.bytes_sent += len(request.hidden.data)
         return request
 
     # --- back on the event loop ------------------------------------------------------------

@@ -71,10 +71,13 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (one process and one device each)")
     p.add_argument("--tp-backend", choices=["nccl", "gloo"], default=None,
                    help="torch.distributed backend of the TP ranks (default: nccl on cuda, gloo on cpu)")
+    p.add_argument("--ep", type=int, default=0,
+                   help="expert worker processes (one device each) holding the MoE experts; 0 keeps them in the stages")
+    p.add_argument("--expert-replicas", type=int, default=1, help="expert workers holding each expert (at most --ep)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
-    p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port (status JSON)")
+    p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port: dashboard (/), /api/status, /metrics")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -91,6 +94,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         pp=args.pp,
         tp=args.tp,
         tp_backend=args.tp_backend,
+        ep=args.ep,
+        expert_replicas=args.expert_replicas,
         device=args.device,
         host=args.host,
         port=args.port,

@@ -1,7 +1,9 @@
 """The client side of ``Stage.Forward``: one long-lived stream to a stage worker (torch-free).
 
 Both the gateway (to stage 0 of a chain) and a stage worker (to the next stage of its chain)
-send every step down such a stream.
+send every step down such a stream. A stage worker also reaches its expert workers' ``Expert.Run``
+through the same class: any bidi RPC that answers every request once, in order, with a
+``step_id`` on both sides (``StreamRpc`` says which RPC, and how a lost request is answered).
 
 NOTE: the stage answers every request exactly once, in request order. So the stream keeps a
 FIFO of (step id, future): a request is queued for the call and its future appended in the
@@ -17,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
 import grpc.aio
@@ -48,12 +51,28 @@ Unreachable = Callable[[str], Unavailable]
 """Builds the error of a broken stream from why it broke, e.g. ``stage c0-s1 at ADDR is unreachable: ...``."""
 
 
-class ForwardStream:
-    """Sends ``StageRequest``s to the stage at ``address`` and hands back its answers, in order."""
+@dataclass(frozen=True)
+class StreamRpc:
+    """An ordered bidi RPC a ``ForwardStream`` can carry."""
 
-    def __init__(self, address: str, unreachable: Unreachable):
+    name: str
+    """For messages, e.g. ``Forward``."""
+    method: Callable[[grpc.aio.Channel], Any]
+    """The stream-stream callable on a channel, e.g. ``StageStub(channel).Forward``."""
+    failed: Callable[[int, Unavailable], Any]
+    """The answer to a request of that step id that the broken stream will never answer."""
+
+
+FORWARD = StreamRpc("Forward", lambda channel: stage_pb2_grpc.StageStub(channel).Forward, failed_step_to_pb)
+
+
+class ForwardStream:
+    """Sends ``StageRequest``s (or another ``rpc``'s requests) to ``address`` and hands back its answers, in order."""
+
+    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc = FORWARD):
         self.address = address
         self._unreachable = unreachable
+        self._rpc = rpc
         self._call: _ForwardCall | None = None
         self._readers: set[asyncio.Task] = set()  # broken calls' readers, kept until they end
 
@@ -61,7 +80,7 @@ class ForwardStream:
         """Queue ``request``; the future gets the stage's answer, or an UNAVAILABLE one if the call breaks."""
         if self._call is None or self._call.broken:
             # NOTE: a fresh channel per call: an old one may sit in reconnect backoff for minutes.
-            self._call = _ForwardCall(self.address, self._unreachable)
+            self._call = _ForwardCall(self.address, self._unreachable, self._rpc)
             self._readers.add(self._call.reader)
             self._call.reader.add_done_callback(self._readers.discard)
         return self._call.send(request)
@@ -81,15 +100,16 @@ class ForwardStream:
 class _ForwardCall:
     """One open ``Forward`` call: a request queue in, a reader task settling answers out."""
 
-    def __init__(self, address: str, unreachable: Unreachable):
+    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc):
         self.broken = False
         self._unreachable = unreachable
+        self._rpc = rpc
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._outbox: asyncio.Queue[stage_pb2.StageRequest | None] = asyncio.Queue()
         self._pending: deque[tuple[int, asyncio.Future[stage_pb2.StageResponse]]] = deque()
         # NOTE: no deadline: the call lives as long as its process; keepalive guards it.
-        self._call = stage_pb2_grpc.StageStub(self._channel).Forward(self._requests())
-        self.reader = asyncio.get_running_loop().create_task(self._read(), name=f"forward-{address}")
+        self._call = rpc.method(self._channel)(self._requests())
+        self.reader = asyncio.get_running_loop().create_task(self._read(), name=f"{rpc.name.lower()}-{address}")
 
     def send(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
         answer: asyncio.Future[stage_pb2.StageResponse] = asyncio.get_running_loop().create_future()
@@ -102,7 +122,7 @@ class _ForwardCall:
             yield request
 
     async def _read(self) -> None:
-        detail = "it ended the Forward stream"
+        detail = f"it ended the {self._rpc.name} stream"
         try:
             async for response in self._call:
                 step_id, answer = self._pending.popleft() if self._pending else (None, None)
@@ -133,4 +153,4 @@ class _ForwardCall:
         while self._pending:
             step_id, answer = self._pending.popleft()
             if not answer.done():
-                answer.set_result(failed_step_to_pb(step_id, self._unreachable(detail)))
+                answer.set_result(self._rpc.failed(step_id, self._unreachable(detail)))

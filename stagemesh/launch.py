@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
-from .plan import split_layers, stage_devices, validate_layout
+from .plan import expert_devices, place_experts, split_layers, stage_devices, validate_layout
 from .procs import die_with_parent
 from .redis_server import free_port, start_local_redis
-from .store import Store
+from .store import Store, expert_worker_id, stage_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class UpOptions:
     """Tensor-parallel ranks per stage, one process and one device each."""
     tp_backend: str | None = None
     """torch.distributed backend of the TP ranks; None: nccl on CUDA, gloo on CPU."""
+    ep: int = 0
+    """Expert worker processes per chain, one device each; 0 keeps the experts in the stages."""
+    expert_replicas: int = 1
+    """Expert workers that hold each expert (of each MoE layer); at most ``ep``."""
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 50051
@@ -54,12 +58,14 @@ class UpOptions:
 
 
 def plan_topology(opts: UpOptions) -> dict:
-    """The topology document: one chain of stages with their layers, addresses and devices.
+    """The topology document: one chain of stages with their layers, addresses and devices,
+    and (with ``ep``) its expert workers with the experts each holds.
 
     ValueError (before anything starts) when the model or the machine cannot take the layout.
     """
     config = ModelConfig.from_dir(opts.model)
-    validate_layout(config, opts.pp, opts.tp, gpus=_visible_gpus() if opts.device == "cuda" else None)
+    gpus = _visible_gpus() if opts.device == "cuda" else None
+    validate_layout(config, opts.pp, opts.tp, ep=opts.ep, gpus=gpus)
     specs = split_layers(config, opts.pp)
     devices = stage_devices(opts.device, opts.pp, opts.tp)
     stages = [
@@ -81,8 +87,23 @@ def plan_topology(opts: UpOptions) -> dict:
         "num_layers": config.num_hidden_layers,
         "block_size": 16,
         "dtype": opts.dtype,
-        "chains": [{"chain": 0, "stages": stages}],
+        "chains": [{"chain": 0, "stages": stages, "experts": _plan_experts(config, opts)}],
     }
+
+
+def _plan_experts(config: ModelConfig, opts: UpOptions) -> list[dict]:
+    """One chain's expert worker entries (none without ``ep``)."""
+    if not opts.ep:
+        if opts.expert_replicas != 1:
+            raise ValueError(f"expert replicas={opts.expert_replicas} needs expert workers: give --ep too")
+        return []
+    held = place_experts(config, opts.ep, opts.expert_replicas)
+    devices = expert_devices(opts.device, opts.pp * opts.tp, opts.ep)
+    return [
+        {"worker": w, "address": f"{opts.host}:{free_port()}", "device": devices[w],
+         "experts": {str(layer): ids for layer, ids in experts.items()}}
+        for w, experts in enumerate(held)
+    ]
 
 
 def _visible_gpus() -> int:
@@ -99,6 +120,9 @@ class Mesh:
         self.redis = None
         self.redis_url = opts.redis_url
         self.procs: dict[str, subprocess.Popen] = {}
+        self.spare: set[str] = set()
+        """Children whose exit the mesh outlives: expert workers whose experts all have other replicas."""
+        self._gone: set[str] = set()
         self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -112,10 +136,15 @@ class Mesh:
             self.redis = start_local_redis(data_dir=self.log_dir / "redis")
             self.redis_url = self.redis.url
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
-        stages = topology["chains"][0]["stages"]
-        threads = max(1, _cores() // (len(stages) * self.opts.tp))  # per rank
+        stages, experts = topology["chains"][0]["stages"], topology["chains"][0]["experts"]
+        threads = max(1, _cores() // (len(stages) * self.opts.tp + len(experts)))  # per rank / expert worker
         for s in stages:
-            self._spawn(f"stage-c0-s{s['stage']}", "stage_worker", "--chain", "0", "--stage", str(s["stage"]), "--threads", str(threads))
+            self._spawn(stage_worker_id(0, s["stage"]), "stage_worker", "--chain", "0", "--stage", str(s["stage"]), "--threads", str(threads))
+        for e in experts:
+            name = expert_worker_id(0, e["worker"])
+            self._spawn(name, "expert_worker", "--chain", "0", "--worker", str(e["worker"]), "--threads", str(threads))
+            if self.opts.expert_replicas > 1:
+                self.spare.add(name)
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
@@ -146,10 +175,16 @@ class Mesh:
         raise RuntimeError(f"the mesh was not ready after {timeout:.0f}s; logs in {self.log_dir}")
 
     def check_children(self) -> None:
+        """RuntimeError when a child exited, except a spare one (its experts' other replicas serve)."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = _tail(self.log_dir / f"{name}.log")
-                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+            if proc.poll() is None or name in self._gone:
+                continue
+            if name in self.spare:
+                log.warning("%s exited with code %d; the other replicas of its experts serve", name, proc.returncode)
+                self._gone.add(name)
+                continue
+            tail = _tail(self.log_dir / f"{name}.log")
+            raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the gateway, then the workers; SIGKILL what is left after ``grace``; stop Redis."""
@@ -228,9 +263,10 @@ def run_up(opts: UpOptions) -> int:
         topology = mesh.start()
         mesh.wait_ready()
         stages = len(topology["chains"][0]["stages"])
+        experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
         print(
-            f"stagemesh ready: gateway {mesh.gateway_address} | {stages} stage worker(s) x tp {opts.tp} on {opts.device} "
-            f"| redis {mesh.redis_url} | logs {mesh.log_dir}",
+            f"stagemesh ready: gateway {mesh.gateway_address} | {stages} stage worker(s) x tp {opts.tp}{experts} "
+            f"on {opts.device} | redis {mesh.redis_url} | logs {mesh.log_dir}",
             flush=True,
         )
         if opts.try_prompt:

@@ -1,4 +1,5 @@
-"""Layout planning: whether a model can take a layout, and how its layers split into stages.
+"""Layout planning: whether a model can take a layout, how its layers split into stages, and
+where each MoE layer's experts live.
 
 Torch-free: the launcher and the compose renderer plan without loading weights (callers that
 plan for CUDA pass the visible GPU count in).
@@ -11,11 +12,13 @@ from functools import lru_cache
 from .config import ModelConfig, StageSpec
 
 
-def validate_layout(config: ModelConfig, pp: int, tp: int, *, gpus: int | None = None) -> None:
-    """Refuse a pipeline × tensor-parallel layout the model or the machine cannot take.
+def validate_layout(config: ModelConfig, pp: int, tp: int, *, ep: int = 0, gpus: int | None = None) -> None:
+    """Refuse a pipeline × tensor-parallel (× expert-parallel) layout the model or the machine cannot take.
 
-    ValueError naming the constraint and the numbers. ``gpus``: the visible CUDA device count
-    when the layout runs on CUDA (one GPU per rank, ``pp × tp`` of them); None checks no GPUs.
+    ValueError naming the constraint and the numbers. ``ep``: expert worker processes per
+    chain (0: the experts stay in the stages). ``gpus``: the visible CUDA device count when
+    the layout runs on CUDA (one GPU per rank and per expert worker, ``pp × tp + ep`` of
+    them); None checks no GPUs.
     """
     n = config.num_hidden_layers
     if not 1 <= pp <= n:
@@ -23,8 +26,59 @@ def validate_layout(config: ModelConfig, pp: int, tp: int, *, gpus: int | None =
     if tp < 1:
         raise ValueError(f"tp={tp} must be at least 1")
     _check_tp(config, tp)
-    if gpus is not None and pp * tp > gpus:
-        raise ValueError(f"pp={pp} x tp={tp} needs {pp * tp} GPUs (one per rank) but {gpus} are visible")
+    if ep:
+        _check_ep(config, ep, tp)
+    devices = pp * tp + ep
+    if gpus is not None and devices > gpus:
+        what = f"pp={pp} x tp={tp}" + (f" + ep={ep}" if ep else "")
+        one_per = "one per rank" + (" and expert worker" if ep else "")
+        raise ValueError(f"{what} needs {devices} GPUs ({one_per}) but {gpus} are visible")
+
+
+def _check_ep(config: ModelConfig, ep: int, tp: int) -> None:
+    if ep < 0:
+        raise ValueError(f"ep={ep} must be at least 0 (0 keeps the experts in the stages)")
+    _require_moe(config, ep)
+    if tp > 1:
+        # NOTE: with TP every rank holds a slice of every expert and the MoE block all-reduces
+        # partial sums; remote experts would answer rank 0 only. Not supported yet.
+        raise ValueError(f"ep={ep} with tp={tp} is not supported yet: use tp=1 with expert workers")
+
+
+def _require_moe(config: ModelConfig, ep: int) -> None:
+    if not config.is_moe:
+        raise ValueError(
+            f"ep={ep} needs a Mixture-of-Experts model, but {config.architecture} is dense; leave --ep out"
+        )
+
+
+def place_experts(config: ModelConfig, ep: int, replicas: int = 1) -> list[dict[int, list[int]]]:
+    """Spread every MoE layer's experts over ``ep`` expert workers, each expert on ``replicas`` of them.
+
+    Returns, per worker, global layer -> sorted expert ids held. NOTE: the (expert, replica)
+    slots of all layers are dealt round-robin over the workers, one layer after the other:
+    the ``replicas`` slots of one expert are consecutive, so they land on distinct workers
+    (``replicas <= ep``), and counts stay within one of each other (uneven counts are fine).
+    """
+    _require_moe(config, ep)
+    n = config.num_experts
+    if ep < 1:
+        raise ValueError(f"ep={ep} must be at least 1 to place experts on expert workers")
+    if not 1 <= replicas <= ep:
+        raise ValueError(f"expert replicas={replicas} must be between 1 and ep={ep} (each replica on its own worker)")
+    if ep > n * replicas:
+        raise ValueError(
+            f"ep={ep} is more expert workers than num_experts={n} x replicas={replicas} slots per layer; "
+            f"some workers would hold nothing"
+        )
+    workers: list[dict[int, list[int]]] = [{} for _ in range(ep)]
+    slot = 0
+    for layer in config.moe_layers:
+        for expert in range(n):
+            for _ in range(replicas):
+                workers[slot % ep].setdefault(layer, []).append(expert)
+                slot += 1
+    return [{layer: sorted(ids) for layer, ids in held.items()} for held in workers]
 
 
 def stage_devices(device: str, pp: int, tp: int) -> list[list[str]]:
@@ -32,6 +86,13 @@ def stage_devices(device: str, pp: int, tp: int) -> list[list[str]]:
     if device == "cuda":
         return [[f"cuda:{s * tp + r}" for r in range(tp)] for s in range(pp)]
     return [[device] * tp for _ in range(pp)]
+
+
+def expert_devices(device: str, first_gpu: int, ep: int) -> list[str]:
+    """The torch device of each expert worker: on CUDA the GPUs after the stages' (``cuda:{first_gpu + w}``)."""
+    if device == "cuda":
+        return [f"cuda:{first_gpu + w}" for w in range(ep)]
+    return [device] * ep
 
 
 def _check_tp(config: ModelConfig, tp: int) -> None:

@@ -8,6 +8,8 @@
 - **journal**: one entry per request (prompt, parameters, chain, tokens emitted so far), so a
   request whose chain fails is re-prefilled on another chain.
 - **metrics**: per-worker figures for the dashboards, expiring with the worker.
+- **placement**: per chain, which expert worker holds which (layer, expert), and which of
+  them the gateway has marked down (stages route only to the live ones).
 
 Every key starts with ``stagemesh:<deployment>:`` so two meshes can share one Redis. Callers
 never see a redis exception: an unreachable server raises ``Unavailable``, anything else
@@ -24,6 +26,8 @@ Key layout (``P`` = ``stagemesh:<deployment>``)::
     P:chain:<c>:requests        set of request ids journaled on chain c
     P:metrics                   set of worker ids that have put metrics
     P:metrics:<id>              hash: figure name -> JSON value, expires with a TTL
+    P:placement:<c>             hash: expert worker id -> JSON {address, experts}
+    P:placement:<c>:down        set of expert worker ids marked down
 """
 
 from __future__ import annotations
@@ -52,12 +56,17 @@ def stage_worker_id(chain: int, stage: int) -> str:
     return f"stage-c{chain}-s{stage}"
 
 
+def expert_worker_id(chain: int, worker: int) -> str:
+    """The registry id of expert worker ``worker`` of chain ``chain``: ``expert-c0-e2``."""
+    return f"expert-c{chain}-e{worker}"
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What a worker tells the mesh about itself when it registers."""
 
     worker_id: str
-    """Unique within the deployment, e.g. ``stage-c0-s1`` (``stage_worker_id``) or ``expert-3``."""
+    """Unique within the deployment, e.g. ``stage-c0-s1`` (``stage_worker_id``) or ``expert-c0-e3`` (``expert_worker_id``)."""
     role: str
     """One of ``stage``, ``expert``, ``gateway``."""
     chain: int | None = None
@@ -113,6 +122,29 @@ class JournalEntry:
     """The chain now serving the request."""
     token_ids: tuple[int, ...]
     """Tokens emitted (and streamed to the client) so far, in order."""
+
+
+@dataclass(frozen=True)
+class ExpertReplica:
+    """One expert worker's share of a chain's expert placement."""
+
+    worker_id: str
+    """Its registry id (``expert_worker_id``)."""
+    address: str
+    """``host:port`` of its ``Expert`` service."""
+    experts: dict[int, list[int]]
+    """Global MoE layer -> the expert ids it holds in that layer."""
+    live: bool = True
+    """False while the gateway has marked it down: stages send it no rows."""
+
+    def to_json(self) -> str:
+        return json.dumps({"address": self.address, "experts": self.experts})
+
+    @classmethod
+    def from_json(cls, worker_id: str, text: str, live: bool) -> ExpertReplica:
+        doc = json.loads(text)
+        experts = {int(layer): list(ids) for layer, ids in doc["experts"].items()}  # JSON keys are strings
+        return cls(worker_id, doc["address"], experts, live)
 
 
 def _translate_errors(method):
@@ -311,6 +343,37 @@ class Store:
     async def journal_by_chain(self, chain: int) -> list[str]:
         """Ids of the requests journaled on ``chain``, sorted."""
         return sorted(await self._r.smembers(self._key("chain", chain, "requests")))
+
+    # --- placement ------------------------------------------------------------------------
+
+    @_translate_errors
+    async def set_placement(self, chain: int, replicas: list[ExpertReplica]) -> None:
+        """Replace chain ``chain``'s expert placement (and which replicas are down)."""
+        async with self._r.pipeline() as pipe:
+            pipe.delete(self._key("placement", chain), self._key("placement", chain, "down"))
+            if replicas:
+                pipe.hset(self._key("placement", chain), mapping={r.worker_id: r.to_json() for r in replicas})
+            down = [r.worker_id for r in replicas if not r.live]
+            if down:
+                pipe.sadd(self._key("placement", chain, "down"), *down)
+            await pipe.execute()
+
+    @_translate_errors
+    async def get_placement(self, chain: int) -> list[ExpertReplica]:
+        """Chain ``chain``'s expert workers, sorted by id, with ``live``; empty when none is placed."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._key("placement", chain))
+            pipe.smembers(self._key("placement", chain, "down"))
+            held, down = await pipe.execute()
+        return [ExpertReplica.from_json(w, held[w], w not in down) for w in sorted(held)]
+
+    @_translate_errors
+    async def set_replica_live(self, chain: int, worker_id: str, live: bool) -> None:
+        """Mark one expert worker's replicas up (``live``) or down in chain ``chain``'s placement."""
+        if live:
+            await self._r.srem(self._key("placement", chain, "down"), worker_id)
+        else:
+            await self._r.sadd(self._key("placement", chain, "down"), worker_id)
 
     # --- metrics --------------------------------------------------------------------------
 

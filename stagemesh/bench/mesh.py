@@ -14,7 +14,6 @@ stage-time the pipeline left idle.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from contextlib import contextmanager
@@ -36,12 +35,7 @@ def mesh_up(model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None)
     """Starts a whole mesh on this machine; yields (gateway address, Redis URL); stops it after."""
     from stagemesh.launch import Mesh, UpOptions
 
-    extra = {}
-    if tp != 1:
-        if "tp" not in {f.name for f in dataclasses.fields(UpOptions)}:
-            raise ValueError(f"--tp={tp}: this build of `stagemesh up` has no tensor parallelism yet; use --tp 1")
-        extra["tp"] = tp
-    mesh = Mesh(UpOptions(model=model, pp=pp, device=device, port=free_port(), log_dir=log_dir, **extra))
+    mesh = Mesh(UpOptions(model=model, pp=pp, tp=tp, device=device, port=free_port(), log_dir=log_dir))
     try:
         mesh.start()
         mesh.wait_ready()

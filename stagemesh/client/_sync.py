@@ -99,7 +99,9 @@ class Client:
         Each worker is a dict with ``role``, ``chain``, ``stage``, ``layers`` ([start, end)),
         ``experts``, ``address``, ``pid``, ``device``, ``healthy``, ``tp_size``,
         ``heartbeat_age_s`` and ``load`` (``queue_depth``, ``running_sequences``,
-        ``kv_blocks_used``, ``kv_blocks_total``, ``busy_fraction``, ``tokens_processed``).
+        ``kv_blocks_used``, ``kv_blocks_total``, ``busy_fraction``, ``tokens_processed``,
+        ``step_latency_p50_s``, ``step_latency_p99_s``, ``micro_batches_per_s``, ``tokens_per_s``,
+        ``bubble_fraction``, ``bytes_sent``).
         """
         request = gateway_pb2.StatusRequest()
         with gateway_errors():

@@ -252,6 +252,7 @@ _CHAIN_KEYS = ("id", "healthy", "num_stages", "requests_served", "requests_runni
 _WORKER_KEYS = ("role", "chain", "stage", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s")
 _LOAD_KEYS = (
     "queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed",
+    "step_latency_p50_s", "step_latency_p99_s", "micro_batches_per_s", "tokens_per_s", "bubble_fraction", "bytes_sent",
 )
 
 
@@ -271,10 +272,16 @@ def status_to_pb(doc: dict) -> gateway_pb2.StatusResponse:
 
 
 def _worker_to_pb(worker: dict) -> gateway_pb2.WorkerStatus:
+    """``experts`` is ``{"<layer>": [expert ids]}``; the load's ``expert_tokens`` (expert
+    workers only) is ``{"<layer>:<expert>": rows}``."""
     fields = dict(_known(worker, (*_WORKER_KEYS, "layers", "experts", "load"), "worker"))
     start, end = fields.pop("layers", (0, 0))
-    load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), _LOAD_KEYS, "worker load"))
-    return gateway_pb2.WorkerStatus(layer_start=start, layer_end=end, load=load, **fields)
+    load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), (*_LOAD_KEYS, "expert_tokens"), "worker load"))
+    held = {int(layer): gateway_pb2.ExpertIds(ids=ids) for layer, ids in fields.pop("experts", {}).items()}
+    union = sorted({e for ids in held.values() for e in ids.ids})
+    return gateway_pb2.WorkerStatus(
+        layer_start=start, layer_end=end, load=load, experts=union, layer_experts=held, **fields
+    )
 
 
 def _known(record: dict, keys: tuple[str, ...], what: str) -> dict:
@@ -299,6 +306,8 @@ def status_from_pb(msg: gateway_pb2.StatusResponse) -> dict:
 def _worker_from_pb(msg: gateway_pb2.WorkerStatus) -> dict:
     worker = {k: getattr(msg, k) for k in _WORKER_KEYS}
     worker["layers"] = [msg.layer_start, msg.layer_end]
-    worker["experts"] = list(msg.experts)
+    worker["experts"] = {str(layer): list(msg.layer_experts[layer].ids) for layer in sorted(msg.layer_experts)}
     worker["load"] = {k: getattr(msg.load, k) for k in _LOAD_KEYS}
+    if msg.load.expert_tokens:  # expert workers only
+        worker["load"]["expert_tokens"] = dict(msg.load.expert_tokens)
     return worker

@@ -72,23 +72,57 @@ class ChainStatus(_message.Message):
     def __init__(self, id: _Optional[int] = ..., healthy: _Optional[bool] = ..., num_stages: _Optional[int] = ..., requests_served: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed")
+    __slots__ = ("queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "step_latency_p50_s", "step_latency_p99_s", "micro_batches_per_s", "tokens_per_s", "bubble_fraction", "bytes_sent", "expert_tokens")
+    class ExpertTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    STEP_LATENCY_P50_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_LATENCY_P99_S_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BUBBLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     running_sequences: int
     kv_blocks_used: int
     kv_blocks_total: int
     busy_fraction: float
     tokens_processed: int
-    def __init__(self, queue_depth: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
+    step_latency_p50_s: float
+    step_latency_p99_s: float
+    micro_batches_per_s: float
+    tokens_per_s: float
+    bubble_fraction: float
+    bytes_sent: int
+    expert_tokens: _containers.ScalarMap[str, int]
+    def __init__(self, queue_depth: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., step_latency_p50_s: _Optional[float] = ..., step_latency_p99_s: _Optional[float] = ..., micro_batches_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bubble_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., expert_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ExpertIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load")
+    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load", "layer_experts")
+    class LayerExpertsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ExpertIds
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ExpertIds, _Mapping]] = ...) -> None: ...
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +136,7 @@ class WorkerStatus(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     chain: int
     stage: int
@@ -115,7 +150,8 @@ class WorkerStatus(_message.Message):
     tp_size: int
     heartbeat_age_s: float
     load: WorkerLoad
-    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    layer_experts: _containers.MessageMap[int, ExpertIds]
+    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., layer_experts: _Optional[_Mapping[int, ExpertIds]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("chains", "workers", "model", "version", "json")

@@ -85,7 +85,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
                     role="stage", chain=0, stage=1, layer_start=4, layer_end=8, address="127.0.0.1:6001",
                     pid=4242, device="cpu", healthy=True, tp_size=1, load=load,
                 ),
-                gateway_pb2.WorkerStatus(role="expert", chain=-1, stage=-1, experts=[0, 1], healthy=False),
+                gateway_pb2.WorkerStatus(role="expert", chain=-1, stage=-1, healthy=False,
+                                         layer_experts={1: gateway_pb2.ExpertIds(ids=[0, 1])}),
             ],
             model="tiny",
             json='{"bubble_fraction": 0.25}',
@@ -219,7 +220,7 @@ def test_cancel_and_status(client):
     assert stage["role"] == "stage" and stage["layers"] == [4, 8] and stage["address"] == "127.0.0.1:6001"
     assert (stage["pid"], stage["device"], stage["healthy"], stage["tp_size"]) == (4242, "cpu", True, 1)
     assert stage["load"]["kv_blocks_total"] == 512 and stage["load"]["queue_depth"] == 2
-    assert (expert["role"], expert["chain"], expert["experts"], expert["healthy"]) == ("expert", -1, [0, 1], False)
+    assert (expert["role"], expert["chain"], expert["experts"], expert["healthy"]) == ("expert", -1, {"1": [0, 1]}, False)
     assert doc["model"] == "tiny" and doc["bubble_fraction"] == 0.25
 
 

@@ -182,3 +182,26 @@ def test_unreachable_redis_raises_unavailable_naming_the_url():
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(Unavailable, match=f"Redis at {url} is unreachable"):
         asyncio.run(Store.connect(url, timeout_s=1.0))
+
+
+def test_the_expert_placement_round_trips_and_replicas_go_down_and_up(redis_url):
+    from stagemesh.store import ExpertReplica
+
+    replicas = [
+        ExpertReplica("expert-c0-e0", "127.0.0.1:50300", {0: [0, 2], 3: [1]}),
+        ExpertReplica("expert-c0-e1", "127.0.0.1:50301", {0: [1, 3], 3: [0]}, live=False),
+    ]
+
+    async def body(store: Store):
+        assert await store.get_placement(0) == []
+        await store.set_placement(0, replicas)
+        assert await store.get_placement(0) == replicas, "layer keys come back as ints, liveness kept"
+        assert await store.get_placement(1) == [], "placements are per chain"
+        await store.set_replica_live(0, "expert-c0-e1", True)
+        await store.set_replica_live(0, "expert-c0-e0", False)
+        assert [(r.worker_id, r.live) for r in await store.get_placement(0)] == [
+            ("expert-c0-e0", False), ("expert-c0-e1", True)]
+        await store.set_placement(0, replicas[:1])
+        assert await store.get_placement(0) == replicas[:1], "a new placement replaces the old, liveness included"
+
+    _run(redis_url, body)

@@ -1,5 +1,6 @@
-"""Layout planning: the pp × tp checks made before anything starts, the device of every rank,
-the layer split, and the topology entries `stagemesh up` writes for the workers."""
+"""Layout planning: the pp × tp (× ep) checks made before anything starts, the device of every
+rank, the layer split, the expert placement, and the topology entries `stagemesh up` writes for
+the workers."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from expert_worker.place import find_expert_worker
 from stage_worker.topology import find_stage
 from stagemesh.config import ModelConfig
 from stagemesh.launch import UpOptions, plan_topology
-from stagemesh.plan import split_layers, stage_devices, validate_layout
+from stagemesh.placement import chain_replicas
+from stagemesh.plan import place_experts, split_layers, stage_devices, validate_layout
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
@@ -110,3 +113,79 @@ def test_an_entry_without_tp_is_one_rank_and_a_devices_mismatch_is_refused():
     doc["chains"][0]["stages"][0].update(tp=2, devices=["cuda:0"])
     with pytest.raises(ValueError, match=r"tp=2 but 1 devices \['cuda:0'\]"):
         find_stage(doc, 0, 0)
+
+
+# --- expert parallelism ------------------------------------------------------------------------
+
+MIXTRAL = {**LLAMA, "architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(("ep", "replicas"), [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 3), (8, 2)])
+def test_every_expert_of_every_moe_layer_sits_on_replicas_distinct_workers_evenly(ep, replicas):
+    model = config(MIXTRAL)
+    placed = place_experts(model, ep, replicas)
+    assert len(placed) == ep
+    for layer in model.moe_layers:
+        holders = [[w for w, held in enumerate(placed) if e in held.get(layer, [])] for e in range(4)]
+        assert all(len(h) == replicas for h in holders), (layer, holders)  # R distinct workers each
+        per_worker = [len(held.get(layer, [])) for held in placed]
+        assert max(per_worker) - min(per_worker) <= 1 and min(per_worker) >= 1, per_worker
+    totals = [sum(map(len, held.values())) for held in placed]
+    assert max(totals) - min(totals) <= 1, totals  # uneven layers even out over the model
+
+
+def test_three_workers_share_four_experts_unevenly_by_hand():
+    # slots dealt round-robin, layer after layer: layer 0 -> w0 {0, 3}, w1 {1}, w2 {2};
+    # layer 1 continues at slot 4 -> w1 {0, 3}, w2 {1}, w0 {2}; ...
+    placed = place_experts(config(MIXTRAL, num_hidden_layers=2), 3)
+    assert placed == [{0: [0, 3], 1: [2]}, {0: [1], 1: [0, 3]}, {0: [2], 1: [1]}]
+
+
+def test_qwen2_moe_dense_layers_hold_no_experts():
+    placed = place_experts(config(QWEN2_MOE), 2)  # layer 1 is dense (mlp_only_layers)
+    assert all(1 not in held for held in placed)
+    assert sorted(e for held in placed for e in held[0]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("model", "ep", "replicas", "message"),
+    [
+        (config(), 2, 1, "ep=2 needs a Mixture-of-Experts model, but LlamaForCausalLM is dense; leave --ep out"),
+        (config(MIXTRAL), 2, 3, r"expert replicas=3 must be between 1 and ep=2 \(each replica on its own worker\)"),
+        (config(MIXTRAL), 2, 0, "expert replicas=0 must be between 1 and ep=2"),
+        (config(MIXTRAL), 5, 1, "ep=5 is more expert workers than num_experts=4 x replicas=1 slots per layer"),
+        (config(MIXTRAL), 0, 1, "ep=0 must be at least 1"),
+    ],
+)
+def test_an_expert_placement_that_cannot_be_made_is_refused_clearly(model, ep, replicas, message):
+    with pytest.raises(ValueError, match="^" + message):
+        place_experts(model, ep, replicas)
+
+
+def test_ep_is_validated_with_the_layout():
+    validate_layout(config(MIXTRAL), 2, 1, ep=3)
+    with pytest.raises(ValueError, match="^ep=2 needs a Mixture-of-Experts model"):
+        validate_layout(config(), 1, 1, ep=2)
+    with pytest.raises(ValueError, match=r"^ep=2 with tp=2 is not supported yet: use tp=1 with expert workers$"):
+        validate_layout(config(MIXTRAL), 1, 2, ep=2)
+    with pytest.raises(ValueError, match=r"^pp=2 x tp=1 \+ ep=3 needs 5 GPUs \(one per rank and expert worker\) but 4"):
+        validate_layout(config(MIXTRAL), 2, 1, ep=3, gpus=4)
+
+
+def test_the_topology_gives_each_chain_its_expert_workers_on_their_own_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr("stagemesh.launch._visible_gpus", lambda: 8)
+    doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, expert_replicas=2, device="cuda"))
+    experts = doc["chains"][0]["experts"]
+    assert [(e["worker"], e["device"]) for e in experts] == [(0, "cuda:2"), (1, "cuda:3"), (2, "cuda:4")]
+    assert all(set(e["experts"]) == {"0", "1", "2", "3"} for e in experts)  # JSON keys: layers as strings
+    assert len({e["address"] for e in experts}) == 3
+    place = find_expert_worker(doc, 0, 1)
+    assert (place.worker_id, place.device, place.experts) == ("expert-c0-e1", "cuda:3", {
+        int(layer): ids for layer, ids in experts[1]["experts"].items()})
+    assert [r.worker_id for r in chain_replicas(doc, 0)] == ["expert-c0-e0", "expert-c0-e1", "expert-c0-e2"]
+    assert plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL)))["chains"][0]["experts"] == []
+
+
+def test_replicas_without_expert_workers_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="expert replicas=2 needs expert workers: give --ep too"):
+        plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), expert_replicas=2))

@@ -1,0 +1,66 @@
+"""The worker's health follows its neighbours: SERVING only while the workers it sends to answer.
+
+A stage is SERVING once its weights are loaded AND every neighbour it forwards to (the next
+stage of its chain, if any) answers its own health check SERVING; it turns NOT_SERVING when
+one stops answering and SERVING again when it is back. Since each stage waits on the next one,
+a chain comes up SERVING from its last stage back to its first, and the first stage's health
+says whether the whole chain behind it can serve.
+
+NOTE: polling, not ``Health.Watch``: one unary Check per neighbour and interval is as cheap,
+and a neighbour that is gone (connection refused) reads the same as one NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .topology import StagePlace
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 1.0
+INTERVAL_S = 1.0
+"""How often neighbours are checked while they answer."""
+RETRY_S = 0.25
+"""How often while one does not (start-up waits on this)."""
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def stage_neighbours(place: StagePlace) -> tuple[str, ...]:
+    """The addresses a stage sends to: the next stage of its chain (none for the last stage)."""
+    return () if place.next_address is None else (place.next_address,)
+
+
+async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
+    """Whether the worker at ``address`` answers its health check (service "") SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == SERVING
+
+
+async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[bool], Awaitable[None]]) -> None:
+    """Calls ``set_serving(True)`` while every neighbour is SERVING, ``set_serving(False)`` when one
+    is not (only on changes; the first call comes once the first check is done). Runs until cancelled."""
+    if not addresses:
+        await set_serving(True)
+        return
+    current: bool | None = None
+    while True:
+        answers = await asyncio.gather(*(serving(a) for a in addresses))
+        ok = all(answers)
+        if ok != current:
+            if current is not None or not ok:
+                down = [a for a, up in zip(addresses, answers) if not up]
+                log.info("neighbours %s", "all SERVING again" if ok else f"not SERVING: {', '.join(down)}")
+            await set_serving(ok)
+            current = ok
+        await asyncio.sleep(INTERVAL_S if ok else RETRY_S)
