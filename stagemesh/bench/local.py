@@ -48,6 +48,7 @@ def run_inprocess(model_dir: Path, requests: list[BenchRequest], *, device: str,
     engine = InProcessEngine(model_dir, **kwargs)
     asyncio.run(engine.run(_lines(requests[:4], output_len=2)))  # warm-up
     with bar() as progress:
+        # NOTE: ``run`` builds its Engine over ``engine.chain``; wrapping it counts steps without touching the engine.
         counter = _CountingChain(engine.chain, progress)
         engine.chain = counter
         t0 = time.time()
