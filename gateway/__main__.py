@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one micro-batch at most")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
+    p.add_argument("--failover-wait-s", type=float, default=5.0,
+                   help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         shutdown_grace_s=args.grace_s,
+        failover_wait_s=args.failover_wait_s,
     )
     try:
         asyncio.run(serve(opts))

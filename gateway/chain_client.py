@@ -62,5 +62,6 @@ class RemoteChain:
     def _unreachable(self, detail: str) -> Unavailable:
         return Unavailable(f"stage c{self.chain}-s0 at {self.address} is unreachable: {detail}")
 
-    async def close(self) -> None:
-        await self._stream.close("the gateway is shutting down")
+    async def close(self, why: str = "the gateway is shutting down") -> None:
+        """End the stream; its pending steps are answered UNAVAILABLE ``why``."""
+        await self._stream.close(why)

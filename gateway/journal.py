@@ -6,7 +6,8 @@ then the opens, then every request's new tokens in one ``journal_append_many`` p
 Closes go first because a close is only queued for a request whose open already reached
 Redis, and a request id may be reused right after it finished. A request that opens and
 ends within one window never reaches Redis at all. The journal is for failover, so a Redis
-outage is logged and the batch dropped; it never fails a request.
+outage is logged and the batch dropped; it never fails a request. Flushes never overlap (a
+lock): a request's open must reach Redis before its tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.types import SamplingParams
-from stagemesh.store import Store
+from stagemesh.store import JournalEntry, Store
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ DEFAULT_FLUSH_INTERVAL_S = 0.005
 def params_doc(params: SamplingParams) -> dict[str, Any]:
     """The JSON form of sampling parameters, as journaled."""
     return {**dataclasses.asdict(params), "stop_token_ids": list(params.stop_token_ids)}
+
+
+def params_from_doc(doc: dict[str, Any]) -> SamplingParams:
+    """Sampling parameters back from their journaled form."""
+    return SamplingParams(**{**doc, "stop_token_ids": tuple(doc.get("stop_token_ids", ()))})
 
 
 class JournalWriter:
@@ -40,6 +46,7 @@ class JournalWriter:
         self._tokens: dict[str, list[int]] = {}
         self._closes: list[str] = []
         self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._stopping = False
         self._failing = False
         self._task: asyncio.Task | None = None
@@ -72,6 +79,17 @@ class JournalWriter:
             self._closes.append(request_id)
             self._dirty.set()
 
+    async def resume(self, request_id: str, chain: int) -> JournalEntry | None:
+        """The request's entry with everything recorded so far, after moving it to ``chain``
+        (its old chain failed); None when Redis cannot give it."""
+        await self.flush()
+        try:
+            await self._store.journal_move(request_id, chain)
+            return await self._store.journal_get(request_id)
+        except (StagemeshError, KeyError) as err:
+            logger.warning("journal entry of %s unavailable for failover: %s", request_id, err)
+            return None
+
     # --- flushing --------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -86,6 +104,10 @@ class JournalWriter:
 
     async def flush(self) -> None:
         """Write everything recorded so far (closes, opens, then tokens)."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         closes, opens, tokens = self._closes, self._opens, self._tokens
         self._closes, self._opens, self._tokens = [], {}, {}
         self._dirty.clear()

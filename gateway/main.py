@@ -2,7 +2,10 @@
 
 Startup: connect to Redis and read the topology (both retried until present), start the gRPC
 server with health NOT_SERVING, wait until every stage of every chain answers its health
-check SERVING and its ``Info``, build one engine per chain, then turn health SERVING.
+check SERVING and its ``Info``, build one engine per chain, then turn health SERVING. From then
+on ``gateway.chain_health`` takes chains whose workers stop answering out of service and puts
+them back when they answer again, and requests of a failed chain resume on another
+(``gateway.failover``).
 SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
 ``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
 """
@@ -28,11 +31,12 @@ from stagemesh.tokenizer import Tokenizer, eos_token_ids
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
 from .chain_client import RemoteChain
+from .chain_health import ChainWatch
 from .experts import ExpertWatch
 from .http import start_http
 from .journal import JournalWriter
 from .metrics import GatewayMetrics
-from .router import ChainHandle, Router
+from .router import FAILOVER_WAIT_S, ChainHandle, Router
 from .servicer import GatewayServicer
 from .status import StatusReporter
 
@@ -42,7 +46,6 @@ GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 POLL_S = 0.5
 LOG_EVERY_S = 10.0
-HEALTH_WATCH_S = 1.0
 
 T = TypeVar("T")
 
@@ -65,6 +68,8 @@ class GatewayOptions:
     """Sequences in one micro-batch at most."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM, running calls get this long to finish before they are cancelled."""
+    failover_wait_s: float = FAILOVER_WAIT_S
+    """A running request whose chain failed waits this long for a healthy chain, then fails UNAVAILABLE."""
 
 
 async def serve(opts: GatewayOptions) -> None:
@@ -87,7 +92,7 @@ class Gateway:
 
     def __init__(self, opts: GatewayOptions):
         self.opts = opts
-        self.router = Router()
+        self.router = Router(failover_wait_s=opts.failover_wait_s)
         self.store: Store | None = None
         self.journal: JournalWriter | None = None
         self.status: StatusReporter | None = None
@@ -96,6 +101,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self._http = None
         self._watch: asyncio.Task | None = None
+        self.chain_watch: ChainWatch | None = None
         self.experts: ExpertWatch | None = None
         """The chains' expert workers and their placement in Redis (None when the experts live in the stages)."""
 
@@ -114,7 +120,8 @@ class Gateway:
             await experts.start()  # the placement in Redis; returns once every expert worker serves
         for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
             self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
-        self._watch = asyncio.create_task(watch_health(self.store, self.router), name="gateway-health")
+        self.chain_watch = ChainWatch(self.store, self.router, topology)
+        self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
         for service in ("", GATEWAY_SERVICE):
             await self.health.set(service, SERVING)
         self.status.ready = True
@@ -146,6 +153,8 @@ class Gateway:
             await self.server.stop(self.opts.shutdown_grace_s)
         if self._watch is not None:
             self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            await self.chain_watch.close()
         if self.experts is not None:
             await self.experts.close()
         for handle in self.router.chains:
@@ -178,11 +187,15 @@ async def build_chain(
             )
     await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
     sched = scheduler_config(infos, config, tokenizer, opts)
-    remote = RemoteChain(chain_id, addresses[0])
-    engine = Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
+
+    def renew() -> tuple[RemoteChain, Engine]:
+        remote = RemoteChain(chain_id, addresses[0])
+        return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
+
+    remote, engine = renew()
     engine.start()
     logger.info("chain %d: %d stages, %d KV blocks of %d tokens", chain_id, len(stages), sched.num_blocks, sched.block_size)
-    return ChainHandle(chain_id, remote, engine, addresses)
+    return ChainHandle(chain_id, remote, engine, addresses, renew)
 
 
 def scheduler_config(
@@ -224,23 +237,6 @@ async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
     missing = [worker_id for worker_id in ids if worker_id not in alive]
     if missing:
         raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
-
-
-async def watch_health(store: Store, router: Router, interval_s: float = HEALTH_WATCH_S) -> None:
-    """Keep each chain's ``healthy`` current: every stage worker of it heartbeats."""
-    while True:
-        try:
-            alive = {w.worker_id for w in await store.list_workers() if w.alive}
-        except StagemeshError as err:
-            logger.warning("cannot read worker health: %s", err.message)
-            alive = None
-        for handle in router.chains if alive is not None else ():
-            stages = range(len(handle.stage_addresses))
-            healthy = all(stage_worker_id(handle.chain_id, stage) in alive for stage in stages)
-            if healthy != handle.healthy:
-                logger.warning("chain %d is now %s", handle.chain_id, "healthy" if healthy else "UNHEALTHY")
-            handle.healthy = healthy
-        await asyncio.sleep(interval_s)
 
 
 # --- waiting -----------------------------------------------------------------------------

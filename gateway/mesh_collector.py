@@ -101,7 +101,7 @@ def _chain_families(chains: list[ChainHandle]) -> Iterator[Metric]:
     def gauge(name: str, doc: str) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"stagemesh_chain_{name}", doc, labels=["chain"])
 
-    healthy = gauge("healthy", "1 while every stage of the chain heartbeats.")
+    healthy = gauge("healthy", "1 while the chain is in service: every worker of it heartbeats and answers.")
     running = gauge("requests_running", "Requests admitted and generating.")
     waiting = gauge("requests_waiting", "Requests queued, not yet admitted.")
     reserved = gauge("kv_blocks_reserved", "KV blocks the scheduler reserved.")

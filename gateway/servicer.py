@@ -1,4 +1,5 @@
-"""The client-facing ``Gateway`` service: decode, hand to the chain's engine, encode."""
+"""The client-facing ``Gateway`` service: decode, hand to a chain's engine (failing over between
+chains, ``gateway.failover``), encode."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from stagemesh.serving.types import Request, SamplingParams, TokenEvent
 from stagemesh.tokenizer import IncrementalDecoder, Tokenizer, encode_prompt
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-from .journal import JournalWriter, params_doc
+from .failover import resumable_events
+from .journal import JournalWriter
 from .metrics import GatewayMetrics, RequestTracker
 from .router import Router
 from .status import StatusReporter
@@ -71,23 +73,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, inp: GenerateInput, tracker: RequestTracker
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = Request(inp.request_id or uuid.uuid4().hex, self._encode(inp), self._seeded(inp.params), time.monotonic())
-        rid = request.request_id
-        chain = self.router.admit(rid)
-        tracker.admitted(chain.chain_id)
-        # NOTE: the engine validates at the first __anext__, synchronously, so a refused request's
-        # open and close land in the same journal window and cancel out: it never reaches Redis.
-        self.journal.open(rid, list(request.prompt_token_ids), params_doc(request.params), chain.chain_id)
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
-        try:
-            async with contextlib.aclosing(chain.engine.generate(request)) as events:
-                async for event in events:
-                    if event.token_id is not None:
-                        self.journal.append(rid, event.token_id)
-                        tracker.token()
-                    yield chunk_to_pb(_chunk(event, decoder))
-        finally:
-            self.journal.close(rid)
-            self.router.release(rid)
+        events = resumable_events(self.router, self.journal, request, tracker.admitted)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.token_id is not None:
+                    tracker.token()
+                yield chunk_to_pb(_chunk(event, decoder))
 
     def _encode(self, inp: GenerateInput) -> tuple[int, ...]:
         if inp.token_ids is not None:

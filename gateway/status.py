@@ -13,7 +13,9 @@ Its typed keys are exactly those ``stagemesh.codec.messages.status_to_pb`` accep
      "gateway": {...}}   # extra: travels in StatusResponse.json
 
 ``gateway`` holds what the proto has no field for: readiness, the deployment, and per chain
-the scheduler's view (KV blocks reserved, steps in flight, failures).
+the scheduler's view (KV blocks reserved, steps in flight, failures) and its outages (times it
+left service, and why it last did). A chain's counts other than ``requests_served`` are those of
+its current engine (a chain back from an outage gets a fresh one).
 
 Step latency p50/p99 and the pipeline bubble are derived from the stages' ``busy_intervals``
 (``gateway.stage_stats``); the rates and ``bytes_sent`` are the stages' own figures.
@@ -83,7 +85,7 @@ class StatusReporter:
             scheduler = handle.engine.scheduler
             status.update(
                 healthy=handle.healthy,
-                requests_served=handle.engine.counters.requests_finished,
+                requests_served=handle.requests_served,
                 requests_running=scheduler.num_running,
                 requests_waiting=scheduler.num_waiting,
             )
@@ -169,4 +171,6 @@ def _scheduler_view(handle: ChainHandle) -> dict[str, Any]:
         "tokens_emitted": counters.tokens_emitted,
         "requests_failed": counters.requests_failed,
         "requests_aborted": counters.requests_aborted,
+        "outages": handle.outages,
+        "why_down": handle.why_down,
     }

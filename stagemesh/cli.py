@@ -74,6 +74,10 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=0,
                    help="expert worker processes (one device each) holding the MoE experts; 0 keeps them in the stages")
     p.add_argument("--expert-replicas", type=int, default=1, help="expert workers holding each expert (at most --ep)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel chains: complete replicas of the stages (and expert workers) behind the gateway")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="stop the mesh when a worker exits instead of restarting it")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -93,6 +97,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         model=Path(args.model),
         pp=args.pp,
         tp=args.tp,
+        dp=args.dp,
         tp_backend=args.tp_backend,
         ep=args.ep,
         expert_replicas=args.expert_replicas,
@@ -106,6 +111,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kv_blocks=args.kv_blocks,
         log_dir=args.log_dir,
         try_prompt=args.try_prompt,
+        restart=args.restart,
     )
     return run_up(opts)
 
@@ -172,6 +178,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run(spec, args.json)
 
 
+def _compose_args(sub) -> None:
+    """`compose` prints a compose file; `topology` is its planner service; `health` its health check."""
+    from . import compose
+
+    cp = sub.add_parser("compose", help="print a docker compose file for a layout: a GPU-pinned service per worker")
+    compose.add_compose_arguments(cp)
+    cp.set_defaults(func=compose.run_compose)
+    tp = sub.add_parser("topology", help="write a compose deployment's topology to its Redis and exit (the planner service)")
+    compose.add_topology_arguments(tp)
+    tp.set_defaults(func=compose.run_topology)
+    hc = sub.add_parser("health", help="exit 0 iff the gRPC server at --addr answers grpc.health.v1 SERVING")
+    hc.add_argument("--addr", required=True, help="HOST:PORT of a worker or gateway")
+    hc.set_defaults(func=_cmd_health)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from .launch import _health_serving
+
+    serving = _health_serving(args.addr)
+    print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
+    return 0 if serving else 1
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -195,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput, latency and roofline of a mesh, against transformers and the in-process engine")
     _bench_args(bench)
     bench.set_defaults(func=_cmd_bench)
+    _compose_args(sub)
     from . import demo
 
     dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")

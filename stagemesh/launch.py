@@ -4,6 +4,12 @@ NOTE: every worker is a separate local process (`python -m stage_worker`, `pytho
 exactly as compose would run them, so `up` exercises the real mesh. The launcher writes the
 planned topology to Redis; workers and the gateway read it from there. Children get
 PR_SET_PDEATHSIG so they die with the launcher even when it is SIGKILLed.
+
+Supervision: once the mesh is ready, a stage or expert worker that exits is started again
+with the same arguments (so on the same port), after a backoff (``stagemesh.supervise``); it
+registers again and the gateway puts its chain back in service. The gateway is not restarted:
+its exit stops the whole mesh. ``restart=False`` (``--no-restart``) stops the mesh when a
+worker exits instead, except an expert worker whose experts all have other replicas.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
-from .plan import expert_devices, place_experts, split_layers, stage_devices, validate_layout
+from .config import ModelConfig, StageSpec
+from .plan import chain_devices, expert_devices, place_experts, split_layers, stage_devices, validate_layout
 from .procs import die_with_parent
 from .redis_server import free_port, start_local_redis
 from .store import Store, expert_worker_id, stage_worker_id
+from .supervise import Lifeline, RestartPolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,8 @@ class UpOptions:
     pp: int = 1
     tp: int = 1
     """Tensor-parallel ranks per stage, one process and one device each."""
+    dp: int = 1
+    """Data-parallel chains: complete replicas (stages and expert workers), one after the other on the GPUs."""
     tp_backend: str | None = None
     """torch.distributed backend of the TP ranks; None: nccl on CUDA, gloo on CPU."""
     ep: int = 0
@@ -55,25 +65,48 @@ class UpOptions:
     log_dir: Path | None = None
     try_prompt: str | None = None
     """Once ready, send this prompt through the gateway and print the reply."""
+    restart: bool = True
+    """Restart a stage or expert worker that exits (False: its exit stops the mesh)."""
+    restart_policy: RestartPolicy = RestartPolicy()
+    gpus: int | None = None
+    """GPUs the layout may book on CUDA; None counts this machine's visible ones (`stagemesh compose`
+    plans for other machines)."""
+    advertise: Callable[[str, list[str]], str] | None = None
+    """(worker id, its devices) -> the ``host:port`` it listens on and peers reach it at; None:
+    ``host`` and a free local port (`stagemesh compose` gives service or host names)."""
 
 
 def plan_topology(opts: UpOptions) -> dict:
-    """The topology document: one chain of stages with their layers, addresses and devices,
+    """The topology document: ``dp`` chains, each with its stages (layers, addresses, devices)
     and (with ``ep``) its expert workers with the experts each holds.
 
-    ValueError (before anything starts) when the model or the machine cannot take the layout.
+    Every chain is a complete replica on its own ports; on CUDA chain ``c`` takes the
+    ``pp × tp + ep`` GPUs after chain ``c - 1``'s, so no GPU is booked twice. ValueError
+    (before anything starts) when the model or the machine cannot take the layout.
     """
     config = ModelConfig.from_dir(opts.model)
-    gpus = _visible_gpus() if opts.device == "cuda" else None
-    validate_layout(config, opts.pp, opts.tp, ep=opts.ep, gpus=gpus)
+    gpus = (_visible_gpus() if opts.gpus is None else opts.gpus) if opts.device == "cuda" else None
+    validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)
     specs = split_layers(config, opts.pp)
-    devices = stage_devices(opts.device, opts.pp, opts.tp)
+    per_chain = chain_devices(opts.pp, opts.tp, opts.ep)
+    return {
+        "model": str(opts.model.resolve()),
+        "num_layers": config.num_hidden_layers,
+        "block_size": 16,
+        "dtype": opts.dtype,
+        "chains": [_plan_chain(c, config, specs, opts, first_gpu=c * per_chain) for c in range(opts.dp)],
+    }
+
+
+def _plan_chain(chain: int, config: ModelConfig, specs: list[StageSpec], opts: UpOptions, first_gpu: int) -> dict:
+    """One chain's entry: its stages, then its expert workers on the GPUs after its stages'."""
+    devices = stage_devices(opts.device, opts.pp, opts.tp, first_gpu)
     stages = [
         {
             "stage": i,
             "start_layer": spec.start_layer,
             "end_layer": spec.end_layer,
-            "address": f"{opts.host}:{free_port()}",
+            "address": _address(opts, stage_worker_id(chain, i), devices[i]),
             "device": devices[i][0],
             "tp": opts.tp,
             "devices": devices[i],
@@ -82,28 +115,29 @@ def plan_topology(opts: UpOptions) -> dict:
         }
         for i, spec in enumerate(specs)
     ]
-    return {
-        "model": str(opts.model.resolve()),
-        "num_layers": config.num_hidden_layers,
-        "block_size": 16,
-        "dtype": opts.dtype,
-        "chains": [{"chain": 0, "stages": stages, "experts": _plan_experts(config, opts)}],
-    }
+    return {"chain": chain, "stages": stages, "experts": _plan_experts(config, opts, chain, first_gpu + opts.pp * opts.tp)}
 
 
-def _plan_experts(config: ModelConfig, opts: UpOptions) -> list[dict]:
-    """One chain's expert worker entries (none without ``ep``)."""
+def _plan_experts(config: ModelConfig, opts: UpOptions, chain: int, first_gpu: int) -> list[dict]:
+    """One chain's expert worker entries (none without ``ep``), on CUDA from GPU ``first_gpu`` on."""
     if not opts.ep:
         if opts.expert_replicas != 1:
             raise ValueError(f"expert replicas={opts.expert_replicas} needs expert workers: give --ep too")
         return []
     held = place_experts(config, opts.ep, opts.expert_replicas)
-    devices = expert_devices(opts.device, opts.pp * opts.tp, opts.ep)
+    devices = expert_devices(opts.device, first_gpu, opts.ep)
     return [
-        {"worker": w, "address": f"{opts.host}:{free_port()}", "device": devices[w],
+        {"worker": w, "address": _address(opts, expert_worker_id(chain, w), [devices[w]]), "device": devices[w],
          "experts": {str(layer): ids for layer, ids in experts.items()}}
         for w, experts in enumerate(held)
     ]
+
+
+def _address(opts: UpOptions, worker_id: str, devices: list[str]) -> str:
+    """Where worker ``worker_id`` listens and is reached: ``opts.advertise``'s answer, else ``host`` and a free port."""
+    if opts.advertise is not None:
+        return opts.advertise(worker_id, devices)
+    return f"{opts.host}:{free_port()}"
 
 
 def _visible_gpus() -> int:
@@ -120,9 +154,13 @@ class Mesh:
         self.redis = None
         self.redis_url = opts.redis_url
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
+        """Each child's command line, to start it again the same way (same port)."""
+        self.lifelines: dict[str, Lifeline] = {}
         self.spare: set[str] = set()
         """Children whose exit the mesh outlives: expert workers whose experts all have other replicas."""
         self._gone: set[str] = set()
+        """Children that exited for good (spare ones, and workers given up on)."""
         self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -136,15 +174,18 @@ class Mesh:
             self.redis = start_local_redis(data_dir=self.log_dir / "redis")
             self.redis_url = self.redis.url
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
-        stages, experts = topology["chains"][0]["stages"], topology["chains"][0]["experts"]
-        threads = max(1, _cores() // (len(stages) * self.opts.tp + len(experts)))  # per rank / expert worker
-        for s in stages:
-            self._spawn(stage_worker_id(0, s["stage"]), "stage_worker", "--chain", "0", "--stage", str(s["stage"]), "--threads", str(threads))
-        for e in experts:
-            name = expert_worker_id(0, e["worker"])
-            self._spawn(name, "expert_worker", "--chain", "0", "--worker", str(e["worker"]), "--threads", str(threads))
-            if self.opts.expert_replicas > 1:
-                self.spare.add(name)
+        # every rank and expert worker of every chain computes at once: share the cores out
+        processes = self.opts.dp * chain_devices(self.opts.pp, self.opts.tp, self.opts.ep)
+        threads = str(max(1, _cores() // processes))
+        for entry in topology["chains"]:
+            c = entry["chain"]
+            for s in entry["stages"]:
+                self._spawn(stage_worker_id(c, s["stage"]), "stage_worker", "--chain", str(c), "--stage", str(s["stage"]), "--threads", threads)
+            for e in entry["experts"]:
+                name = expert_worker_id(c, e["worker"])
+                self._spawn(name, "expert_worker", "--chain", str(c), "--worker", str(e["worker"]), "--threads", threads)
+                if self.opts.expert_replicas > 1:
+                    self.spare.add(name)
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
@@ -153,16 +194,21 @@ class Mesh:
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         common = ["--redis-url", self.redis_url, "--deployment", self.opts.deployment]
+        self.commands[name] = [sys.executable, "-m", module, *common, *args]
+        self._popen(name)
+        self.lifelines[name] = Lifeline(self.opts.restart_policy, started_at=time.monotonic())
+        log.info("started %s (pid %d), log %s", name, self.procs[name].pid, self.log_dir / f"{name}.log")
+
+    def _popen(self, name: str) -> None:
         logfile = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", module, *common, *args],
+            self.commands[name],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
         logfile.close()
-        log.info("started %s (pid %d), log %s", name, self.procs[name].pid, self.log_dir / f"{name}.log")
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the gateway's health answers SERVING; a child that exits first is an error."""
@@ -185,6 +231,38 @@ class Mesh:
                 continue
             tail = _tail(self.log_dir / f"{name}.log")
             raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+
+    def supervise(self, now: float | None = None) -> None:
+        """Once ready: restart the workers that exited (see the module NOTE); RuntimeError when
+        the gateway exited (it is not restarted), or when a worker exited and ``restart`` is off."""
+        if not self.opts.restart:
+            self.check_children()
+            return
+        gateway = self.procs["gateway"]
+        if gateway.poll() is not None:
+            raise RuntimeError(
+                f"the gateway exited with code {gateway.returncode}; stagemesh up does not restart the gateway, "
+                f"so it stops the mesh:\n{_tail(self.log_dir / 'gateway.log')}"
+            )
+        now = time.monotonic() if now is None else now
+        for name, proc in list(self.procs.items()):
+            if name != "gateway" and name not in self._gone and proc.poll() is not None:
+                self._revive(name, proc.returncode, now)
+
+    def _revive(self, name: str, code: int, now: float) -> None:
+        """Start an exited worker again once its backoff is over (or give it up)."""
+        life = self.lifelines[name]
+        if life.restart_at is None:
+            if life.died(now) is None:
+                self._gone.add(name)
+                log.error("%s exited with code %d, its %d quick deaths in a row: giving up on it (its chain stays "
+                          "out of service); see %s", name, code, life.quick_deaths, self.log_dir / f"{name}.log")
+                return
+            log.warning("%s exited with code %d; restarting it in %.1f s", name, code, life.restart_at - now)
+        if now >= life.restart_at:
+            self._popen(name)
+            life.restarted(now)
+            log.warning("restarted %s (pid %d, restart %d)", name, self.procs[name].pid, life.restarts)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the gateway, then the workers; SIGKILL what is left after ``grace``; stop Redis."""
@@ -265,14 +343,15 @@ def run_up(opts: UpOptions) -> int:
         stages = len(topology["chains"][0]["stages"])
         experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
         print(
-            f"stagemesh ready: gateway {mesh.gateway_address} | {stages} stage worker(s) x tp {opts.tp}{experts} "
+            f"stagemesh ready: gateway {mesh.gateway_address} | {opts.dp} chain(s) of {stages} stage worker(s) "
+            f"x tp {opts.tp}{experts} "
             f"on {opts.device} | redis {mesh.redis_url} | logs {mesh.log_dir}",
             flush=True,
         )
         if opts.try_prompt:
             _try(mesh.gateway_address, opts.try_prompt)
         while not stop["requested"]:
-            mesh.check_children()
+            mesh.supervise()
             time.sleep(0.5)
         return 0
     except RuntimeError as e:

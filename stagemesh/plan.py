@@ -12,27 +12,39 @@ from functools import lru_cache
 from .config import ModelConfig, StageSpec
 
 
-def validate_layout(config: ModelConfig, pp: int, tp: int, *, ep: int = 0, gpus: int | None = None) -> None:
+def validate_layout(
+    config: ModelConfig, pp: int, tp: int, *, ep: int = 0, dp: int = 1, gpus: int | None = None
+) -> None:
     """Refuse a pipeline × tensor-parallel (× expert-parallel) layout the model or the machine cannot take.
 
     ValueError naming the constraint and the numbers. ``ep``: expert worker processes per
-    chain (0: the experts stay in the stages). ``gpus``: the visible CUDA device count when
-    the layout runs on CUDA (one GPU per rank and per expert worker, ``pp × tp + ep`` of
-    them); None checks no GPUs.
+    chain (0: the experts stay in the stages). ``dp``: data-parallel chains, each a complete
+    replica. ``gpus``: the visible CUDA device count when the layout runs on CUDA (one GPU
+    per rank and per expert worker of every chain, ``dp × (pp × tp + ep)`` of them); None
+    checks no GPUs.
     """
     n = config.num_hidden_layers
     if not 1 <= pp <= n:
         raise ValueError(f"pp={pp} must be between 1 and the model's {n} layers")
     if tp < 1:
         raise ValueError(f"tp={tp} must be at least 1")
+    if dp < 1:
+        raise ValueError(f"dp={dp} must be at least 1 (the number of chains)")
     _check_tp(config, tp)
     if ep:
         _check_ep(config, ep, tp)
-    devices = pp * tp + ep
+    devices = dp * chain_devices(pp, tp, ep)
     if gpus is not None and devices > gpus:
         what = f"pp={pp} x tp={tp}" + (f" + ep={ep}" if ep else "")
+        if dp > 1:
+            what = f"dp={dp} x ({what})"
         one_per = "one per rank" + (" and expert worker" if ep else "")
         raise ValueError(f"{what} needs {devices} GPUs ({one_per}) but {gpus} are visible")
+
+
+def chain_devices(pp: int, tp: int, ep: int = 0) -> int:
+    """Devices (processes) of one chain: a GPU per TP rank of every stage and per expert worker."""
+    return pp * tp + ep
 
 
 def _check_ep(config: ModelConfig, ep: int, tp: int) -> None:
@@ -81,10 +93,11 @@ def place_experts(config: ModelConfig, ep: int, replicas: int = 1) -> list[dict[
     return [{layer: sorted(ids) for layer, ids in held.items()} for held in workers]
 
 
-def stage_devices(device: str, pp: int, tp: int) -> list[list[str]]:
-    """The torch device of each rank of each stage: stage ``s`` gets ``cuda:{s*tp} .. cuda:{s*tp+tp-1}``."""
+def stage_devices(device: str, pp: int, tp: int, first_gpu: int = 0) -> list[list[str]]:
+    """The torch device of each rank of each stage: stage ``s`` gets ``cuda:{f+s*tp} .. cuda:{f+s*tp+tp-1}``
+    (``f`` = ``first_gpu``, where this chain's GPUs start: chain ``c`` starts after chain ``c-1``'s)."""
     if device == "cuda":
-        return [[f"cuda:{s * tp + r}" for r in range(tp)] for s in range(pp)]
+        return [[f"cuda:{first_gpu + s * tp + r}" for r in range(tp)] for s in range(pp)]
     return [[device] * tp for _ in range(pp)]
 
 

@@ -327,5 +327,24 @@ class Scheduler:
     def kv_blocks_used(self) -> int:
         return self._blocks.num_used
 
+    @property
+    def kv_blocks_waiting(self) -> int:
+        """KV blocks the waiting requests will reserve when they are admitted."""
+        return sum(s.num_blocks for s in self._waiting)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Known tokens not computed yet: the prefill still ahead of waiting and running sequences."""
+        return sum(s.num_prefill - s.num_computed for s in (*self._waiting, *self._running) if not s.in_decode)
+
+    def cached_seq_ids(self) -> list[int]:
+        """Sequence ids whose KV cache a stage may still hold: every admitted sequence, those
+        queued to be freed, and those the in-flight plans free (a chain that lost those plans
+        may never have applied them). Sorted."""
+        ids = {*self._by_seq, *self._pending_free}
+        for plan in self._in_flight.values():
+            ids.update(plan.free)
+        return sorted(ids)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)

@@ -189,3 +189,29 @@ def test_the_topology_gives_each_chain_its_expert_workers_on_their_own_gpus(tmp_
 def test_replicas_without_expert_workers_are_refused(tmp_path):
     with pytest.raises(ValueError, match="expert replicas=2 needs expert workers: give --ep too"):
         plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), expert_replicas=2))
+
+
+# --- data parallelism ------------------------------------------------------------------------
+
+
+def test_dp_chains_are_complete_replicas_on_their_own_ports_and_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr("stagemesh.launch._visible_gpus", lambda: 10)
+    doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, dp=2, device="cuda"))
+    assert [c["chain"] for c in doc["chains"]] == [0, 1]
+    devices = [[s["device"] for s in c["stages"]] + [e["device"] for e in c["experts"]] for c in doc["chains"]]
+    assert devices == [[f"cuda:{g}" for g in range(5)], [f"cuda:{g}" for g in range(5, 10)]]  # none booked twice
+    addresses = [a for c in doc["chains"] for a in [s["address"] for s in c["stages"]] + [e["address"] for e in c["experts"]]]
+    assert len(set(addresses)) == 10
+    first, second = (c["stages"] for c in doc["chains"])
+    assert [(s["start_layer"], s["end_layer"]) for s in first] == [(s["start_layer"], s["end_layer"]) for s in second]
+    assert (find_stage(doc, 1, 1).next_address, find_stage(doc, 1, 1).device) == (None, "cuda:6")
+    assert find_stage(doc, 1, 0).next_address == second[1]["address"]
+    assert [r.worker_id for r in chain_replicas(doc, 1)] == ["expert-c1-e0", "expert-c1-e1", "expert-c1-e2"]
+
+
+def test_dp_counts_every_chain_s_gpus_and_must_be_positive():
+    with pytest.raises(ValueError, match=r"^dp=2 x \(pp=2 x tp=2\) needs 8 GPUs \(one per rank\) but 7 are visible$"):
+        validate_layout(config(), 2, 2, dp=2, gpus=7)
+    validate_layout(config(), 2, 2, dp=2, gpus=8)
+    with pytest.raises(ValueError, match=r"^dp=0 must be at least 1"):
+        validate_layout(config(), 1, 1, dp=0)

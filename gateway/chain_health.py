@@ -1,0 +1,107 @@
+"""Whether each chain can serve, kept current: every worker of it heartbeats in Redis and
+answers its ``grpc.health.v1`` check SERVING.
+
+NOTE: every ``INTERVAL_S`` the watch reads the registry (heartbeat keys expire ``TTL_S`` = 3 s
+after a worker's last beat) and checks every worker's health (``CHECK_TIMEOUT_S`` each, all
+at once). A worker is *down* when its heartbeat expired or ``MISSES`` checks in a row failed
+(an error, a timeout, NOT_SERVING). So a killed worker (connection refused) is down within
+about a second and a hung one (SIGSTOP: checks time out) within about three. A chain is
+healthy while all its stage workers are up and every expert of its MoE layers has an expert
+worker up that holds it. When a healthy chain has a worker down it is taken out of service
+(``Router.fence``); when an unhealthy one has every worker up again it is put back
+(``Router.revive``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stagemesh.errors import StagemeshError
+from stagemesh.placement import chain_replicas
+from stagemesh.store import ExpertReplica, Store, stage_worker_id
+
+from .router import Router
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_S = 0.5
+CHECK_TIMEOUT_S = 1.0
+MISSES = 2
+"""Failed health checks in a row after which a worker counts as down."""
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class ChainWatch:
+    """Polls every worker of every chain and takes chains out of service and back (see the NOTE)."""
+
+    def __init__(self, store: Store, router: Router, topology: dict[str, Any]):
+        self.store, self.router = store, router
+        chains = sorted(topology.get("chains", ()), key=lambda c: c["chain"])
+        self.stages: dict[int, list[tuple[str, str]]] = {
+            c["chain"]: [(stage_worker_id(c["chain"], s["stage"]), s["address"]) for s in c["stages"]] for c in chains
+        }
+        """chain -> (worker id, address) of each stage worker."""
+        self.experts: dict[int, list[ExpertReplica]] = {c["chain"]: chain_replicas(topology, c["chain"]) for c in chains}
+        self._misses: dict[str, int] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except StagemeshError as err:
+                logger.warning("cannot read worker health: %s", err.message)
+            await asyncio.sleep(INTERVAL_S)
+
+    async def poll(self) -> None:
+        """One round: the registry, every health check, then each chain's verdict acted on."""
+        alive = {w.worker_id for w in await self.store.list_workers() if w.alive}
+        workers = {wid: address for chain in self.stages for wid, address in self._workers(chain)}
+        answers = await asyncio.gather(*(self._check(address) for address in workers.values()))
+        for wid, ok in zip(workers, answers):
+            self._misses[wid] = 0 if ok else self._misses.get(wid, 0) + 1
+        down = {wid: "no heartbeat" for wid in workers if wid not in alive}
+        down.update({wid: "health check failing" for wid in workers if self._misses[wid] >= MISSES and wid not in down})
+        for handle in self.router.chains:
+            missing = self.missing(handle.chain_id, down)
+            if handle.healthy and missing:
+                await self.router.fence(handle, handle.engine, "; ".join(f"{w}: {why}" for w, why in missing.items()))
+            elif not handle.healthy and not missing:
+                await self.router.revive(handle)
+
+    def missing(self, chain: int, down: dict[str, str]) -> dict[str, str]:
+        """The workers down that keep ``chain`` from serving (why, by worker id); empty when it can serve."""
+        missing = {wid: down[wid] for wid, _ in self.stages.get(chain, ()) if wid in down}
+        replicas = self.experts.get(chain, [])
+        held = {(layer, e) for r in replicas for layer, ids in r.experts.items() for e in ids}
+        live = {(layer, e) for r in replicas if r.worker_id not in down for layer, ids in r.experts.items() for e in ids}
+        if held - live:  # some expert has no replica up
+            missing.update({r.worker_id: down[r.worker_id] for r in replicas if r.worker_id in down})
+        return missing
+
+    def _workers(self, chain: int) -> list[tuple[str, str]]:
+        return [*self.stages[chain], *((r.worker_id, r.address) for r in self.experts.get(chain, ()))]
+
+    async def _check(self, address: str) -> bool:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S)
+        except grpc.RpcError:
+            # NOTE: a fresh channel next time: this one may sit in reconnect backoff long after the worker is back.
+            del self._channels[address]
+            await channel.close()
+            return False
+        return reply.status == SERVING
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
