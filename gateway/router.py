@@ -53,6 +53,8 @@ class ChainHandle:
     """Times it left service."""
     served_before: int = 0
     """Requests finished by the engines it had before the current one."""
+    last_admitted: int = 0
+    """The router's admission count when it last took a request (ties go to the chain idle longest)."""
 
     @property
     def requests_served(self) -> int:
@@ -70,13 +72,15 @@ class ChainHandle:
 
 
 class Router:
-    """Admits each request to the healthy chain with the most free KV room (then the fewest
-    queued tokens); remembers where it runs; moves it when its chain fails."""
+    """Admits each request to the healthy chain with the most free KV room, then the fewest
+    queued tokens, then the one that took a request least recently; remembers where it runs;
+    moves it when its chain fails."""
 
     def __init__(self, *, failover_wait_s: float = FAILOVER_WAIT_S) -> None:
         self.chains: list[ChainHandle] = []
         self.failover_wait_s = failover_wait_s
         self._active: dict[str, ChainHandle] = {}
+        self._admissions = 0
 
     def add(self, handle: ChainHandle) -> None:
         self.chains.append(handle)
@@ -88,12 +92,17 @@ class Router:
         best = self._best()
         if best is None:
             raise Unavailable(self._why_unavailable())
-        self._active[request_id] = best
+        self._assign(request_id, best)
         return best
 
     def _best(self) -> ChainHandle | None:
         healthy = [h for h in self.chains if h.healthy]
-        return max(healthy, key=lambda h: (h.free_kv_blocks, -h.queued_tokens), default=None)
+        return max(healthy, key=lambda h: (h.free_kv_blocks, -h.queued_tokens, -h.last_admitted), default=None)
+
+    def _assign(self, request_id: str, handle: ChainHandle) -> None:
+        self._admissions += 1
+        handle.last_admitted = self._admissions
+        self._active[request_id] = handle
 
     def release(self, request_id: str) -> None:
         self._active.pop(request_id, None)
@@ -117,7 +126,7 @@ class Router:
                 self._active.pop(request_id, None)
                 raise Unavailable(f"{self._why_unavailable()} (waited {self.failover_wait_s:g} s for one to come back)")
             await asyncio.sleep(POLL_S)
-        self._active[request_id] = best
+        self._assign(request_id, best)
         return best
 
     async def fence(self, handle: ChainHandle, engine: Engine, why: str) -> None:

@@ -130,6 +130,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (the mesh's model, for the compared systems and the figures)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of the mesh brought up for the run")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage of that mesh")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel chains of that mesh")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--addr", default=None, help="HOST:PORT of a running mesh to benchmark instead of bringing one up")
     p.add_argument("--redis-url", default=None, help="with --addr: that mesh's Redis, for per-stage busy figures")
@@ -167,6 +168,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shape=shape,
         pp=args.pp,
         tp=args.tp,
+        dp=args.dp,
         addr=args.addr,
         redis_url=args.redis_url,
         compare=tuple(s.strip() for s in args.compare.split(",") if s.strip()),

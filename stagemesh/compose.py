@@ -222,7 +222,7 @@ def header(layout: Layout, how: Render) -> str:
     return (
         "# A stagemesh deployment, rendered by `stagemesh compose`; render it again rather than edit it:\n"
         f"#   {shlex.join(['stagemesh', 'compose', *args])} > compose.yaml\n"
-        "# Build the image first (`docker build -t stagemesh:latest .`), then `docker compose up -d`;\n"
+        f"# Build the image first (`docker build -t {how.image} .`), then `docker compose up -d`;\n"
         "# add `--profile monitoring` for Prometheus (:9090) and Grafana (:3000). See README.md.\n"
     )
 

@@ -247,16 +247,16 @@ class Mesh:
         now = time.monotonic() if now is None else now
         for name, proc in list(self.procs.items()):
             if name != "gateway" and name not in self._gone and proc.poll() is not None:
-                self._revive(name, proc.returncode, now)
+                self._restart(name, proc.returncode, now)
 
-    def _revive(self, name: str, code: int, now: float) -> None:
+    def _restart(self, name: str, code: int, now: float) -> None:
         """Start an exited worker again once its backoff is over (or give it up)."""
         life = self.lifelines[name]
         if life.restart_at is None:
             if life.died(now) is None:
                 self._gone.add(name)
-                log.error("%s exited with code %d, its %d quick deaths in a row: giving up on it (its chain stays "
-                          "out of service); see %s", name, code, life.quick_deaths, self.log_dir / f"{name}.log")
+                log.error("%s exited with code %d (%d quick deaths in a row): giving up on it; its chain stays "
+                          "out of service; see %s", name, code, life.quick_deaths, self.log_dir / f"{name}.log")
                 return
             log.warning("%s exited with code %d; restarting it in %.1f s", name, code, life.restart_at - now)
         if now >= life.restart_at:

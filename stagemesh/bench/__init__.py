@@ -40,6 +40,8 @@ class BenchSpec:
     """Pipeline stages of the mesh brought up for the run (ignored with ``addr``)."""
     tp: int = 1
     """Tensor-parallel ranks per stage of that mesh (ignored with ``addr``)."""
+    dp: int = 1
+    """Data-parallel chains of that mesh (ignored with ``addr``)."""
     addr: str | None = None
     """Benchmark the running mesh at this gateway instead of bringing one up."""
     redis_url: str | None = None
@@ -58,8 +60,8 @@ class BenchSpec:
         unknown = set(self.compare) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--compare {','.join(sorted(unknown))}: choose among {','.join(SYSTEMS)}")
-        if self.pp < 1 or self.tp < 1:
-            raise ValueError(f"--pp={self.pp} and --tp={self.tp} must be at least 1")
+        if self.pp < 1 or self.tp < 1 or self.dp < 1:
+            raise ValueError(f"--pp={self.pp}, --tp={self.tp} and --dp={self.dp} must be at least 1")
         if not self.mesh and not self.compare:
             raise ValueError("--no-mesh leaves nothing to run: add --compare hf,inprocess")
         if self.redis_url and not self.addr:
@@ -69,7 +71,9 @@ class BenchSpec:
 
     @property
     def layout(self) -> str:
-        return f"at {self.addr}" if self.addr else f"pp={self.pp} tp={self.tp}"
+        if self.addr:
+            return f"at {self.addr}"
+        return f"pp={self.pp} tp={self.tp}" + (f" dp={self.dp}" if self.dp > 1 else "")
 
 
 def run_bench(spec: BenchSpec) -> dict:
@@ -115,7 +119,7 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
     bar = _bar(f"mesh {spec.layout}", requests)
     if spec.addr:
         return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar)
-    with mesh_up(spec.model, pp=spec.pp, tp=spec.tp, device=spec.device, log_dir=spec.log_dir) as (addr, redis_url):
+    with mesh_up(spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir) as (addr, redis_url):
         return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar)
 
 

@@ -71,7 +71,9 @@ async def _busy_intervals(redis_url: str) -> dict[str, list]:
     return {wid: m.get("busy_intervals", []) for wid, m in metrics.items() if wid.startswith("stage-")}
 
 
-def test_micro_batches_overlap_across_stages_and_bad_requests_are_refused(model_dir, tmp_path):
+def test_micro_batches_overlap_across_stages_and_bad_requests_are_refused(tmp_path):
+    # Wide enough that a step is compute, not messaging: overlap shows only when stages compute.
+    model_dir = make_hf_checkpoint("llama", tmp_path / "wide", num_layers=4, hidden_size=256, intermediate_size=1024)
     with stagemesh_up(model_dir, tmp_path / "logs", "--pp", "2") as (addr, redis_url, _):
 
         async def load():

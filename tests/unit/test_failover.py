@@ -169,3 +169,13 @@ def test_a_chain_back_in_service_frees_its_old_sequences_and_runs_a_fresh_engine
     assert [e.token_id for e in second] == expected((9,), 6)
     assert chain.healthy and chain.outages == 1 and chain.requests_served == 2
     assert remote.kv == {}  # the old sequence was freed on the "surviving stages", the new ones at their end
+
+
+def test_requests_one_after_another_on_idle_chains_take_turns():
+    async def main():
+        async with gateway(n=3) as (router, _, journal, _store):
+            for i in range(6):
+                await collect(router, journal, f"r{i}", (i + 1,), 2)
+            return [h.requests_served for h in router.chains]
+
+    assert asyncio.run(main()) == [2, 2, 2]
