@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stagemesh.model.moe import Experts
+from stagemesh.model.moe import Experts, ExpertsOnRankZero
 from stagemesh.model.parallel import TPGroup
 
 from .runner import StageRunner
@@ -27,6 +27,8 @@ class StageOptions:
     tp_backend: str | None = None
     """torch.distributed backend; None takes the topology's, then nccl on CUDA / gloo on CPU."""
     log_level: str = "INFO"
+    remote_experts: bool = False
+    """The chain's routed experts run on expert workers (TP ranks > 0 then stand in with zeros)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -37,6 +39,8 @@ def build_runner(
 ) -> StageRunner:
     """This rank's runner: its TP slice of the stage's layers on ``device``; ``experts``: the
     routed experts of its MoE layers when they run elsewhere (expert workers)."""
+    if experts is None and opts.remote_experts and tp.rank > 0:
+        experts = ExpertsOnRankZero()
     return StageRunner(
         place.model,
         place.spec,

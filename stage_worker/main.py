@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -217,7 +218,8 @@ class StageWorker:
     async def _load(self, stop: asyncio.Event) -> bool:
         """Load the weights (every TP rank's); False when a stop signal came first."""
         if self.place.tp > 1:
-            self.ranks, make_stage = launch_tp(self.place, self.opts)
+            opts = dataclasses.replace(self.opts, remote_experts=self.experts is not None)
+            self.ranks, make_stage = launch_tp(self.place, opts, self.experts)
         else:
             def make_stage() -> LocalStage:
                 runner = build_runner(self.place, self.opts, self.place.device, experts=self.experts)

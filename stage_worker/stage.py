@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.model.moe import Experts
 from stagemesh.redis_server import free_port
 from stagemesh.serving.types import StepPlan, StepResult
 from stagemesh.v1 import stage_pb2
@@ -111,7 +112,9 @@ class TPStage:
             leave_group()
 
 
-def launch_tp(place: StagePlace, opts: StageOptions) -> tuple[RankProcesses, Callable[[], TPStage]]:
+def launch_tp(
+    place: StagePlace, opts: StageOptions, experts: Experts | None = None
+) -> tuple[RankProcesses, Callable[[], TPStage]]:
     """Start ranks 1..T-1 (call on the main thread); the callable joins them as rank 0 and
     loads this rank's weights (call it on the step thread). It returns once every rank has loaded."""
     backend = tp_backend(place.devices[0], opts.tp_backend or place.tp_backend)
@@ -120,7 +123,7 @@ def launch_tp(place: StagePlace, opts: StageOptions) -> tuple[RankProcesses, Cal
 
     def build() -> TPStage:
         group = join_group(0, place.tp, init_method, backend, place.devices[0])
-        runner = build_runner(place, opts, place.devices[0], group.tp)
+        runner = build_runner(place, opts, place.devices[0], group.tp, experts)
         per_rank = all_gather_int(weight_bytes(runner), group.control)  # returns once every rank has loaded
         log.info("stage %s: %d tp ranks on %s over %s, weight bytes per rank %s",
                  place.name, place.tp, list(place.devices), backend, per_rank)

@@ -51,10 +51,6 @@ def _check_ep(config: ModelConfig, ep: int, tp: int) -> None:
     if ep < 0:
         raise ValueError(f"ep={ep} must be at least 0 (0 keeps the experts in the stages)")
     _require_moe(config, ep)
-    if tp > 1:
-        # NOTE: with TP every rank holds a slice of every expert and the MoE block all-reduces
-        # partial sums; remote experts would answer rank 0 only. Not supported yet.
-        raise ValueError(f"ep={ep} with tp={tp} is not supported yet: use tp=1 with expert workers")
 
 
 def _require_moe(config: ModelConfig, ep: int) -> None:

@@ -63,6 +63,18 @@ class Experts(Protocol):
     def __call__(self, layer: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
 
 
+class ExpertsOnRankZero:
+    """Stands in for remote experts on TP ranks other than 0.
+
+    With expert workers and TP, rank 0 alone asks the workers (it is the one that talks to
+    the mesh); the other ranks contribute zero rows, and the MoE block's all-reduce — which
+    sums every rank's partial output anyway — hands rank 0's answer to all of them.
+    """
+
+    def __call__(self, layer: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 class LocalExperts(nn.Module):
     """Some experts of one MoE layer, held in this process; TP splits each expert's intermediate dim.
 

@@ -157,3 +157,23 @@ def test_sigterm_stops_every_rank(checkpoints, tmp_path):
     time.sleep(0.5)
     assert [p for p in pids if pid_alive(p)] == []
     assert "tp rank 1 of stage c0-s0 stopped" in (tmp_path / "logs" / "stage-c0-s0.log").read_text()
+
+
+TP_EP = [("qwen2_moe", 2), ("mixtral", 1)]
+
+
+@pytest.mark.parametrize(("family", "pp"), TP_EP, ids=[f"{f}-pp{p}xtp2xep2" for f, p in TP_EP])
+def test_tp_stages_with_expert_workers_give_transformers_greedy_tokens(checkpoints, tmp_path, family, pp):
+    # TP rank 0 asks the expert workers; the other ranks add zero rows to the block's all-reduce,
+    # while the shared expert (Qwen2-MoE) stays split over the ranks.
+    model_dir = checkpoints[family]
+    requests = _requests(5, seed=pp + 7)
+    args = ("--pp", str(pp), "--tp", "2", "--ep", "2")
+    with stagemesh_up(model_dir, tmp_path / "logs", *args) as (addr, _, _):
+        results = asyncio.run(_generate_all(addr, requests))
+        status = Client(addr).status()
+    roles = sorted(w["role"] for w in status["workers"])
+    assert roles == ["expert"] * 2 + ["stage"] * pp, roles
+    reference = hf_model(model_dir)
+    for n, (req, res) in enumerate(zip(requests, results)):
+        teacher_forcing_check(reference, req["token_ids"], res.token_ids, request=f"{family} pp={pp} tp=2 ep=2 request {n}")

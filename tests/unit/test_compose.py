@@ -187,8 +187,6 @@ def test_a_tp_stage_books_all_its_ranks_gpus_and_gets_shared_memory_for_nccl(mod
     assert workers["stage-c0-s1"]["shm_size"] == "2147483648"
 
 
-@pytest.mark.xfail(strict=True, reason="the planner refuses expert workers with tp > 1 (plan._check_ep): "
-                                       "remote experts with TP ranks are not supported yet")
 def test_pp2_tp2_ep2_dp2_renders_four_stages_and_four_expert_workers_on_twelve_gpus(model, tmp_path):
     workers = workers_of(render(model, tmp_path, "--pp", "2", "--tp", "2", "--ep", "2", "--dp", "2", "--gpus", "12"))
     assert sorted(workers) == sorted([f"stage-c{c}-s{s}" for c in (0, 1) for s in (0, 1)]
