@@ -29,9 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stage_worker.heartbeat import Heartbeat
 from stage_worker.main import SERVER_OPTIONS
 from stage_worker.topology import default_host, port_of
-from stagemesh.errors import StagemeshError
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
+from stagemesh.worker_startup import StartupError, connect_store, find_place
 
 from .place import ExpertPlace, find_expert_worker
 from .runner import ExpertRunner
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 EXPERT_SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class StartupError(Exception):
-    """The worker cannot start; the message says what to fix."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,36 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.topology_wait_s
-    store = await _connect(args, deadline)
+    store = await connect_store(args.redis_url, args.deployment, deadline)
     try:
-        place = await _read_place(store, args, deadline)
+        place = await find_place(
+            store, args.deployment, args.topology_wait_s, deadline, lambda doc: find_expert_worker(doc, args.chain, args.worker)
+        )
         return await ExpertWorker(args, place, store).serve()
     finally:
         await store.close()
-
-
-async def _connect(args: argparse.Namespace, deadline: float) -> Store:
-    while True:
-        try:
-            return await Store.connect(args.redis_url, args.deployment)
-        except StagemeshError as err:
-            if time.monotonic() > deadline:
-                raise StartupError(str(err)) from err
-            await asyncio.sleep(0.5)
-
-
-async def _read_place(store: Store, args: argparse.Namespace, deadline: float) -> ExpertPlace:
-    while (doc := await store.get_topology()) is None:
-        if time.monotonic() > deadline:
-            raise StartupError(
-                f"no topology in Redis at {args.redis_url} (deployment {args.deployment!r}) after "
-                f"{args.topology_wait_s:.0f} s; `stagemesh up` writes it (Store.set_topology)"
-            )
-        await asyncio.sleep(0.2)
-    try:
-        return find_expert_worker(doc, args.chain, args.worker)
-    except ValueError as err:
-        raise StartupError(f"the topology in Redis at {args.redis_url}: {err}") from err
 
 
 class ExpertWorker:

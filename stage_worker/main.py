@@ -34,6 +34,7 @@ from stagemesh.placement import chain_replicas
 from stagemesh.plan import validate_layout
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
+from stagemesh.worker_startup import StartupError, connect_store, find_place
 
 from .build import StageOptions, build_runner
 from .downstream import MESSAGE_OPTIONS
@@ -61,10 +62,6 @@ WATCH_S = 0.2
 """How often rank 0 polls its TP rank processes."""
 FAILED_EXIT_GRACE_S = 3.0
 """After a TP rank died: how long the worker stays up, unhealthy and answering UNAVAILABLE, before it exits 1."""
-
-
-class StartupError(Exception):
-    """The worker cannot start; the message says what to fix."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,37 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.topology_wait_s
-    store = await _connect(args, deadline)
+    store = await connect_store(args.redis_url, args.deployment, deadline)
     try:
-        place = await _read_place(store, args, deadline)
+        place = await find_place(
+            store, args.deployment, args.topology_wait_s, deadline, lambda doc: find_stage(doc, args.chain, args.stage)
+        )
         _check_layout(place)
         return await StageWorker(args, place, store).serve()
     finally:
         await store.close()
-
-
-async def _connect(args: argparse.Namespace, deadline: float) -> Store:
-    while True:
-        try:
-            return await Store.connect(args.redis_url, args.deployment)
-        except StagemeshError as err:
-            if time.monotonic() > deadline:
-                raise StartupError(str(err)) from err
-            await asyncio.sleep(0.5)
-
-
-async def _read_place(store: Store, args: argparse.Namespace, deadline: float) -> StagePlace:
-    while (doc := await store.get_topology()) is None:
-        if time.monotonic() > deadline:
-            raise StartupError(
-                f"no topology in Redis at {args.redis_url} (deployment {args.deployment!r}) after "
-                f"{args.topology_wait_s:.0f} s; `stagemesh up` writes it (Store.set_topology)"
-            )
-        await asyncio.sleep(0.2)
-    try:
-        return find_stage(doc, args.chain, args.stage)
-    except ValueError as err:
-        raise StartupError(f"the topology in Redis at {args.redis_url}: {err}") from err
 
 
 def _check_layout(place: StagePlace) -> None:
