@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a CLI answers with one line, never a traceback
+        logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
+        print(f"error: {type(e).__name__}: {e} (run with --log-level DEBUG for the traceback)", file=sys.stderr)
     return 1
 
 
