@@ -2,8 +2,8 @@
 answers its ``grpc.health.v1`` check SERVING.
 
 NOTE: every ``INTERVAL_S`` the watch reads the registry (heartbeat keys expire ``TTL_S`` = 3 s
-after a worker's last beat) and checks every worker's health (``CHECK_TIMEOUT_S`` each, all
-at once). A worker is *down* when its heartbeat expired or ``MISSES`` checks in a row failed
+after a worker's last beat) and checks every worker's health (``HealthProbe``'s 1 s timeout
+each, all at once). A worker is *down* when its heartbeat expired or ``MISSES`` checks in a row failed
 (an error, a timeout, NOT_SERVING). So a killed worker (connection refused) is down within
 about a second and a hung one (SIGSTOP: checks time out) within about three. A chain is
 healthy while all its stage workers are up and every expert of its MoE layers has an expert
@@ -18,30 +18,25 @@ import asyncio
 import logging
 from typing import Any
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from stagemesh.errors import StagemeshError
 from stagemesh.placement import chain_replicas
 from stagemesh.store import ExpertReplica, Store, stage_worker_id
 
+from .health_probe import HealthProbe
 from .router import Router
 
 logger = logging.getLogger(__name__)
 
 INTERVAL_S = 0.5
-CHECK_TIMEOUT_S = 1.0
 MISSES = 2
 """Failed health checks in a row after which a worker counts as down."""
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class ChainWatch:
     """Polls every worker of every chain and takes chains out of service and back (see the NOTE)."""
 
-    def __init__(self, store: Store, router: Router, topology: dict[str, Any]):
-        self.store, self.router = store, router
+    def __init__(self, store: Store, router: Router, topology: dict[str, Any], probe: HealthProbe):
+        self.store, self.router, self.probe = store, router, probe
         chains = sorted(topology.get("chains", ()), key=lambda c: c["chain"])
         self.stages: dict[int, list[tuple[str, str]]] = {
             c["chain"]: [(stage_worker_id(c["chain"], s["stage"]), s["address"]) for s in c["stages"]] for c in chains
@@ -49,7 +44,6 @@ class ChainWatch:
         """chain -> (worker id, address) of each stage worker."""
         self.experts: dict[int, list[ExpertReplica]] = {c["chain"]: chain_replicas(topology, c["chain"]) for c in chains}
         self._misses: dict[str, int] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self) -> None:
         while True:
@@ -63,7 +57,7 @@ class ChainWatch:
         """One round: the registry, every health check, then each chain's verdict acted on."""
         alive = {w.worker_id for w in await self.store.list_workers() if w.alive}
         workers = {wid: address for chain in self.stages for wid, address in self._workers(chain)}
-        answers = await asyncio.gather(*(self._check(address) for address in workers.values()))
+        answers = await asyncio.gather(*(self.probe.serving(address) for address in workers.values()))
         for wid, ok in zip(workers, answers):
             self._misses[wid] = 0 if ok else self._misses.get(wid, 0) + 1
         down = {wid: "no heartbeat" for wid in workers if wid not in alive}
@@ -87,21 +81,3 @@ class ChainWatch:
 
     def _workers(self, chain: int) -> list[tuple[str, str]]:
         return [*self.stages[chain], *((r.worker_id, r.address) for r in self.experts.get(chain, ()))]
-
-    async def _check(self, address: str) -> bool:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S)
-        except grpc.RpcError:
-            # NOTE: a fresh channel next time: this one may sit in reconnect backoff long after the worker is back.
-            del self._channels[address]
-            await channel.close()
-            return False
-        return reply.status == SERVING
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()

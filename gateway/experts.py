@@ -13,31 +13,26 @@ import asyncio
 import logging
 from typing import Any
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from stagemesh.errors import StagemeshError
 from stagemesh.placement import chain_replicas
 from stagemesh.store import ExpertReplica, Store
 
+from .health_probe import HealthProbe
+
 logger = logging.getLogger(__name__)
 
 WATCH_S = 1.0
-CHECK_TIMEOUT_S = 1.0
 LOG_EVERY_S = 10.0
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class ExpertWatch:
     """Every chain's expert workers: publishes their placement and keeps each one's liveness current."""
 
-    def __init__(self, store: Store, topology: dict[str, Any]):
-        self.store = store
+    def __init__(self, store: Store, topology: dict[str, Any], probe: HealthProbe):
+        self.store, self.probe = store, probe
         chains = (c["chain"] for c in topology.get("chains", ()))
         self.replicas: dict[int, list[ExpertReplica]] = {c: rs for c in chains if (rs := chain_replicas(topology, c))}
         self.live: dict[str, bool] = {r.worker_id: True for rs in self.replicas.values() for r in rs}
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -51,7 +46,7 @@ class ExpertWatch:
     async def _wait_serving(self) -> None:
         loop = asyncio.get_running_loop()
         next_log = loop.time() + LOG_EVERY_S
-        while missing := [r.worker_id for r in self._all() if not await self._serving(r.address)]:
+        while missing := [r.worker_id for r in self._all() if not await self.probe.serving(r.address)]:
             if loop.time() >= next_log:
                 logger.info("still waiting for expert workers %s to serve", ", ".join(missing))
                 next_log = loop.time() + LOG_EVERY_S
@@ -61,7 +56,7 @@ class ExpertWatch:
         while True:
             try:
                 alive = {w.worker_id for w in await self.store.list_workers() if w.alive}
-                serving = await asyncio.gather(*(self._serving(r.address) for r in self._all()))
+                serving = await asyncio.gather(*(self.probe.serving(r.address) for r in self._all()))
                 for (chain, replica), ok in zip(self._by_chain(), serving):
                     await self._mark(chain, replica.worker_id, ok and replica.worker_id in alive)
             except StagemeshError as err:
@@ -75,21 +70,6 @@ class ExpertWatch:
             logger.warning("expert worker %s is %s: its replicas are marked %s", worker_id,
                            "back" if live else "DOWN", "up" if live else "down")
 
-    async def _serving(self, address: str) -> bool:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S
-            )
-        except grpc.RpcError:
-            # NOTE: a fresh channel next time: this one may sit in reconnect backoff long after the worker is back.
-            del self._channels[address]
-            await channel.close()
-            return False
-        return reply.status == SERVING
-
     def _all(self) -> list[ExpertReplica]:
         return [r for _, r in self._by_chain()]
 
@@ -100,5 +80,3 @@ class ExpertWatch:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for channel in self._channels.values():
-            await channel.close()

@@ -33,6 +33,7 @@ from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grp
 from .chain_client import RemoteChain
 from .chain_health import ChainWatch
 from .experts import ExpertWatch
+from .health_probe import HealthProbe
 from .http import start_http
 from .journal import JournalWriter
 from .metrics import GatewayMetrics
@@ -98,6 +99,8 @@ class Gateway:
         self.status: StatusReporter | None = None
         self.metrics = GatewayMetrics()
         self.health = health.aio.HealthServicer()
+        self.probe = HealthProbe()
+        """One health client for every watched worker (chains and expert placement share it)."""
         self.server: grpc.aio.Server | None = None
         self._http = None
         self._watch: asyncio.Task | None = None
@@ -114,13 +117,13 @@ class Gateway:
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
         await self._start_server(GatewayServicer(self.router, self.journal, tokenizer, self.status, self.metrics))
-        experts = ExpertWatch(self.store, topology)
+        experts = ExpertWatch(self.store, topology, self.probe)
         if experts.replicas:
             self.experts = experts
             await experts.start()  # the placement in Redis; returns once every expert worker serves
         for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
             self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
-        self.chain_watch = ChainWatch(self.store, self.router, topology)
+        self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe)
         self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
         for service in ("", GATEWAY_SERVICE):
             await self.health.set(service, SERVING)
@@ -154,9 +157,9 @@ class Gateway:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-            await self.chain_watch.close()
         if self.experts is not None:
             await self.experts.close()
+        await self.probe.close()
         for handle in self.router.chains:
             await handle.engine.stop()
             await handle.remote.close()

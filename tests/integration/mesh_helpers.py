@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import select
@@ -12,7 +13,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from stagemesh import AsyncClient
 from stagemesh.redis_server import free_port
+from stagemesh.store import Store
 
 
 @contextmanager
@@ -69,3 +72,15 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+async def generate_all(addr: str, requests: list[dict]) -> list:
+    """Every request (SDK ``generate`` keyword arguments) at once through the gateway at ``addr``."""
+    async with AsyncClient(addr, timeout=120) as client:
+        return await asyncio.gather(*(client.generate(**r) for r in requests))
+
+
+async def worker_figures(redis_url: str) -> dict[str, dict]:
+    """The figures every worker last published to Redis (deployment "default")."""
+    async with await Store.connect(redis_url) as store:
+        return await store.get_metrics()

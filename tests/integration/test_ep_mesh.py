@@ -17,7 +17,7 @@ from stagemesh import AsyncClient, Client
 from stagemesh.config import ModelConfig
 from stagemesh.store import Store
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
-from tests.integration.mesh_helpers import stagemesh_up
+from tests.integration.mesh_helpers import generate_all, stagemesh_up, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -48,23 +48,13 @@ def _requests(n: int, seed: int, max_new: int = 8) -> list[dict]:
     ]
 
 
-async def _generate_all(addr: str, requests: list[dict]) -> list:
-    async with AsyncClient(addr, timeout=120) as client:
-        return await asyncio.gather(*(client.generate(**r) for r in requests))
-
-
-async def _metrics(redis_url: str) -> dict[str, dict]:
-    async with await Store.connect(redis_url) as store:
-        return await store.get_metrics()
-
-
 def _settled_figures(
     redis_url: str, stages: list[str], experts: list[str], tokens: int, timeout_s: float = 8.0
 ) -> dict[str, dict]:
     """The workers' figures once every stage has run all ``tokens`` and every worker has beaten since."""
     deadline = time.monotonic() + timeout_s
     while True:
-        figures = asyncio.run(_metrics(redis_url))
+        figures = asyncio.run(worker_figures(redis_url))
         if all(w in figures for w in stages + experts):
             sent = sum(figures[s].get("expert_rows_sent", 0) for s in stages)
             run = sum(sum(figures[e].get("expert_tokens", {}).values()) for e in experts)
@@ -82,7 +72,7 @@ def test_ep_mesh_gives_transformers_greedy_tokens_and_sends_experts_only_their_r
     config = ModelConfig.from_dir(model_dir)
     requests = _requests(5, seed=ep * 10 + pp)
     with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), "--ep", str(ep)) as (addr, redis_url, _):
-        results = asyncio.run(_generate_all(addr, requests))
+        results = asyncio.run(generate_all(addr, requests))
         stage_ids = [f"stage-c0-s{s}" for s in range(pp)]
         expert_ids = [f"expert-c0-e{w}" for w in range(ep)]
         # every stage runs each prompt token and each generated token but the last, once
@@ -130,7 +120,7 @@ def test_sigkill_of_an_expert_worker_with_replicas_loses_no_request_and_changes_
     requests = [{**r, "max_new_tokens": 40, "ignore_eos": True} for r in _requests(5, seed=7)]
     args = ("--pp", "2", "--ep", "2", "--expert-replicas", "2", "--no-restart")  # it stays dead: the mesh goes on without it
     with stagemesh_up(checkpoints["mixtral"], tmp_path / "logs", *args) as (addr, redis_url, up):
-        undisturbed = [list(r.token_ids) for r in asyncio.run(_generate_all(addr, requests))]
+        undisturbed = [list(r.token_ids) for r in asyncio.run(generate_all(addr, requests))]
         with Client(addr) as client:
             victim = next(w for w in client.status()["workers"] if w["role"] == "expert")  # expert-c0-e0
         t_kill = []
@@ -146,7 +136,7 @@ def test_sigkill_of_an_expert_worker_with_replicas_loses_no_request_and_changes_
             while next(w for w in client.status()["workers"] if w["pid"] == victim["pid"])["healthy"]:
                 assert time.monotonic() < deadline, "the killed expert worker still reads healthy"
                 time.sleep(0.2)
-            after = asyncio.run(_generate_all(addr, requests[:2]))  # the mesh goes on without it
+            after = asyncio.run(generate_all(addr, requests[:2]))  # the mesh goes on without it
         assert up.poll() is None, "stagemesh up must outlive an expert worker that has replicas"
         placement = asyncio.run(_placement(redis_url))
 

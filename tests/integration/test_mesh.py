@@ -13,10 +13,9 @@ import time
 import pytest
 
 from stagemesh import AsyncClient, Client, InvalidArgument
-from stagemesh.store import Store
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import generate_json, write_jsonl
-from tests.integration.mesh_helpers import pid_alive, stagemesh_up
+from tests.integration.mesh_helpers import pid_alive, stagemesh_up, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,8 @@ def _overlap(a: list[list[float]], b: list[list[float]]) -> float:
     return total
 
 
-async def _busy_intervals(redis_url: str) -> dict[str, list]:
-    store = await Store.connect(redis_url)
-    try:
-        metrics = await store.get_metrics()
-    finally:
-        await store.close()
+def _busy_intervals(redis_url: str) -> dict[str, list]:
+    metrics = asyncio.run(worker_figures(redis_url))
     return {wid: m.get("busy_intervals", []) for wid, m in metrics.items() if wid.startswith("stage-")}
 
 
@@ -87,7 +82,7 @@ def test_micro_batches_overlap_across_stages_and_bad_requests_are_refused(tmp_pa
         assert isinstance(bad, InvalidArgument) and "100000" in bad.message
         assert all(len(r.token_ids) == 32 for r in good), [r for r in good if not hasattr(r, "token_ids")]
         time.sleep(1.5)  # one heartbeat: the figures reach Redis
-        intervals = asyncio.run(_busy_intervals(redis_url))
+        intervals = _busy_intervals(redis_url)
 
     first, second = intervals["stage-c0-s0"], intervals["stage-c0-s1"]
     busy_second = sum(e - s for s, e in second)

@@ -16,14 +16,13 @@ import grpc
 import pytest
 from safetensors import safe_open
 
-from stagemesh import AsyncClient, Client, StagemeshError
+from stagemesh import Client, StagemeshError
 from stagemesh.codec.messages import plan_to_pb
 from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
-from stagemesh.store import Store
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import run_cli
-from tests.integration.mesh_helpers import pid_alive, stagemesh_up
+from tests.integration.mesh_helpers import generate_all, pid_alive, stagemesh_up, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +44,6 @@ def _requests(n: int, seed: int) -> list[dict]:
     ]
 
 
-async def _generate_all(addr: str, requests: list[dict]) -> list:
-    async with AsyncClient(addr, timeout=120) as client:
-        return await asyncio.gather(*(client.generate(**r) for r in requests))
-
-
-async def _figures(redis_url: str) -> dict[str, dict]:
-    async with await Store.connect(redis_url) as store:
-        return await store.get_metrics()
-
-
 def _checkpoint_bytes(model_dir) -> int:
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         return sum(f.get_tensor(k).nbytes for k in f.keys())
@@ -65,10 +54,10 @@ def test_tp_mesh_gives_transformers_greedy_tokens(checkpoints, tmp_path, family,
     model_dir = checkpoints[family]
     requests = _requests(6, seed=pp * 10 + tp)
     with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), "--tp", str(tp)) as (addr, redis_url, _):
-        results = asyncio.run(_generate_all(addr, requests))
+        results = asyncio.run(generate_all(addr, requests))
         status = Client(addr).status()
         time.sleep(1.2)  # one heartbeat: the per-rank figures reach Redis
-        figures = asyncio.run(_figures(redis_url))
+        figures = asyncio.run(worker_figures(redis_url))
 
     stages = [w for w in status["workers"] if w["role"] == "stage"]
     assert len(stages) == pp and all(w["tp_size"] == tp and w["healthy"] for w in stages), stages
@@ -96,7 +85,7 @@ def test_up_refuses_a_tp_that_does_not_divide_the_heads_and_starts_nothing(check
 
 def _rank_pids(redis_url: str, worker: str, timeout_s: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while (pids := asyncio.run(_figures(redis_url)).get(worker, {}).get("rank_pids")) is None:
+    while (pids := asyncio.run(worker_figures(redis_url)).get(worker, {}).get("rank_pids")) is None:
         assert time.monotonic() < deadline, f"no rank_pids figure from {worker}"
         time.sleep(0.2)
     return pids
@@ -170,7 +159,7 @@ def test_tp_stages_with_expert_workers_give_transformers_greedy_tokens(checkpoin
     requests = _requests(5, seed=pp + 7)
     args = ("--pp", str(pp), "--tp", "2", "--ep", "2")
     with stagemesh_up(model_dir, tmp_path / "logs", *args) as (addr, _, _):
-        results = asyncio.run(_generate_all(addr, requests))
+        results = asyncio.run(generate_all(addr, requests))
         status = Client(addr).status()
     roles = sorted(w["role"] for w in status["workers"])
     assert roles == ["expert"] * 2 + ["stage"] * pp, roles
