@@ -101,6 +101,7 @@ class StageRunner:
             self.cache.block_size,
             self.device,
             self.config.sliding_window,
+            self.dtype,
         )
         if self.spec.is_first:
             flat = itertools.chain.from_iterable(c.token_ids for c in chunks)

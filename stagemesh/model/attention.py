@@ -1,10 +1,16 @@
 """Attention over the paged KV cache, for a micro-batch that mixes prefill chunks and decodes.
 
-NOTE: one step's tokens are flattened to ``[N, ...]`` (chunk after chunk). For attention they
-are scattered into a padded ``[B, max_q]`` layout, the keys of every sequence are gathered
-from its blocks into ``[B, max_k]``, and one masked SDPA call covers the whole micro-batch —
-no Python loop over sequences or tokens. The metadata is built once per step and shared by
-every layer of the stage.
+NOTE: one step's tokens are flattened to ``[N, ...]`` (chunk after chunk; the scheduler puts
+one-token decode chunks first). The metadata, built once per step and shared by every layer,
+splits the chunks in two padded batches:
+
+- the leading one-token chunks (decodes), attended as ``[B, 1]`` queries: no scatter of
+  queries, no mask over query rows — the common case, and the one every decode step is;
+- the rest (prefill chunks), scattered into a padded ``[B, max_q]`` layout.
+
+For each batch the keys and values of every sequence are gathered from its blocks
+(``index_select`` over block ids), and one SDPA call with an additive mask built per step
+covers the batch — no Python loop over sequences or tokens.
 """
 
 from __future__ import annotations
@@ -16,22 +22,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RotaryEmbedding
+from .layers import Rope, apply_rope
 from .loader import CheckpointReader
 from .parallel import QKVParallelLinear, RowParallelLinear, TPGroup
 
 
 @dataclass(frozen=True)
+class PaddedBatch:
+    """Some chunks of a step laid out as ``[B, max_q]`` queries over ``[B, max_k]`` cached keys."""
+
+    block_tables: torch.Tensor  # [B, blocks covering max_k] block ids, padded with 0
+    mask: torch.Tensor  # [B, 1, max_q, max_k] additive: 0 where a query may attend to a key, -inf elsewhere
+    q_index: torch.Tensor | None  # [n] index of each token in the padded [B * max_q] layout; None when max_q == 1
+    max_q: int
+    max_k: int
+
+
+@dataclass(frozen=True)
 class AttnMetadata:
-    """Where each token of a step sits: positions, cache slots, padded layout and mask."""
+    """Where each token of a step sits: positions, cache slots, and its padded batch."""
 
     positions: torch.Tensor  # [N] position of each token in its sequence
     slots: torch.Tensor  # [N] flat cache slot (block * block_size + offset) each token's K/V goes to
-    block_tables: torch.Tensor  # [B, blocks covering max_k] block ids, padded with 0
-    q_index: torch.Tensor  # [N] index of each token in the padded [B * max_q] layout
-    mask: torch.Tensor  # [B, 1, max_q, max_k] True where a query may attend to a key
-    max_q: int
-    max_k: int
+    num_decode: int  # leading one-token chunks (= their tokens), attended through ``decode``
+    decode: PaddedBatch | None
+    prefill: PaddedBatch | None  # every chunk after the leading one-token ones
 
     @classmethod
     def build(
@@ -42,34 +57,65 @@ class AttnMetadata:
         block_size: int,
         device: torch.device | str,
         sliding_window: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> "AttnMetadata":
         B = len(starts)
+        nd = next((i for i, n in enumerate(lens) if n != 1), B)
         starts_t = torch.tensor(starts, dtype=torch.int64)
         lens_t = torch.tensor(lens, dtype=torch.int64)
-        seq_of = torch.repeat_interleave(torch.arange(B), lens_t)  # [N]
-        first = torch.cumsum(lens_t, 0) - lens_t  # [B] index of each chunk's first token
-        offset = torch.arange(int(lens_t.sum())) - first[seq_of]  # [N]
+        nb = -(-max(s + n for s, n in zip(starts, lens)) // block_size)
+        bt = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)  # [B, nb]
+        seq_of, offset = _token_layout(lens_t)
         positions = starts_t[seq_of] + offset
-        max_q, max_k = max(lens), max(s + n for s, n in zip(starts, lens))
-        nb = -(-max_k // block_size)
-        bt = torch.zeros(B, nb, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            bt[i, : min(nb, len(t))] = torch.tensor(t[:nb])
         slots = bt[seq_of, positions // block_size] * block_size + positions % block_size
-        qpos = starts_t[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
-        kpos = torch.arange(max_k)[None, None, :]  # [1, 1, max_k]
-        mask = kpos <= qpos[:, :, None]  # causal, [B, max_q, max_k]
-        if sliding_window:
-            mask &= kpos > qpos[:, :, None] - sliding_window
+        batch = dict(block_size=block_size, window=sliding_window, dtype=dtype, device=device)
         return cls(
             positions=positions.to(device),
             slots=slots.to(device),
-            block_tables=bt.to(device),
-            q_index=(seq_of * max_q + offset).to(device),
-            mask=mask.unsqueeze(1).to(device),
-            max_q=max_q,
-            max_k=max_k,
+            num_decode=nd,
+            decode=_padded(starts_t[:nd], lens_t[:nd], bt[:nd], **batch) if nd else None,
+            prefill=_padded(starts_t[nd:], lens_t[nd:], bt[nd:], **batch) if nd < B else None,
         )
+
+
+def _token_layout(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For chunks of ``lens`` tokens laid end to end: each token's chunk and its index inside it, [N] each."""
+    seq_of = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    offset = torch.arange(len(seq_of)) - (torch.cumsum(lens, 0) - lens)[seq_of]
+    return seq_of, offset
+
+
+def _padded(
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    block_size: int,
+    window: int | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> PaddedBatch:
+    """The padded layout and mask of chunks ``(starts, lens)``; ``block_tables`` rows are theirs."""
+    B = len(starts)
+    max_q, max_k = int(lens.max()), int((starts + lens).max())
+    qpos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
+    kpos = torch.arange(max_k)[None, None, :]  # [1, 1, max_k]
+    allowed = kpos <= qpos[:, :, None]  # causal, [B, max_q, max_k]
+    if window:
+        allowed &= kpos > qpos[:, :, None] - window
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    q_index = None
+    if max_q > 1:
+        seq_of, offset = _token_layout(lens)
+        q_index = (seq_of * max_q + offset).to(device)
+    nb = -(-max_k // block_size)
+    return PaddedBatch(
+        block_tables=block_tables[:, :nb].to(device),
+        mask=mask.unsqueeze(1).to(device),
+        q_index=q_index,
+        max_q=max_q,
+        max_k=max_k,
+    )
 
 
 class Attention(nn.Module):
@@ -88,39 +134,46 @@ class Attention(nn.Module):
         self.qkv.load(reader, prefix)
         self.o_proj.load(reader, f"{prefix}.o_proj")
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        meta: AttnMetadata,
-        rotary: RotaryEmbedding,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        N, d = x.shape[0], self.head_dim
-        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q, k = rotary(meta.positions, q.view(N, self.num_heads, d), k.view(N, self.num_kv_heads, d))
-        # k_cache: [num_blocks, block_size, kv_heads, D] viewed as [slots, kv_heads, D]
-        k_cache.view(-1, self.num_kv_heads, d).index_copy_(0, meta.slots, k)
-        v_cache.view(-1, self.num_kv_heads, d).index_copy_(0, meta.slots, v.view(N, self.num_kv_heads, d))
-        out = _paged_attention(q, k_cache, v_cache, meta)  # [N, Hq * D]
+    def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor) -> torch.Tensor:
+        """x: [N, H]; kv_cache: this layer's [2, blocks, block_size, KVH, D]. Returns [N, H]."""
+        N, d, h, kvh = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x)  # [N, (Hq + 2 KVH) * D]
+        qk = apply_rope(qkv[:, : (h + kvh) * d].view(N, h + kvh, d), rope)  # [N, Hq + KVH, D], q and k rotated at once
+        q, k = qk.split([h, kvh], dim=1)
+        v = qkv[:, (h + kvh) * d :].view(N, kvh, d)
+        flat = kv_cache.view(2, -1, kvh, d)  # [2, slots, KVH, D]
+        flat[0].index_copy_(0, meta.slots, k)
+        flat[1].index_copy_(0, meta.slots, v)
+        nd = meta.num_decode
+        parts = []
+        if meta.decode is not None:
+            parts.append(_paged_attention(q[:nd], kv_cache, meta.decode))
+        if meta.prefill is not None:
+            parts.append(_paged_attention(q[nd:], kv_cache, meta.prefill))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, Hq * D]
         return self.o_proj(out)
 
 
-def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-    B, nb = meta.block_tables.shape
-    _, block_size, kvh, d = k_cache.shape
+def _paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+    """q: [n, Hq, D], the tokens of ``batch``'s chunks in order. Returns [n, Hq * D]."""
+    B, nb = batch.block_tables.shape
+    _, _, block_size, kvh, d = kv_cache.shape
     h = q.shape[1]
-    keys = k_cache[meta.block_tables].view(B, nb * block_size, kvh, d)[:, : meta.max_k]  # [B, max_k, KVH, D]
-    values = v_cache[meta.block_tables].view(B, nb * block_size, kvh, d)[:, : meta.max_k]
-    padded = q.new_zeros(B * meta.max_q, h, d)
-    padded[meta.q_index] = q
-    padded = padded.view(B, meta.max_q, h, d)  # [B, max_q, Hq, D]
+    blocks = batch.block_tables.flatten()
+    # NOTE: index_select, not kv_cache[:, tables]: advanced indexing copies 4-7x slower here.
+    k, v = (kv_cache[i].index_select(0, blocks).view(B, nb * block_size, kvh, d)[:, : batch.max_k] for i in (0, 1))  # [B, max_k, KVH, D]
+    if batch.q_index is None:
+        padded = q.unsqueeze(1)  # [B, 1, Hq, D]: one token per chunk, nothing to scatter
+    else:
+        padded = q.new_zeros(B * batch.max_q, h, d)
+        padded[batch.q_index] = q
+        padded = padded.view(B, batch.max_q, h, d)  # [B, max_q, Hq, D]
     out = F.scaled_dot_product_attention(
         padded.transpose(1, 2),  # [B, Hq, max_q, D]
-        keys.transpose(1, 2),  # [B, KVH, max_k, D]
-        values.transpose(1, 2),
-        attn_mask=meta.mask,
+        k.transpose(1, 2),  # [B, KVH, max_k, D]
+        v.transpose(1, 2),
+        attn_mask=batch.mask,
         enable_gqa=h != kvh,
     )  # [B, Hq, max_q, D]
-    return out.transpose(1, 2).reshape(B * meta.max_q, h * d)[meta.q_index]  # [N, Hq * D]
+    out = out.transpose(1, 2).reshape(B * batch.max_q, h * d)
+    return out if batch.q_index is None else out[batch.q_index]  # [n, Hq * D]

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ModelConfig, StageSpec
 from .attention import Attention, AttnMetadata
 from .kv_cache import KVCache
-from .layers import GatedMLP, RMSNorm, RotaryEmbedding
+from .layers import GatedMLP, RMSNorm, Rope, RotaryEmbedding
 from .loader import CheckpointReader
 from .moe import Experts, SparseMoE
 from .parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
@@ -42,8 +42,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp.load(reader, f"{p}.mlp")
 
-    def forward(self, x, meta: AttnMetadata, rotary: RotaryEmbedding, k_cache, v_cache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), meta, rotary, k_cache, v_cache)
+    def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), meta, rope, kv_cache)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -78,8 +78,9 @@ class StageModel(nn.Module):
     def forward(self, inputs: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> torch.Tensor:
         """inputs: token ids [N] on the first stage, else hidden states [N, H]. Returns [N, H]."""
         x = self.embed(inputs) if self.embed is not None else inputs
+        rope = self.rotary(meta.positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, meta, self.rotary, cache.k[i], cache.v[i])
+            x = layer(x, meta, rope, cache.kv[i])
         return x
 
     @torch.inference_mode()

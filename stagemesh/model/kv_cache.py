@@ -26,9 +26,8 @@ class KVCache:
     ):
         if num_blocks < 1:
             raise ValueError(f"the KV budget gives {num_blocks} blocks; give the stage more KV memory")
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # [layer, K or V, block, offset, KV head, D]
+        self.kv = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)

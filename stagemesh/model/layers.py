@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Rope(NamedTuple):
+    """One step's rotary tables, gathered once and shared by every layer."""
+
+    cos: torch.Tensor  # [N, 1, D]
+    sin: torch.Tensor  # [N, 1, D], first half negated: rotate_half(x) * sin == roll(x, D/2) * this
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half layout), cos/sin cached for every position."""
 
@@ -42,19 +50,22 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+        sin = emb.sin()
+        sin[:, : d // 2].neg_()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [N, Hq, D], k: [N, Hk, D], positions: [N]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The tables for tokens at ``positions`` [N]."""
+        return Rope(self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x: [N, heads, D], where rotate_half(x) = cat(-x2, x1).
+
+    NOTE: rolling x by D/2 gives cat(x2, x1); the sign of rotate_half sits in ``rope.sin``.
+    """
+    return torch.addcmul(x * rope.cos, x.roll(x.shape[-1] // 2, -1), rope.sin)
 
 
 def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

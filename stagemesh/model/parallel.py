@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loader import CheckpointReader
+from .packed_gemm import linear, pack_weight
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class ReplicatedLinear(nn.Module):
         self.weight.copy_(reader.read(f"{prefix}.weight"))
         if self.bias is not None:
             self.bias.copy_(reader.read(f"{prefix}.bias"))
+        pack_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -87,9 +89,10 @@ class ColumnParallelLinear(nn.Module):
             if self.bias is not None:
                 self.bias[offset : offset + size].copy_(reader.read(f"{prefix}.bias", dim=0, start=start, end=end))
             offset += size
+        pack_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -152,9 +155,10 @@ class RowParallelLinear(nn.Module):
         self.weight.copy_(reader.read(f"{prefix}.weight", dim=1, start=start, end=start + self.in_local))
         if self.bias is not None:
             self.bias.copy_(reader.read(f"{prefix}.bias"))
+        pack_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.reduce:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -192,6 +196,10 @@ class VocabParallelEmbedding(_VocabShard):
 class ParallelLMHead(_VocabShard):
     """The output projection with the vocabulary split over ranks; logits gathered whole."""
 
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        super().load(reader, name)
+        pack_weight(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last(F.linear(x, self.weight))  # [B, rows * tp]
+        logits = self.tp.all_gather_last(linear(x, self.weight))  # [B, rows * tp]
         return logits[:, : self.vocab_size]

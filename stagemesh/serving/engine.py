@@ -148,9 +148,12 @@ class Engine:
             self._wakeup.clear()
             self._launch_steps()
             done, _ = await asyncio.wait({*self._steps, self._wake_waiter()}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task in self._steps:
-                    self._complete(task, self._steps.pop(task))
+            events = [e for task in done if task in self._steps for e in self._complete(task, self._steps.pop(task))]
+            # NOTE: the next steps go out before this step's tokens are handed to the request
+            # streams, so the chain computes while those streams write to their clients.
+            self._launch_steps()
+            for event in events:
+                self._deliver(event)
 
     def _launch_steps(self) -> None:
         """Start a step for every plan the scheduler has, up to its free slots."""
@@ -163,16 +166,16 @@ class Engine:
             self._wake_task = asyncio.create_task(self._wakeup.wait())
         return self._wake_task
 
-    def _complete(self, task: asyncio.Task[StepResult], plan: StepPlan) -> None:
-        """Apply a finished step; a step that raised (or answered wrong) fails its requests."""
+    def _complete(self, task: asyncio.Task[StepResult], plan: StepPlan) -> list[TokenEvent]:
+        """Apply a finished step: its token events to deliver. A step that raised (or answered
+        wrong) fails its requests instead."""
         try:
             events = self.scheduler.update(plan, task.result())
         except (Exception, asyncio.CancelledError) as exc:  # any step failure must not stop the loop
             self._fail(plan, exc)
-            return
+            return []
         self.counters.steps_done += 1
-        for event in events:
-            self._deliver(event)
+        return events
 
     def _deliver(self, event: TokenEvent) -> None:
         if event.token_id is not None:

@@ -1,0 +1,89 @@
+"""Time one stage alone on a benchmark load: the profiling harness behind BENCHMARKS.md.
+
+Runs the seeded `stagemesh bench` load once through the in-process engine to record its step
+plans, then replays those plans through a fresh ``StageRunner`` (the whole model, one stage)
+several times: no scheduler, no event loop, no network — only the model's step time, which is
+what the kernel-level changes in BENCHMARKS.md were measured with. Every replay checks that
+the sampled tokens equal the recorded ones.
+
+    python scripts/stage_replay.py --model /tmp/llama40m --runs 5 [--profile]
+
+``--profile`` prints the torch profiler's op table over one replay instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+
+from stagemesh.bench.local import _lines
+from stagemesh.bench.workload import LoadShape, make_requests
+from stagemesh.config import ModelConfig
+from stagemesh.inprocess import InProcessEngine
+from stagemesh.plan import split_layers
+from stage_worker.runner import StageRunner
+
+
+def record(model: str, shape: LoadShape):
+    """(plans, results) of the load through the in-process engine, in step order."""
+    engine = InProcessEngine(model)
+    chain, steps = engine.chain, []
+
+    class Recording:
+        async def step(self, plan):
+            result = chain.run(plan)
+            steps.append((plan, result))
+            return result
+
+    engine.chain = Recording()
+    asyncio.run(engine.run(_lines(make_requests(shape, engine.config.vocab_size))))
+    return steps
+
+
+def replay(runner: StageRunner, steps) -> list[float]:
+    """Seconds of each step; raises if a step samples other tokens than recorded."""
+    times = []
+    for plan, want in steps:
+        t0 = time.perf_counter()
+        got = runner.step(plan, None)
+        times.append(time.perf_counter() - t0)
+        if got.tokens != want.tokens:
+            raise AssertionError(f"step {plan.step_id} sampled other tokens than the recorded run")
+    for seq_id in list(runner.cache.block_tables):
+        runner.cache.free(seq_id)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--requests", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = LoadShape(args.requests, 16, 4, input_len_max=48, output_len_max=96, seed=0)
+    steps = record(args.model, shape)
+    runner = StageRunner(args.model, split_layers(ModelConfig.from_dir(args.model), 1)[0])
+    replay(runner, steps)  # warm-up
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            replay(runner, steps)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+    has_prefill = [any(len(c.token_ids) > 1 for c in plan.chunks) for plan, _ in steps]
+    print(f"{len(steps)} steps ({sum(has_prefill)} with prefill chunks), {args.threads} threads")
+    for _ in range(args.runs):
+        times = replay(runner, steps)
+        prefill = sum(t for t, p in zip(times, has_prefill) if p)
+        print(f"stage time {sum(times):.3f} s (steps with prefill chunks {prefill:.3f} s, decode-only {sum(times) - prefill:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
