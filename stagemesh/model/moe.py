@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import GatedMLP, silu_and_mul
 from .loader import CheckpointReader
+from .packed_gemm import linear, pack_stacked
 from .parallel import ReplicatedLinear, TPGroup
 
 
@@ -100,6 +101,8 @@ class LocalExperts(nn.Module):
             self.w_gate_up[i, : self.inter].copy_(reader.read(f"{p}.{gate}.weight", dim=0, start=lo, end=hi))
             self.w_gate_up[i, self.inter :].copy_(reader.read(f"{p}.{up}.weight", dim=0, start=lo, end=hi))
             self.w_down[i].copy_(reader.read(f"{p}.{down}.weight", dim=1, start=lo, end=hi))
+        pack_stacked(self, "w_gate_up")
+        pack_stacked(self, "w_down")
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x: [R, H] grouped rows, ``counts[i]`` for ``self.expert_ids[i]``; one matmul pair per busy expert."""
@@ -108,8 +111,8 @@ class LocalExperts(nn.Module):
         for i, n in enumerate(counts):
             if n:
                 rows = x[start : start + n]
-                h = silu_and_mul(F.linear(rows, self.w_gate_up[i]))
-                out[start : start + n] = F.linear(h, self.w_down[i])
+                h = silu_and_mul(linear(rows, self.w_gate_up[i]))
+                out[start : start + n] = linear(h, self.w_down[i])
                 start += n
         return out
 

@@ -46,6 +46,16 @@ def pack_weight(module: nn.Module, name: str = "weight") -> None:
         setattr(module, name, nn.Parameter(pack(weight.detach()), requires_grad=False))
 
 
+def pack_stacked(module: nn.Module, name: str) -> None:
+    """Replace ``module.<name>``, one weight per expert stacked as [E, out, in], with a
+    ``ParameterList`` of E packed weights when ``can_pack`` allows; ``<name>[i]`` stays expert i's."""
+    stacked = getattr(module, name)
+    if len(stacked) and can_pack(stacked[0]):
+        packed = nn.ParameterList([nn.Parameter(pack(w), requires_grad=False) for w in stacked.detach()])
+        delattr(module, name)  # a Parameter attribute cannot be reassigned to a module
+        setattr(module, name, packed)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x Wᵀ + b for a plain or a packed ``weight`` [out, in]."""
     if weight.is_mkldnn:

@@ -46,3 +46,16 @@ def test_other_dtypes_and_shapes_stay_plain():
         assert layer.weight is not None and not layer.weight.is_mkldnn
     x, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
     assert torch.equal(packed_gemm.linear(x, w), F.linear(x, w))
+
+
+@needs_onednn
+def test_pack_stacked_packs_each_expert_and_keeps_it_indexable():
+    experts = torch.nn.Module()
+    experts.w = torch.nn.Parameter(torch.randn(3, 16, 8), requires_grad=False)  # [E, out, in]
+    plain = experts.w.detach().clone()
+    packed_gemm.pack_stacked(experts, "w")
+    assert len(experts.w) == 3 and all(w.is_mkldnn for w in experts.w)
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        for i in range(3):
+            torch.testing.assert_close(packed_gemm.linear(x, experts.w[i]), F.linear(x, plain[i]), rtol=1e-5, atol=1e-5)
