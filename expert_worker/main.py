@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import time
 
 import grpc.aio
 import torch
@@ -31,7 +30,7 @@ from stage_worker.main import SERVER_OPTIONS
 from stage_worker.topology import default_host, port_of
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
-from stagemesh.worker_startup import StartupError, connect_store, find_place
+from stagemesh.worker_startup import StartupError, start_worker
 
 from .place import ExpertPlace, find_expert_worker
 from .runner import ExpertRunner
@@ -77,15 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + args.topology_wait_s
-    store = await connect_store(args.redis_url, args.deployment, deadline)
-    try:
-        place = await find_place(
-            store, args.deployment, args.topology_wait_s, deadline, lambda doc: find_expert_worker(doc, args.chain, args.worker)
-        )
-        return await ExpertWorker(args, place, store).serve()
-    finally:
-        await store.close()
+    return await start_worker(
+        args.redis_url,
+        args.deployment,
+        args.topology_wait_s,
+        lambda doc: find_expert_worker(doc, args.chain, args.worker),
+        lambda place, store: ExpertWorker(args, place, store).serve(),
+    )
 
 
 class ExpertWorker:

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 
 import grpc
 import grpc.aio
@@ -34,7 +33,7 @@ from stagemesh.placement import chain_replicas
 from stagemesh.plan import validate_layout
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
-from stagemesh.worker_startup import StartupError, connect_store, find_place
+from stagemesh.worker_startup import StartupError, start_worker
 
 from .build import StageOptions, build_runner
 from .downstream import MESSAGE_OPTIONS
@@ -100,16 +99,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + args.topology_wait_s
-    store = await connect_store(args.redis_url, args.deployment, deadline)
-    try:
-        place = await find_place(
-            store, args.deployment, args.topology_wait_s, deadline, lambda doc: find_stage(doc, args.chain, args.stage)
-        )
+    async def serve(place: StagePlace, store: Store) -> int:
         _check_layout(place)
         return await StageWorker(args, place, store).serve()
-    finally:
-        await store.close()
+
+    return await start_worker(
+        args.redis_url, args.deployment, args.topology_wait_s, lambda doc: find_stage(doc, args.chain, args.stage), serve
+    )
 
 
 def _check_layout(place: StagePlace) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from .errors import StagemeshError
 from .store import Store
@@ -44,3 +44,16 @@ async def find_place(store: Store, deployment: str, wait_s: float, deadline: flo
         return find(doc)
     except ValueError as err:
         raise StartupError(f"the topology in Redis at {store.url}: {err}") from err
+
+
+async def start_worker(
+    url: str, deployment: str, wait_s: float, find: Callable[[dict], Place], serve: Callable[[Place, Store], Awaitable[int]]
+) -> int:
+    """Reach Redis and this worker's place (both within ``wait_s``), then ``serve(place, store)``;
+    its exit code. The store is closed after."""
+    deadline = time.monotonic() + wait_s
+    store = await connect_store(url, deployment, deadline)
+    try:
+        return await serve(await find_place(store, deployment, wait_s, deadline, find), store)
+    finally:
+        await store.close()

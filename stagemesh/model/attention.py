@@ -96,7 +96,6 @@ def _padded(
     device: torch.device | str,
 ) -> PaddedBatch:
     """The padded layout and mask of chunks ``(starts, lens)``; ``block_tables`` rows are theirs."""
-    B = len(starts)
     max_q, max_k = int(lens.max()), int((starts + lens).max())
     qpos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
     kpos = torch.arange(max_k)[None, None, :]  # [1, 1, max_k]
