@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
     p.add_argument("--failover-wait-s", type=float, default=5.0,
                    help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="single-stage chains: wait for each step's tokens before sending the next step")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         shutdown_grace_s=args.grace_s,
         failover_wait_s=args.failover_wait_s,
+        overlap=args.overlap,
     )
     try:
         asyncio.run(serve(opts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stagemesh.config import ModelConfig
@@ -17,6 +18,7 @@ class LocalChain:
 
     def __init__(self, runners: list[StageRunner]):
         self.runners = runners
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-chain")
 
     @classmethod
     def load(cls, model_dir: str | Path, num_stages: int = 1, **runner_kwargs) -> "LocalChain":
@@ -33,8 +35,9 @@ class LocalChain:
         return self.runners[0].cache.block_size
 
     async def step(self, plan: StepPlan) -> StepResult:
-        # NOTE: the torch work runs off the event loop so the loop stays free to take requests.
-        return await asyncio.to_thread(self.run, plan)
+        # NOTE: the torch work runs off the event loop so the loop stays free to take requests,
+        # on ONE thread, so that steps run in the order they came (overlap scheduling needs it).
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.run, plan)
 
     def run(self, plan: StepPlan) -> StepResult:
         x = None

@@ -21,8 +21,9 @@ from stagemesh.model.loader import CheckpointReader
 from stagemesh.model.moe import Experts
 from stagemesh.model.parallel import TPGroup
 from stagemesh.model.sampling import SamplingBatch, sample
+from stagemesh.errors import InvalidArgument
 from stagemesh.serving.blocks import blocks_needed
-from stagemesh.serving.types import StepPlan, StepResult
+from stagemesh.serving.types import PENDING_TOKEN, SeqChunk, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class StageRunner:
         self.cache = KVCache(
             len(spec.layers), num_blocks, block_size, self.model.num_kv_heads, self.config.head_dim, self.dtype, self.device
         )
+        self.sampled: dict[int, int] = {}
+        """A single-stage runner's last sampled token per sequence (until freed): what a
+        ``PENDING_TOKEN`` stands for (overlap scheduling)."""
         log.info("stage %s on %s: %d KV blocks of %d tokens", spec, device, num_blocks, block_size)
 
     def _blocks_for(self, memory: int, block_size: int) -> int:
@@ -90,9 +94,12 @@ class StageRunner:
         stage, or — on the last stage — the sampled tokens."""
         for seq_id in plan.free:
             self.cache.free(seq_id)
+            self.sampled.pop(seq_id, None)
         if not plan.chunks:
             return StepResult(plan.step_id) if self.spec.is_last else self._empty_hidden()
         chunks = plan.chunks
+        if self.spec.is_first:  # before any KV is touched: a refused pending token changes nothing
+            hidden = torch.tensor(self._token_ids(plan), dtype=torch.int64, device=self.device)
         tables = [self.cache.ensure(c.seq_id, c.end) for c in chunks]
         meta = AttnMetadata.build(
             [c.start for c in chunks],
@@ -103,11 +110,37 @@ class StageRunner:
             self.config.sliding_window,
             self.dtype,
         )
-        if self.spec.is_first:
-            flat = itertools.chain.from_iterable(c.token_ids for c in chunks)
-            hidden = torch.tensor(list(flat), dtype=torch.int64, device=self.device)
         out = self.model(hidden, meta, self.cache)
-        return self._sample(plan, out) if self.spec.is_last else out
+        if not self.spec.is_last:
+            return out
+        result = self._sample(plan, out)
+        if self.spec.is_first:
+            self.sampled.update(result.tokens)
+        return result
+
+    def _token_ids(self, plan: StepPlan) -> list[int]:
+        """The plan's token ids back to back, each ``PENDING_TOKEN`` replaced by the token this
+        stage sampled last for that sequence."""
+        ids = list(itertools.chain.from_iterable(c.token_ids for c in plan.chunks))
+        if PENDING_TOKEN in ids:
+            ids = list(itertools.chain.from_iterable(self._resolve(plan.step_id, c) for c in plan.chunks))
+        return ids
+
+    def _resolve(self, step_id: int, chunk: SeqChunk) -> tuple[int, ...]:
+        if PENDING_TOKEN not in chunk.token_ids:
+            return chunk.token_ids
+        if not (self.spec.is_first and self.spec.is_last) or len(chunk.token_ids) != 1:
+            raise InvalidArgument(
+                f"step {step_id}: sequence {chunk.seq_id} has a pending token ({PENDING_TOKEN}); only a "
+                "one-token chunk on a single-stage chain may have one (overlap scheduling)"
+            )
+        token = self.sampled.get(chunk.seq_id)
+        if token is None:
+            raise InvalidArgument(
+                f"step {step_id}: sequence {chunk.seq_id} asks for the token sampled for it before, "
+                "and this stage has sampled none for it"
+            )
+        return (token,)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult:
         ends = list(itertools.accumulate(len(c.token_ids) for c in plan.chunks))

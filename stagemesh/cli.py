@@ -78,6 +78,8 @@ def _up_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel chains: complete replicas of the stages (and expert workers) behind the gateway")
     p.add_argument("--no-restart", dest="restart", action="store_false",
                    help="stop the mesh when a worker exits instead of restarting it")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="with --pp 1: wait for each step's tokens before scheduling the next step")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -112,6 +114,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         try_prompt=args.try_prompt,
         restart=args.restart,
+        overlap=args.overlap,
     )
     return run_up(opts)
 
@@ -144,6 +147,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
     p.add_argument("--compare", default="", help="also run the requests through: hf, inprocess (comma-separated)")
     p.add_argument("--no-mesh", action="store_true", help="run only the --compare systems")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="turn overlap scheduling off in the mesh brought up and the in-process engine")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
     p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
     p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
@@ -176,6 +181,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         calibrate_s=args.calibrate_s,
         log_dir=args.log_dir,
+        overlap=args.overlap,
     )
     return run(spec, args.json)
 

@@ -32,6 +32,7 @@ class InProcessEngine:
         block_size: int = 16,
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 256,
+        overlap: bool = True,
     ):
         from stage_worker.local import LocalChain  # torch is imported only when a model is loaded
 
@@ -45,6 +46,7 @@ class InProcessEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.config.max_position_embeddings,
             eos_token_ids=eos_token_ids(self.config, self.tokenizer),
+            overlap=overlap and pp == 1,  # the one stage embeds and samples: see the scheduler's NOTE
         )
         self._ids = itertools.count()
 

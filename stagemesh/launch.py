@@ -67,6 +67,8 @@ class UpOptions:
     """Once ready, send this prompt through the gateway and print the reply."""
     restart: bool = True
     """Restart a stage or expert worker that exits (False: its exit stops the mesh)."""
+    overlap: bool = True
+    """Overlap scheduling on single-stage chains (the gateway's ``--no-overlap`` when False)."""
     restart_policy: RestartPolicy = RestartPolicy()
     gpus: int | None = None
     """GPUs the layout may book on CUDA; None counts this machine's visible ones (`stagemesh compose`
@@ -189,6 +191,8 @@ class Mesh:
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
+        if not self.opts.overlap:
+            gateway_args.append("--no-overlap")
         self._spawn("gateway", "gateway", *gateway_args)
         return topology
 

@@ -55,6 +55,8 @@ class BenchSpec:
     """Seconds of the roofline calibration (matmul or copy) at startup."""
     log_dir: Path | None = None
     """Where the workers of a mesh brought up for the run write their logs."""
+    overlap: bool = True
+    """Overlap scheduling on single-stage chains, in the mesh brought up and the in-process engine."""
 
     def __post_init__(self) -> None:
         unknown = set(self.compare) - set(SYSTEMS)
@@ -91,7 +93,7 @@ def run_bench(spec: BenchSpec) -> dict:
     if "inprocess" in spec.compare:
         from .local import run_inprocess
 
-        runs.append(run_inprocess(spec.model, requests, device=spec.device, bar=_bar("inprocess", requests)))
+        runs.append(run_inprocess(spec.model, requests, device=spec.device, overlap=spec.overlap, bar=_bar("inprocess", requests)))
     if "hf" in spec.compare:
         from .local import run_hf
 
@@ -119,7 +121,8 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
     bar = _bar(f"mesh {spec.layout}", requests)
     if spec.addr:
         return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar)
-    with mesh_up(spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir) as (addr, redis_url):
+    up = mesh_up(spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap)
+    with up as (addr, redis_url):
         return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar)
 
 

@@ -36,11 +36,11 @@ def _lines(requests: list[BenchRequest], output_len: int | None = None) -> list[
     ]
 
 
-def run_inprocess(model_dir: Path, requests: list[BenchRequest], *, device: str, bar) -> SystemRun:
+def run_inprocess(model_dir: Path, requests: list[BenchRequest], *, device: str, bar, overlap: bool = True) -> SystemRun:
     """Every request at once through ``InProcessEngine(model_dir).run`` (one stage, this process)."""
     from stagemesh.inprocess import InProcessEngine
 
-    kwargs = {}
+    kwargs = {"overlap": overlap}
     if device != "cpu":
         if "device" not in inspect.signature(InProcessEngine).parameters:
             raise ValueError(f"the in-process engine of this build runs on cpu only, not {device}")

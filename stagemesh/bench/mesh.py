@@ -31,11 +31,14 @@ HEARTBEAT_WAIT_S = 1.5
 
 
 @contextmanager
-def mesh_up(model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1) -> Iterator[tuple[str, str]]:
+def mesh_up(
+    model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True
+) -> Iterator[tuple[str, str]]:
     """Starts a whole mesh on this machine; yields (gateway address, Redis URL); stops it after."""
     from stagemesh.launch import Mesh, UpOptions
 
-    mesh = Mesh(UpOptions(model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir))
+    opts = UpOptions(model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap)
+    mesh = Mesh(opts)
     try:
         mesh.start()
         mesh.wait_ready()

@@ -1,8 +1,9 @@
 """The step loop: one engine for the in-process path and the mesh.
 
 NOTE: the loop keeps up to ``num_slots`` plans in flight on a ``Chain`` (the in-process
-model, or the first stage of a gRPC chain), applies each result to the pure scheduler as it
-comes back, and routes token events to one queue per request. A failed step fails only the
+model, or the first stage of a gRPC chain), one more with overlap scheduling, applies each
+result to the pure scheduler in launch order as it comes back, and routes token events to
+one queue per request. A failed step fails only the
 requests in it; the loop itself never dies of a step.
 """
 
@@ -147,13 +148,13 @@ class Engine:
         while True:
             self._wakeup.clear()
             self._launch_steps()
-            done, _ = await asyncio.wait({*self._steps, self._wake_waiter()}, return_when=asyncio.FIRST_COMPLETED)
-            events = [e for task in done if task in self._steps for e in self._complete(task, self._steps.pop(task))]
+            await asyncio.wait({*self._steps, self._wake_waiter()}, return_when=asyncio.FIRST_COMPLETED)
+            done = self._complete_in_order()
             # NOTE: the next steps go out before this step's tokens are handed to the request
             # streams, so the chain computes while those streams write to their clients.
             self._launch_steps()
-            for event in events:
-                self._deliver(event)
+            for item in done:
+                self._deliver(item)
 
     def _launch_steps(self) -> None:
         """Start a step for every plan the scheduler has, up to its free slots."""
@@ -166,39 +167,51 @@ class Engine:
             self._wake_task = asyncio.create_task(self._wakeup.wait())
         return self._wake_task
 
-    def _complete(self, task: asyncio.Task[StepResult], plan: StepPlan) -> list[TokenEvent]:
-        """Apply a finished step: its token events to deliver. A step that raised (or answered
-        wrong) fails its requests instead."""
+    def _complete_in_order(self) -> list[TokenEvent | _Failed]:
+        """Apply the finished steps that no unfinished step was launched before (a lookahead
+        plan is only meaningful after the plan it looks past); what to deliver, in order."""
+        out: list[TokenEvent | _Failed] = []
+        while self._steps and (task := next(iter(self._steps))).done():  # dict order: launch order
+            out += self._complete(task, self._steps.pop(task))
+        return out
+
+    def _complete(self, task: asyncio.Task[StepResult], plan: StepPlan) -> list[TokenEvent | _Failed]:
+        """Apply a finished step: its token events. A step that raised (or answered wrong)
+        fails its requests instead."""
         try:
             events = self.scheduler.update(plan, task.result())
         except (Exception, asyncio.CancelledError) as exc:  # any step failure must not stop the loop
-            self._fail(plan, exc)
-            return []
+            return self._fail(plan, exc)
         self.counters.steps_done += 1
         return events
 
-    def _deliver(self, event: TokenEvent) -> None:
-        if event.token_id is not None:
-            self.counters.tokens_emitted += 1
-        if event.finish_reason is not None:
-            self.counters.requests_finished += 1
-        queue = self._queues.get(event.request_id)
+    def _deliver(self, item: TokenEvent | _Failed) -> None:
+        """Hand a token event (or a request's failure) to its request's stream."""
+        if isinstance(item, TokenEvent):
+            self.counters.tokens_emitted += item.token_id is not None
+            self.counters.requests_finished += item.finish_reason is not None
+        queue = self._queues.get(item.request_id)
         if queue is not None:
-            queue.put_nowait(event)
+            queue.put_nowait(item if isinstance(item, TokenEvent) else item.error)
 
-    def _fail(self, plan: StepPlan, exc: BaseException) -> None:
+    def _fail(self, plan: StepPlan, exc: BaseException) -> list[_Failed]:
         logger.error("step %d failed: %s: %s", plan.step_id, type(exc).__name__, exc)
         self.counters.steps_failed += 1
         try:
             failed = self.scheduler.fail(plan)
         except ValueError:
             logger.exception("step %d could not be failed cleanly; its requests may hang", plan.step_id)
-            return
-        for rid in failed:
-            self.counters.requests_failed += 1
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(_step_error(plan.step_id, exc))
+            return []
+        self.counters.requests_failed += len(failed)
+        return [_Failed(rid, _step_error(plan.step_id, exc)) for rid in failed]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A request failed by its step: delivered in order with the token events of earlier steps."""
+
+    request_id: str
+    error: StagemeshError
 
 
 def _step_error(step_id: int, exc: BaseException) -> StagemeshError:

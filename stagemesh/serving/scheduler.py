@@ -9,6 +9,16 @@ Each plan is one micro-batch. Up to ``num_slots`` plans are in flight at once; a
 an in-flight plan is *busy* until that plan's ``update`` (or ``fail``). Within a plan, decode
 chunks (one token) come first, then prefill chunks cut to the token budget (chunked prefill).
 No await, no clock reads, no I/O: the same object drives the in-process engine and the mesh.
+
+NOTE: overlap (``SchedulerConfig.overlap``, single-stage chains). One more plan may be in
+flight than there are slots, and a busy sequence may be in it too: its next prefill chunk, or,
+when its in-flight chunk samples, a decode chunk whose token is ``PENDING_TOKEN``: "the token
+you are sampling for me now". The stage (which samples and embeds) runs its steps in order
+and fills that token in itself, so it goes from one step straight into the next while this
+side reads the previous step's tokens. A sequence is never more than two plans deep, and
+never looks ahead past ``max_new_tokens``; when its token turns out to be a stop token, the
+lookahead chunk's token is dropped and its KV freed with the rest. Steps must be applied
+(``update``/``fail``) in the order they were scheduled.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from dataclasses import dataclass, field
 
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
-from stagemesh.serving.types import Request, SampleSpec, SeqChunk, StepPlan, StepResult, TokenEvent
+from stagemesh.serving.types import PENDING_TOKEN, Request, SampleSpec, SeqChunk, StepPlan, StepResult, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +58,9 @@ class SchedulerConfig:
     """The model's end-of-sequence ids: generation stops after one (unless ``ignore_eos``)."""
     max_waiting: int = 1024
     """Requests waiting for admission at most; one more is refused as ``queue full``."""
+    overlap: bool = False
+    """Schedule the next step while one is in flight (see the module NOTE). Only for a chain
+    whose one stage both embeds and samples, so ``num_slots`` must be 1."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -58,6 +71,8 @@ class SchedulerConfig:
         bad = [t for t in self.eos_token_ids if not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"SchedulerConfig.eos_token_ids has {bad}; token ids must be integers >= 0")
+        if self.overlap and self.num_slots != 1:
+            raise ValueError(f"SchedulerConfig.overlap needs num_slots=1 (a single-stage chain), got {self.num_slots}")
 
     @property
     def kv_budget_tokens(self) -> int:
@@ -80,8 +95,14 @@ class _Sequence:
     num_blocks: int
     """KV blocks it reserves while admitted."""
     num_computed: int = 0
+    """Tokens in the KV cache after the plans applied so far."""
+    num_scheduled: int = 0
+    """Tokens in the KV cache once the in-flight plans are applied too: where its next chunk starts."""
     num_generated: int = 0
-    busy: bool = False
+    in_flight: int = 0
+    """In-flight plans that hold a chunk of it (at most 2, with overlap)."""
+    pending: int = 0
+    """In-flight chunks that sample: tokens it has coming that ``token_ids`` does not hold yet."""
     aborted: bool = False
     reserved_blocks: list[int] = field(default_factory=list)
 
@@ -91,7 +112,8 @@ class _Sequence:
 
     @property
     def in_decode(self) -> bool:
-        return self.num_computed >= self.num_prefill
+        """Its known tokens are all scheduled: what comes next is one token at a time."""
+        return self.num_scheduled >= self.num_prefill
 
 
 class Scheduler:
@@ -172,23 +194,33 @@ class Scheduler:
 
         ``now`` is the caller's clock; nothing here depends on it yet (deadlines will).
         """
-        if len(self._in_flight) >= self.config.num_slots:
+        if len(self._in_flight) >= self.config.num_slots + self.config.overlap:
             return None
         self._admit()
         share = min(self.config.max_num_seqs, math.ceil(len(self._running) / self.config.num_slots))
-        idle = [s for s in self._running if not s.busy]
-        chunks = self._decode_chunks(idle, share)
+        ready = [s for s in self._running if self._ready(s)]
+        chunks = self._decode_chunks(ready, share)
         budget = self.config.max_num_batched_tokens - len(chunks)
-        chunks += self._prefill_chunks(idle, share - len(chunks), budget)
+        chunks += self._prefill_chunks(ready, share - len(chunks), budget)
         if not chunks and not self._pending_free:
             return None
         plan = StepPlan(self._next_step_id, tuple(chunks), tuple(self._pending_free))
         self._next_step_id += 1
         self._pending_free = []
         self._in_flight[plan.step_id] = plan
-        for chunk in chunks:
-            self._by_seq[chunk.seq_id].busy = True
         return plan
+
+    def _ready(self, seq: _Sequence) -> bool:
+        """Whether ``seq`` may have a chunk in the next plan."""
+        if seq.aborted:
+            return False
+        if seq.in_flight == 0:
+            return True
+        if not self.config.overlap or seq.in_flight > 1:
+            return False
+        # One chunk in flight: the next prefill chunk is known already; a decode after a
+        # sampling chunk takes the pending token, unless that token is its last by length.
+        return seq.pending == 0 or seq.num_generated + seq.pending < seq.max_generated
 
     def _admit(self) -> None:
         """Move waiting requests to running, first come first served, while blocks allow."""
@@ -198,29 +230,33 @@ class Scheduler:
             self._running.append(seq)
             self._by_seq[seq.seq_id] = seq
 
-    def _decode_chunks(self, idle: list[_Sequence], max_seqs: int) -> list[SeqChunk]:
+    def _decode_chunks(self, ready: list[_Sequence], max_seqs: int) -> list[SeqChunk]:
         budget = min(max_seqs, self.config.max_num_batched_tokens)
-        decodes = [s for s in idle if s.in_decode][: max(budget, 0)]
+        decodes = [s for s in ready if s.in_decode][: max(budget, 0)]
         return [self._chunk(s, 1) for s in decodes]
 
-    def _prefill_chunks(self, idle: list[_Sequence], max_seqs: int, budget: int) -> list[SeqChunk]:
+    def _prefill_chunks(self, ready: list[_Sequence], max_seqs: int, budget: int) -> list[SeqChunk]:
         chunks: list[SeqChunk] = []
-        for seq in (s for s in idle if not s.in_decode):
+        for seq in (s for s in ready if not s.in_decode):
             if len(chunks) >= max_seqs or budget <= 0:
                 break
-            n = min(seq.num_prefill - seq.num_computed, budget)
+            n = min(seq.num_prefill - seq.num_scheduled, budget)
             chunks.append(self._chunk(seq, n))
             budget -= n
         return chunks
 
     def _chunk(self, seq: _Sequence, n: int) -> SeqChunk:
-        """The next ``n`` uncomputed tokens; sampling when they reach the last known token."""
-        start = seq.num_computed
-        tokens = tuple(seq.token_ids[start : start + n])
+        """The next ``n`` unscheduled tokens (the pending one as ``PENDING_TOKEN``), sampling
+        when they reach the last token it will know; marks them in flight."""
+        start = seq.num_scheduled
+        tokens = tuple(seq.token_ids[start : start + n]) or (PENDING_TOKEN,)
         sample = None
-        if start + n == len(seq.token_ids):
+        if start + n == len(seq.token_ids) + seq.pending:
             p = seq.request.params
-            sample = SampleSpec(p.temperature, p.top_k, p.top_p, seq.seed, index=seq.num_generated)
+            sample = SampleSpec(p.temperature, p.top_k, p.top_p, seq.seed, index=seq.num_generated + seq.pending)
+            seq.pending += 1
+        seq.num_scheduled += n
+        seq.in_flight += 1
         return SeqChunk(seq.seq_id, start, tokens, sample)
 
     # --- results back --------------------------------------------------------------
@@ -231,14 +267,27 @@ class Scheduler:
         del self._in_flight[plan.step_id]
         events: list[TokenEvent] = []
         for chunk in plan.chunks:
-            seq = self._by_seq[chunk.seq_id]
-            seq.busy = False
+            seq = self._landed(chunk)
+            if seq is None:
+                continue
             seq.num_computed += len(chunk.token_ids)
             if seq.aborted:
-                self._finish(seq)
+                if not seq.in_flight:
+                    self._finish(seq)
             elif chunk.sample is not None:
                 events.append(self._append_token(seq, result.tokens[chunk.seq_id]))
         return events
+
+    def _landed(self, chunk: SeqChunk) -> _Sequence | None:
+        """The sequence of a chunk whose plan came back, no longer in flight there; None when it
+        finished meanwhile (a stop token or a failure in an earlier plan: the chunk was a lookahead)."""
+        seq = self._by_seq.get(chunk.seq_id)
+        if seq is None:
+            return None
+        seq.in_flight -= 1
+        if chunk.sample is not None:
+            seq.pending -= 1
+        return seq
 
     def _check_result(self, plan: StepPlan, result: StepResult) -> None:
         """Refuse a result that does not answer an in-flight plan, before changing any state."""
@@ -284,7 +333,7 @@ class Scheduler:
             return False
         if seq in self._waiting:
             self._waiting.remove(seq)
-        elif seq.busy:
+        elif seq.in_flight:
             seq.aborted = True  # released when its plan comes back; its token is dropped
         else:
             self._finish(seq)
@@ -300,11 +349,12 @@ class Scheduler:
             raise ValueError(f"step {plan.step_id} is not in flight; fail() each plan once")
         failed: list[str] = []
         for chunk in plan.chunks:
-            seq = self._by_seq[chunk.seq_id]
-            seq.busy = False
+            seq = self._landed(chunk)
+            if seq is None:
+                continue
             if not seq.aborted:
                 failed.append(seq.request_id)
-            self._finish(seq)
+            self._finish(seq)  # a lookahead chunk of it in a later plan is then dropped there
         self._pending_free.extend(plan.free)
         logger.warning("step %d failed; finished requests %s", plan.step_id, failed)
         return failed
@@ -335,7 +385,7 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int:
         """Known tokens not computed yet: the prefill still ahead of waiting and running sequences."""
-        return sum(s.num_prefill - s.num_computed for s in (*self._waiting, *self._running) if not s.in_decode)
+        return sum(max(0, s.num_prefill - s.num_computed) for s in (*self._waiting, *self._running))
 
     def cached_seq_ids(self) -> list[int]:
         """Sequence ids whose KV cache a stage may still hold: every admitted sequence, those

@@ -53,6 +53,11 @@ class SampleSpec:
     """Tokens the sequence has generated so far: the counter into its seeded random stream."""
 
 
+PENDING_TOKEN = -1
+"""A decode chunk's token id that stands for the token its stage is sampling for the sequence
+in the step before (overlap scheduling, single-stage chains): the stage fills it in."""
+
+
 @dataclass(frozen=True)
 class SeqChunk:
     """One sequence's share of a step: new tokens to run at positions ``start ...``."""

@@ -9,7 +9,7 @@ import pytest
 from stagemesh.errors import Cancelled, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.serving.types import Request, SamplingParams, StepPlan, StepResult
+from stagemesh.serving.types import PENDING_TOKEN, Request, SamplingParams, StepPlan, StepResult
 
 V = 97
 
@@ -18,7 +18,8 @@ class SumChain:
     """A fake chain: the next token is the sum of the sequence's context so far, mod V.
 
     It keeps each sequence's tokens as its "KV cache", so it also checks chunk positions and
-    that frees arrive.
+    that frees arrive; like a single-stage runner, it fills a ``PENDING_TOKEN`` in with the
+    token it sampled last for that sequence.
     """
 
     def __init__(self, delay: float = 0.0, fail_when=None):
@@ -26,6 +27,7 @@ class SumChain:
         self.fail_when = fail_when or (lambda plan: None)
         self.kv: dict[int, list[int]] = {}
         self.plans: list[StepPlan] = []
+        self.sampled: dict[int, int] = {}
         self.in_flight = self.max_in_flight = 0
 
     async def step(self, plan: StepPlan) -> StepResult:
@@ -44,25 +46,32 @@ class SumChain:
     def _run(self, plan: StepPlan) -> StepResult:
         for seq_id in plan.free:
             self.kv.pop(seq_id, None)
+            self.sampled.pop(seq_id, None)
         tokens = {}
         for chunk in plan.chunks:
             ctx = self.kv.setdefault(chunk.seq_id, [])
             if chunk.start != len(ctx):
                 raise RuntimeError(f"seq {chunk.seq_id}: chunk starts at {chunk.start}, cache holds {len(ctx)}")
-            ctx.extend(chunk.token_ids)
+            ids = chunk.token_ids
+            if ids == (PENDING_TOKEN,):
+                ids = (self.sampled[chunk.seq_id],)
+            ctx.extend(ids)
             if chunk.sample is not None:
                 tokens[chunk.seq_id] = sum(ctx) % V
+        self.sampled.update(tokens)
         return StepResult(plan.step_id, tokens)
 
     def freed(self) -> set[int]:
         return {s for p in self.plans for s in p.free}
 
 
-def expected(prompt: tuple[int, ...], n: int) -> list[int]:
+def expected(prompt: tuple[int, ...], n: int, stop: tuple[int, ...] = ()) -> list[int]:
     ctx, out = list(prompt), []
     for _ in range(n):
         out.append(sum(ctx) % V)
         ctx.append(out[-1])
+        if out[-1] in stop:
+            break
     return out
 
 
@@ -275,3 +284,69 @@ def test_generate_needs_a_started_engine_and_stop_ends_open_streams():
 def test_mismatched_max_model_len_is_refused():
     with pytest.raises(ValueError, match="max_model_len=64"):
         Engine(SumChain(), config(max_model_len=128), vocab_size=V, max_model_len=64)
+
+
+# --- overlap scheduling -----------------------------------------------------------------------
+
+
+def test_overlap_keeps_two_steps_in_flight_and_gives_the_same_tokens():
+    chain = SumChain(delay=0.001)
+    stop = (expected((1, 2, 3), 3)[2],)  # the third token of prompt (1, 2, 3): some requests stop on it
+
+    async def main():
+        async with make_engine(chain, overlap=True, num_blocks=60, max_num_batched_tokens=16) as engine:
+            reqs = [
+                Request(f"r{i}", (1, 2, 3) if i % 3 == 0 else tuple(range(i, 2 * i + 1)),
+                        SamplingParams(max_new_tokens=1 + i % 7, seed=1, stop_token_ids=stop))
+                for i in range(1, 16)
+            ]
+            results = await asyncio.gather(*(collect(engine, r) for r in reqs))
+            await asyncio.sleep(0.05)  # the last frees go out in a plan of their own
+            return engine, reqs, results
+
+    engine, reqs, results = run(main())
+    stopped = 0
+    for r, events in zip(reqs, results):
+        want = expected(r.prompt_token_ids, r.params.max_new_tokens, stop)
+        assert [e.token_id for e in events] == want, r.request_id
+        stopped += events[-1].finish_reason == "stop"
+    assert stopped >= 2
+    assert chain.max_in_flight == 2
+    assert any(c.token_ids == (PENDING_TOKEN,) for p in chain.plans for c in p.chunks)
+    assert engine.scheduler.kv_blocks_used == 0 and chain.kv == {} and chain.sampled == {}
+
+
+def test_overlap_failed_step_fails_its_requests_and_drops_their_lookahead():
+    class AnswerLost(SumChain):
+        """Runs steps one at a time, in order (as a stage does), and loses the answer of the one
+        with a's second token after running it."""
+
+        lock = asyncio.Lock()
+
+        async def step(self, plan):
+            async with self.lock:
+                return await super().step(plan)
+
+        def _run(self, plan):
+            result = super()._run(plan)
+            if any(c.seq_id == 0 and c.start == 4 for c in plan.chunks):
+                raise ConnectionError("stage 0 went away")
+            return result
+
+    chain = AnswerLost(delay=0.001)
+
+    async def main():
+        async with make_engine(chain, overlap=True) as engine:
+            a = engine.generate(req("a", prompt=(1, 2, 3, 4), max_new=6))
+            await a.__anext__()  # a's step 0 is back; steps 1 (fails) and 2 (a's lookahead past it) are out
+            b = await collect(engine, req("b", max_new=6))
+            with pytest.raises(Unavailable, match="stage 0 went away"):
+                await a.__anext__()
+            await asyncio.sleep(0.05)
+            return engine, b
+
+    engine, b = run(main())
+    assert [e.token_id for e in b] == expected((1, 2, 3), 6)
+    assert any(c.seq_id == 0 and c.start == 5 for p in chain.plans for c in p.chunks)  # the dropped lookahead
+    assert engine.counters.requests_failed == 1
+    assert engine.scheduler.kv_blocks_used == 0 and 0 not in chain.kv

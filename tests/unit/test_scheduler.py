@@ -6,7 +6,7 @@ import pytest
 
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.scheduler import Scheduler, SchedulerConfig
-from stagemesh.serving.types import Request, SampleSpec, SamplingParams, SeqChunk, StepResult, TokenEvent
+from stagemesh.serving.types import PENDING_TOKEN, Request, SampleSpec, SamplingParams, SeqChunk, StepResult, TokenEvent
 
 EOS = 99
 
@@ -274,3 +274,83 @@ def test_config_validation_names_the_value(field, value):
     kw = {"num_blocks": 8, "max_model_len": 64, field: value}
     with pytest.raises(ValueError, match=field):
         SchedulerConfig(**kw)
+
+
+# --- overlap scheduling: one plan more in flight, decodes of the pending token ---------------
+
+
+def answer(s, plan, tokens):
+    return s.update(plan, StepResult(plan.step_id, tokens))
+
+
+def test_overlap_sends_a_lookahead_decode_of_the_pending_token():
+    s = make(overlap=True)
+    s.add(req("a", max_new=3))
+    prompt = (1, 2, 3, 4)
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert p0.chunks == (SeqChunk(0, 0, prompt, spec(0)),)
+    assert p1.chunks == (SeqChunk(0, 4, (PENDING_TOKEN,), spec(1)),)
+    assert s.schedule(0.0) is None and s.num_in_flight == 2
+    assert answer(s, p0, {0: 5}) == [TokenEvent("a", 5, 0)]
+    p2 = s.schedule(0.0)
+    assert p2.chunks == (SeqChunk(0, 5, (PENDING_TOKEN,), spec(2)),)
+    assert answer(s, p1, {0: 6}) == [TokenEvent("a", 6, 1)]
+    assert s.schedule(0.0) is None  # its pending token is its last (max_new=3): no lookahead past it
+    assert answer(s, p2, {0: 7}) == [TokenEvent("a", 7, 2, "length")]
+    assert s.schedule(0.0).free == (0,) and s.kv_blocks_used == 0
+
+
+def test_overlap_continues_a_chunked_prefill_without_waiting():
+    s = make(overlap=True, max_num_batched_tokens=128, max_model_len=512, num_blocks=128)
+    s.add(req("a", n_prompt=300, max_new=5))
+    prompt = tuple(range(1, 301))
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert p0.chunks == (SeqChunk(0, 0, prompt[:128]),) and p1.chunks == (SeqChunk(0, 128, prompt[128:256]),)
+    assert answer(s, p0, {}) == []
+    p2 = s.schedule(0.0)
+    assert p2.chunks == (SeqChunk(0, 256, prompt[256:], spec(0)),)
+    answer(s, p1, {})
+    p3 = s.schedule(0.0)
+    assert p3.chunks == (SeqChunk(0, 300, (PENDING_TOKEN,), spec(1)),)
+    assert answer(s, p2, {0: 9}) == [TokenEvent("a", 9, 0)]
+
+
+def test_overlap_stop_token_drops_the_lookahead_and_frees_after_it():
+    s = make(overlap=True)
+    s.add(req("a", max_new=10))
+    s.add(req("b", max_new=10))
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert [c.token_ids for c in p1.chunks] == [(PENDING_TOKEN,)] * 2
+    assert answer(s, p0, {0: EOS, 1: 5}) == [TokenEvent("a", EOS, 0, "stop"), TokenEvent("b", 5, 0)]
+    p2 = s.schedule(0.0)
+    assert p2.free == (0,) and [c.seq_id for c in p2.chunks] == [1]  # after p1, which still runs a's lookahead
+    assert answer(s, p1, {0: 3, 1: 6}) == [TokenEvent("b", 6, 1)]  # a's lookahead token is dropped
+    assert s.kv_blocks_used == 4  # b's reservation alone: 4 + 10 tokens in blocks of 4
+
+
+def test_overlap_abort_two_plans_deep_frees_after_both():
+    s = make(overlap=True)
+    s.add(req("a", max_new=10))
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert s.abort("a")
+    assert answer(s, p0, {0: 5}) == [] and s.num_running == 1  # p1 still holds it
+    assert s.schedule(0.0) is None
+    assert answer(s, p1, {0: 6}) == [] and s.num_running == 0
+    assert s.schedule(0.0).free == (0,)
+
+
+def test_overlap_failed_step_drops_the_lookahead_in_the_next():
+    s = make(overlap=True)
+    s.add(req("a", max_new=10))
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    s.add(req("b", max_new=2))
+    assert s.fail(p0) == ["a"]
+    p2 = s.schedule(0.0)
+    assert [c.seq_id for c in p2.chunks] == [1] and p2.free == (0,)
+    assert answer(s, p1, {0: 6}) == []  # the lookahead of the failed sequence
+    assert answer(s, p2, {1: 7}) == [TokenEvent("b", 7, 0)]
+
+
+def test_overlap_needs_one_slot():
+    with pytest.raises(ValueError, match="overlap needs num_slots=1"):
+        SchedulerConfig(num_blocks=8, max_model_len=64, num_slots=2, overlap=True)
