@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stagemesh.config import ModelConfig, StageSpec
+from stagemesh.errors import InvalidArgument
 from stagemesh.model.attention import AttnMetadata
 from stagemesh.model.decoder import StageModel
 from stagemesh.model.kv_cache import KVCache
@@ -21,7 +22,6 @@ from stagemesh.model.loader import CheckpointReader
 from stagemesh.model.moe import Experts
 from stagemesh.model.parallel import TPGroup
 from stagemesh.model.sampling import SamplingBatch, sample
-from stagemesh.errors import InvalidArgument
 from stagemesh.serving.blocks import blocks_needed
 from stagemesh.serving.types import PENDING_TOKEN, SeqChunk, StepPlan, StepResult
 

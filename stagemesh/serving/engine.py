@@ -148,7 +148,10 @@ class Engine:
         while True:
             self._wakeup.clear()
             self._launch_steps()
-            await asyncio.wait({*self._steps, self._wake_waiter()}, return_when=asyncio.FIRST_COMPLETED)
+            # Only the oldest step can be applied next, so it is the one to wait for (waiting on a
+            # later one that finished first would spin).
+            oldest = next(iter(self._steps), None)
+            await asyncio.wait({self._wake_waiter(), *([oldest] if oldest else [])}, return_when=asyncio.FIRST_COMPLETED)
             done = self._complete_in_order()
             # NOTE: the next steps go out before this step's tokens are handed to the request
             # streams, so the chain computes while those streams write to their clients.
@@ -188,8 +191,10 @@ class Engine:
     def _deliver(self, item: TokenEvent | _Failed) -> None:
         """Hand a token event (or a request's failure) to its request's stream."""
         if isinstance(item, TokenEvent):
-            self.counters.tokens_emitted += item.token_id is not None
-            self.counters.requests_finished += item.finish_reason is not None
+            if item.token_id is not None:
+                self.counters.tokens_emitted += 1
+            if item.finish_reason is not None:
+                self.counters.requests_finished += 1
         queue = self._queues.get(item.request_id)
         if queue is not None:
             queue.put_nowait(item if isinstance(item, TokenEvent) else item.error)

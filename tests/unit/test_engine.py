@@ -350,3 +350,34 @@ def test_overlap_failed_step_fails_its_requests_and_drops_their_lookahead():
     assert any(c.seq_id == 0 and c.start == 5 for p in chain.plans for c in p.chunks)  # the dropped lookahead
     assert engine.counters.requests_failed == 1
     assert engine.scheduler.kv_blocks_used == 0 and 0 not in chain.kv
+
+
+def test_a_step_back_before_an_older_one_waits_for_it_without_spinning():
+    class SlowFirst(SumChain):
+        async def step(self, plan):
+            self.delay = 0.05 if plan.step_id == 0 else 0.001
+            return await super().step(plan)
+
+    chain = SlowFirst()
+    applied = []
+
+    async def main():
+        async with make_engine(chain, num_slots=2) as engine:
+            passes = 0
+            complete = engine._complete_in_order
+
+            def counted():
+                nonlocal passes
+                passes += 1
+                done = complete()
+                applied.extend(e.request_id for e in done)
+                return done
+
+            engine._complete_in_order = counted
+            results = await asyncio.gather(collect(engine, req("a", max_new=1)), collect(engine, req("b", max_new=1)))
+            return results, passes
+
+    (a, b), passes = run(main())
+    assert [e.token_id for e in a] == expected((1, 2, 3), 1) == [e.token_id for e in b]
+    assert applied[:2] == ["a", "b"]  # step 1 (b) came back first, and was applied after step 0 (a)
+    assert passes < 20  # a loop that polled the finished later step would pass thousands of times
