@@ -10,6 +10,7 @@ requests in it; the loop itself never dies of a step.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -150,8 +151,8 @@ class Engine:
             self._launch_steps()
             # Only the oldest step can be applied next, so it is the one to wait for (waiting on a
             # later one that finished first would spin).
-            oldest = next(iter(self._steps), None)
-            await asyncio.wait({self._wake_waiter(), *([oldest] if oldest else [])}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {self._wake_waiter(), *itertools.islice(self._steps, 1)}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             done = self._complete_in_order()
             # NOTE: the next steps go out before this step's tokens are handed to the request
             # streams, so the chain computes while those streams write to their clients.
