@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failover-wait-s", type=float, default=5.0,
                    help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="single-stage chains: wait for each step's tokens before sending the next step")
+                   help="wait for each step's tokens before sending a step after it (overlap scheduling is on by default)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
 

@@ -72,8 +72,8 @@ class GatewayOptions:
     failover_wait_s: float = FAILOVER_WAIT_S
     """A running request whose chain failed waits this long for a healthy chain, then fails UNAVAILABLE."""
     overlap: bool = True
-    """Overlap scheduling on single-stage chains: the next step goes out while one runs
-    (``stagemesh.serving.scheduler``). Chains of several stages keep a step per stage in flight instead."""
+    """Overlap scheduling: one step more than the chain has stages goes out while they run,
+    its decodes taking the tokens still being sampled (``stagemesh.serving.scheduler``)."""
 
 
 async def serve(opts: GatewayOptions) -> None:
@@ -208,7 +208,7 @@ def scheduler_config(
     infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
 ) -> SchedulerConfig:
     """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage
-    (and overlap scheduling on a chain of one stage)."""
+    (plus a lookahead one with overlap scheduling)."""
     block_sizes = {info.block_size for info in infos}
     if len(block_sizes) != 1:
         raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
@@ -220,7 +220,7 @@ def scheduler_config(
         num_slots=len(infos),
         max_model_len=config.max_position_embeddings,
         eos_token_ids=eos_token_ids(config, tokenizer),
-        overlap=opts.overlap and len(infos) == 1,
+        overlap=opts.overlap,
     )
 
 

@@ -25,9 +25,12 @@ class DownstreamLink:
         """The next stage's name in messages, e.g. ``c0-s1``."""
         self._stream = ForwardStream(address, self._unreachable)
 
-    def send(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> None:
-        """Queue ``request`` for the next stage; ``answer`` gets its response (or an error one)."""
-        self._stream.send(request).add_done_callback(lambda reply: _relay(reply, answer))
+    def send(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> asyncio.Future[stage_pb2.StageResponse]:
+        """Queue ``request`` for the next stage; ``answer`` gets its response (or an error one),
+        which the returned future also gets."""
+        reply = self._stream.send(request)
+        reply.add_done_callback(lambda done: _relay(done, answer))
+        return reply
 
     def _unreachable(self, detail: str) -> Unavailable:
         return Unavailable(f"stage {self.name} at {self.address} is unreachable: {detail}")

@@ -8,7 +8,9 @@ answers of the last stage, and the requests forwarded to the next stage, also ke
 order. A step that fails here is answered with its error and is not forwarded.
 
 What runs a step is the stage object (``stage_worker.stage``): the runner in this process, or
-rank 0 of a tensor-parallel stage, which first broadcasts the step to the other ranks.
+rank 0 of a tensor-parallel stage, which first broadcasts the step to the other ranks. The
+first stage of a longer chain first fills in the step's pending tokens from the answers it
+relays (``stage_worker.feedback``: overlap scheduling).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.v1 import stage_pb2
 
 from .downstream import DownstreamLink
+from .feedback import SampledTokens
 from .histogram import LatencyHistogram
 from .runner import StageRunner
 from .stage import LocalStage, TPStage
@@ -109,6 +112,8 @@ class StagePipeline:
         self._loop = asyncio.get_running_loop()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{place.name}")
         self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name)
+        self._sampled = SampledTokens(place.name) if place.spec.is_first and not place.spec.is_last else None
+        """The first stage of a longer chain: the tokens sampled downstream, for pending tokens."""
         self._unanswered: dict[asyncio.Future, int] = {}
         """Answers not given yet -> their step ids (for ``fail``)."""
 
@@ -173,11 +178,16 @@ class StagePipeline:
             expected = isinstance(err, StagemeshError)
             log.warning("stage %s: step %d failed: %s", self.place.name, request.step_id, err, exc_info=not expected)
             outcome = failed_step_to_pb(request.step_id, err)
+            if self._sampled is not None:
+                self._sampled.fail(request)
         finally:
             self.figures.computed += 1
         self._loop.call_soon_threadsafe(self._deliver, outcome, answer)
 
     def _step(self, request: stage_pb2.StageRequest) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
+        if self._sampled is not None:  # before the clock starts: waiting is not busy
+            self._sampled.fill(request)
+            self._sampled.expect(request)
         t_start = time.time()
         plan, out = self.stage.step(request)
         t_end = time.time()
@@ -199,8 +209,13 @@ class StagePipeline:
             return
         try:
             # Forwarded even when the upstream asker is gone: the next stages' KV must follow.
-            self._downstream.send(outcome, answer)
+            reply = self._downstream.send(outcome, answer)
         except Exception as err:  # noqa: BLE001 - the answer must come whatever happens
             log.exception("stage %s: could not forward step %d", self.place.name, outcome.step_id)
+            if self._sampled is not None:
+                self._sampled.fail(outcome)
             if not answer.done():
                 answer.set_result(failed_step_to_pb(outcome.step_id, err))
+            return
+        if self._sampled is not None:
+            reply.add_done_callback(lambda done: self._sampled.land(done.result()))

@@ -79,7 +79,8 @@ class StageRunner:
         )
         self.sampled: dict[int, int] = {}
         """A single-stage runner's last sampled token per sequence (until freed): what a
-        ``PENDING_TOKEN`` stands for (overlap scheduling)."""
+        ``PENDING_TOKEN`` stands for (overlap scheduling; on a longer chain the first stage's
+        worker fills it in before the step reaches a runner: ``stage_worker.feedback``)."""
         log.info("stage %s on %s: %d KV blocks of %d tokens", spec, device, num_blocks, block_size)
 
     def _blocks_for(self, memory: int, block_size: int) -> int:
@@ -132,7 +133,8 @@ class StageRunner:
         if not (self.spec.is_first and self.spec.is_last) or len(chunk.token_ids) != 1:
             raise InvalidArgument(
                 f"step {step_id}: sequence {chunk.seq_id} has a pending token ({PENDING_TOKEN}); only a "
-                "one-token chunk on a single-stage chain may have one (overlap scheduling)"
+                "one-token chunk may have one, and only a stage that samples fills it in itself (on a "
+                "longer chain the first stage's worker fills it in: overlap scheduling)"
             )
         token = self.sampled.get(chunk.seq_id)
         if token is None:

@@ -79,7 +79,7 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-restart", dest="restart", action="store_false",
                    help="stop the mesh when a worker exits instead of restarting it")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="with --pp 1: wait for each step's tokens before scheduling the next step")
+                   help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")

@@ -68,7 +68,7 @@ class UpOptions:
     restart: bool = True
     """Restart a stage or expert worker that exits (False: its exit stops the mesh)."""
     overlap: bool = True
-    """Overlap scheduling on single-stage chains (the gateway's ``--no-overlap`` when False)."""
+    """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
     restart_policy: RestartPolicy = RestartPolicy()
     gpus: int | None = None
     """GPUs the layout may book on CUDA; None counts this machine's visible ones (`stagemesh compose`

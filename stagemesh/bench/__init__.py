@@ -56,7 +56,7 @@ class BenchSpec:
     log_dir: Path | None = None
     """Where the workers of a mesh brought up for the run write their logs."""
     overlap: bool = True
-    """Overlap scheduling on single-stage chains, in the mesh brought up and the in-process engine."""
+    """Overlap scheduling in the mesh brought up, and in the in-process engine (pp=1 there)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.compare) - set(SYSTEMS)

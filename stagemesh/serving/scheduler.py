@@ -10,15 +10,18 @@ an in-flight plan is *busy* until that plan's ``update`` (or ``fail``). Within a
 chunks (one token) come first, then prefill chunks cut to the token budget (chunked prefill).
 No await, no clock reads, no I/O: the same object drives the in-process engine and the mesh.
 
-NOTE: overlap (``SchedulerConfig.overlap``, single-stage chains). One more plan may be in
-flight than there are slots, and a busy sequence may be in it too: its next prefill chunk, or,
-when its in-flight chunk samples, a decode chunk whose token is ``PENDING_TOKEN``: "the token
-you are sampling for me now". The stage (which samples and embeds) runs its steps in order
-and fills that token in itself, so it goes from one step straight into the next while this
-side reads the previous step's tokens. A sequence is never more than two plans deep, and
-never looks ahead past ``max_new_tokens``; when its token turns out to be a stop token, the
-lookahead chunk's token is dropped and its KV freed with the rest. Steps must be applied
-(``update``/``fail``) in the order they were scheduled.
+NOTE: overlap (``SchedulerConfig.overlap``). Once every slot is in flight (or no sequence is
+left with nothing in flight), one more plan may go, holding sequences of the OLDEST in-flight
+plan: each one's next prefill chunk, or, when its in-flight chunk samples, a decode chunk whose
+token is ``PENDING_TOKEN``: "the token you are sampling for me now". The first stage (which
+embeds) fills that token in: on a chain of one stage from its own sample, on a longer chain
+from the last stage's answer to the older plan, which comes back through it. So the first
+stage goes from one step straight into the next while this side reads the older step's
+tokens. Only the oldest plan's sequences look ahead, since its tokens are the first to come
+back. A sequence is never more than two plans deep, and never looks ahead past
+``max_new_tokens``; when its token turns out to be a stop token, the lookahead chunk's token
+is dropped and its KV freed with the rest. Steps must be applied (``update``/``fail``) in the
+order they were scheduled.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class SchedulerConfig:
     max_waiting: int = 1024
     """Requests waiting for admission at most; one more is refused as ``queue full``."""
     overlap: bool = False
-    """Schedule the next step while one is in flight (see the module NOTE). Only for a chain
-    whose one stage both embeds and samples, so ``num_slots`` must be 1."""
+    """Schedule one more step than ``num_slots`` while they are in flight (see the module NOTE);
+    the chain's first stage must fill in ``PENDING_TOKEN``."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -71,8 +74,6 @@ class SchedulerConfig:
         bad = [t for t in self.eos_token_ids if not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"SchedulerConfig.eos_token_ids has {bad}; token ids must be integers >= 0")
-        if self.overlap and self.num_slots != 1:
-            raise ValueError(f"SchedulerConfig.overlap needs num_slots=1 (a single-stage chain), got {self.num_slots}")
 
     @property
     def kv_budget_tokens(self) -> int:
@@ -103,6 +104,8 @@ class _Sequence:
     """In-flight plans that hold a chunk of it (at most 2, with overlap)."""
     pending: int = 0
     """In-flight chunks that sample: tokens it has coming that ``token_ids`` does not hold yet."""
+    last_step: int = -1
+    """The step id of the latest plan that held a chunk of it."""
     aborted: bool = False
     reserved_blocks: list[int] = field(default_factory=list)
 
@@ -198,7 +201,9 @@ class Scheduler:
             return None
         self._admit()
         share = min(self.config.max_num_seqs, math.ceil(len(self._running) / self.config.num_slots))
-        ready = [s for s in self._running if self._ready(s)]
+        ready = [s for s in self._running if not (s.in_flight or s.aborted)]
+        if self.config.overlap and (len(self._in_flight) >= self.config.num_slots or not ready):
+            ready += [s for s in self._running if self._looks_ahead(s)]  # the extra plan
         chunks = self._decode_chunks(ready, share)
         budget = self.config.max_num_batched_tokens - len(chunks)
         chunks += self._prefill_chunks(ready, share - len(chunks), budget)
@@ -210,16 +215,12 @@ class Scheduler:
         self._in_flight[plan.step_id] = plan
         return plan
 
-    def _ready(self, seq: _Sequence) -> bool:
-        """Whether ``seq`` may have a chunk in the next plan."""
-        if seq.aborted:
+    def _looks_ahead(self, seq: _Sequence) -> bool:
+        """Whether ``seq``, in flight, may have a lookahead chunk in the next plan (overlap)."""
+        if seq.aborted or seq.in_flight != 1 or seq.last_step != next(iter(self._in_flight)):
             return False
-        if seq.in_flight == 0:
-            return True
-        if not self.config.overlap or seq.in_flight > 1:
-            return False
-        # One chunk in flight: the next prefill chunk is known already; a decode after a
-        # sampling chunk takes the pending token, unless that token is its last by length.
+        # One chunk in flight, in the oldest plan: the next prefill chunk is known already; a
+        # decode after a sampling chunk takes the pending token, unless that token is its last by length.
         return seq.pending == 0 or seq.num_generated + seq.pending < seq.max_generated
 
     def _admit(self) -> None:
@@ -257,6 +258,7 @@ class Scheduler:
             seq.pending += 1
         seq.num_scheduled += n
         seq.in_flight += 1
+        seq.last_step = self._next_step_id
         return SeqChunk(seq.seq_id, start, tokens, sample)
 
     # --- results back --------------------------------------------------------------

@@ -54,8 +54,8 @@ class SampleSpec:
 
 
 PENDING_TOKEN = -1
-"""A decode chunk's token id that stands for the token its stage is sampling for the sequence
-in the step before (overlap scheduling, single-stage chains): the stage fills it in."""
+"""A decode chunk's token id that stands for the token being sampled for the sequence in an
+older step still in flight (overlap scheduling): the chain's first stage fills it in."""
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,39 @@ def test_overlap_failed_step_drops_the_lookahead_in_the_next():
     assert answer(s, p2, {1: 7}) == [TokenEvent("b", 7, 0)]
 
 
-def test_overlap_needs_one_slot():
-    with pytest.raises(ValueError, match="overlap needs num_slots=1"):
-        SchedulerConfig(num_blocks=8, max_model_len=64, num_slots=2, overlap=True)
+def test_overlap_with_two_slots_looks_ahead_only_in_the_oldest_plan():
+    s = make(overlap=True, num_slots=2)
+    for rid in "abcd":
+        s.add(req(rid, max_new=10))
+    p0, p1, p2 = s.schedule(0.0), s.schedule(0.0), s.schedule(0.0)
+    assert [c.seq_id for c in p0.chunks] == [0, 1] and [c.seq_id for c in p1.chunks] == [2, 3]
+    # p0's tokens come back first: only its sequences look ahead, p1's would make the stage wait
+    assert [(c.seq_id, c.token_ids) for c in p2.chunks] == [(0, (PENDING_TOKEN,)), (1, (PENDING_TOKEN,))]
+    assert s.schedule(0.0) is None and s.num_in_flight == 3
+    answer(s, p0, {0: 5, 1: 5})
+    p3 = s.schedule(0.0)
+    assert [(c.seq_id, c.token_ids, c.sample.index) for c in p3.chunks] == [(2, (PENDING_TOKEN,), 1), (3, (PENDING_TOKEN,), 1)]
+    answer(s, p1, {2: 6, 3: 6})
+    p4 = s.schedule(0.0)
+    assert [(c.seq_id, c.start) for c in p4.chunks] == [(0, 5), (1, 5)]  # p2 is now the oldest
+
+
+def test_overlap_looks_ahead_only_once_the_slots_are_full():
+    s = make(overlap=True, num_slots=2)
+    for rid in "abcd":
+        s.add(req(rid, max_new=10))
+    p0 = s.schedule(0.0)
+    answer(s, p0, {0: 5, 1: 5})
+    p1, p2, p3 = s.schedule(0.0), s.schedule(0.0), s.schedule(0.0)
+    assert [(c.seq_id, c.token_ids) for c in p1.chunks] == [(0, (5,)), (1, (5,))]
+    # a slot is free and c, d have nothing in flight: they fill it, not a lookahead of p1
+    assert [(c.seq_id, c.start) for c in p2.chunks] == [(2, 0), (3, 0)]
+    assert [(c.seq_id, c.token_ids) for c in p3.chunks] == [(0, (PENDING_TOKEN,)), (1, (PENDING_TOKEN,))]
+
+
+def test_overlap_with_two_slots_and_one_request_looks_ahead_at_once():
+    s = make(overlap=True, num_slots=2)
+    s.add(req("a", max_new=10))
+    p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert [(c.seq_id, c.token_ids) for c in p1.chunks] == [(0, (PENDING_TOKEN,))]
+    assert s.schedule(0.0) is None  # never more than two plans deep
