@@ -32,7 +32,7 @@ def _hidden(request: stage_pb2.StageRequest, plan: StepPlan, runner: StageRunner
     if not plan.chunks and not request.HasField("hidden"):
         return None  # a plan that only frees needs no activations
     if not request.HasField("hidden"):
-        raise ValueError(f"it has no hidden, which a stage from layer {runner.spec.start_layer} needs")
+        raise ValueError(f"it has no hidden, which a stage of layers {runner.spec.label} needs")
     hidden = tensor_from_pb(request.hidden)  # [N, H], read-only view of the message's bytes
     want = [plan.num_tokens, runner.config.hidden_size]
     if list(hidden.shape) != want:

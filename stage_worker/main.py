@@ -159,7 +159,7 @@ class StageWorker:
             self._neighbours = asyncio.create_task(follow_neighbours(stage_neighbours(self.place), self._set_serving))
             self.heartbeat = Heartbeat(self.store, self._worker_info(), self._figures)
             self.heartbeat.start()
-            log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.layers,
+            log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.label,
                      ", ".join(self.place.devices), self.place.address)
             stopping, failing = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._watch())
             await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
@@ -212,7 +212,7 @@ class StageWorker:
         except Exception as err:  # noqa: BLE001 - reported as a startup failure
             why = self._failure()
             raise StartupError(
-                why.message if why else f"loading layers {self.place.spec.layers} of {self.place.model} failed: {err}"
+                why.message if why else f"loading layers {self.place.spec.label} of {self.place.model} failed: {err}"
             ) from err
         return True
 
@@ -293,10 +293,10 @@ class StageWorker:
             await self.health.set(service, status)
 
     def _worker_info(self) -> WorkerInfo:
-        spec = self.place.spec
+        start, end = self.place.spec.bounds
         return WorkerInfo(
             worker_id=self.place.worker_id, role="stage", chain=self.place.chain, stage=self.place.stage,
-            start_layer=spec.start_layer, end_layer=spec.end_layer, address=self.place.address,
+            start_layer=start, end_layer=end, address=self.place.address,
             device=self.place.device, tp_size=self.place.tp,
         )
 

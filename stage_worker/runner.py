@@ -75,7 +75,7 @@ class StageRunner:
         self.model.eval()
         num_blocks = num_kv_blocks or self._blocks_for(kv_memory_bytes or DEFAULT_KV_MEMORY, block_size)
         self.cache = KVCache(
-            len(spec.layers), num_blocks, block_size, self.model.num_kv_heads, self.config.head_dim, self.dtype, self.device
+            len(spec.attention_layers), num_blocks, block_size, self.model.num_kv_heads, self.config.head_dim, self.dtype, self.device
         )
         self.sampled: dict[int, int] = {}
         """A single-stage runner's last sampled token per sequence (until freed): what a
@@ -85,7 +85,7 @@ class StageRunner:
 
     def _blocks_for(self, memory: int, block_size: int) -> int:
         per_block = KVCache.bytes_per_block(
-            len(self.spec.layers), block_size, self.model.num_kv_heads, self.config.head_dim, self.dtype
+            len(self.spec.attention_layers), block_size, self.model.num_kv_heads, self.config.head_dim, self.dtype
         )
         useful = MAX_SEQS_PER_STAGE * blocks_needed(self.config.max_position_embeddings, block_size)
         return min(memory // per_block, useful)

@@ -76,6 +76,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             num_stages=place.num_stages,
             layer_start=place.spec.start_layer,
             layer_end=place.spec.end_layer,
+            mlp_only_start=place.spec.mlp_only_start,
+            attn_only_end=place.spec.attn_only_end,
             num_layers=place.spec.num_layers,
             device=str(runner.device),
             tp_size=runner.tp.size,

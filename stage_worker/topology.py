@@ -9,7 +9,8 @@ The launcher writes the document (``Store.set_topology``)::
          "kv_blocks": null}, ...]}]}
 
 ``tp`` (default 1), ``devices`` (default ``[device] * tp``) and ``tp_backend`` (default: nccl
-on CUDA, gloo on CPU) may be left out.
+on CUDA, gloo on CPU) may be left out, and so may ``mlp_only_start`` / ``attn_only_end``
+(default false: a boundary that cuts a layer between its attention and its MLP, ``StageSpec``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,13 @@ def find_stage(doc: dict[str, Any], chain: int, stage: int) -> StagePlace:
             chain=chain,
             stage=stage,
             num_stages=len(stages),
-            spec=StageSpec(entry["start_layer"], entry["end_layer"], doc["num_layers"]),
+            spec=StageSpec(
+                entry["start_layer"],
+                entry["end_layer"],
+                doc["num_layers"],
+                mlp_only_start=bool(entry.get("mlp_only_start")),
+                attn_only_end=bool(entry.get("attn_only_end")),
+            ),
             address=entry["address"],
             device=devices[0],
             model=doc["model"],

@@ -191,12 +191,22 @@ def _moe_fields(family: str, raw: dict, num_layers: int) -> dict:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One pipeline stage: global decoder layers ``[start_layer, end_layer)`` of ``num_layers``."""
+    """One pipeline stage: global decoder layers ``[start_layer, end_layer)`` of ``num_layers``.
+
+    A boundary between two stages may also cut a layer between its attention and its MLP,
+    which balances the stages more finely: the stage before then ends with that layer's
+    attention (``attn_only_end``), the stage after starts with its MLP (``mlp_only_start``),
+    and what passes between them is the residual stream after the attention.
+    """
 
     start_layer: int
     end_layer: int
     num_layers: int
     """Layers in the whole model, so a stage knows whether it is the first or the last."""
+    mlp_only_start: bool = False
+    """The first layer runs only its MLP: the stage before ran its attention."""
+    attn_only_end: bool = False
+    """The last layer runs only its attention: the stage after runs its MLP."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_layer < self.end_layer <= self.num_layers:
@@ -204,18 +214,44 @@ class StageSpec:
                 f"stage layers [{self.start_layer}, {self.end_layer}) must be a non-empty range "
                 f"inside [0, {self.num_layers})"
             )
+        if not self.attention_layers:
+            raise ValueError(f"stage layers {self.label} hold no attention: a stage needs a KV cache")
 
     @property
     def is_first(self) -> bool:
-        return self.start_layer == 0
+        return self.start_layer == 0 and not self.mlp_only_start
 
     @property
     def is_last(self) -> bool:
-        return self.end_layer == self.num_layers
+        return self.end_layer == self.num_layers and not self.attn_only_end
 
     @property
     def layers(self) -> range:
+        """Every layer it runs a part of."""
         return range(self.start_layer, self.end_layer)
+
+    @property
+    def attention_layers(self) -> range:
+        """The layers whose attention (and KV cache) it holds."""
+        return range(self.start_layer + self.mlp_only_start, self.end_layer)
+
+    @property
+    def mlp_layers(self) -> range:
+        """The layers whose MLP it holds."""
+        return range(self.start_layer, self.end_layer - self.attn_only_end)
+
+    @property
+    def bounds(self) -> tuple[int | float, int | float]:
+        """Where it starts and ends in layers: ``x.5`` is between layer x's attention and its MLP."""
+        start = self.start_layer + 0.5 if self.mlp_only_start else self.start_layer
+        end = self.end_layer - 0.5 if self.attn_only_end else self.end_layer
+        return start, end
+
+    @property
+    def label(self) -> str:
+        """For logs and messages, e.g. ``[0, 3.5)``."""
+        start, end = self.bounds
+        return f"[{start:g}, {end:g})"
 
     @classmethod
     def whole(cls, num_layers: int) -> "StageSpec":

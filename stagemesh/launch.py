@@ -108,6 +108,8 @@ def _plan_chain(chain: int, config: ModelConfig, specs: list[StageSpec], opts: U
             "stage": i,
             "start_layer": spec.start_layer,
             "end_layer": spec.end_layer,
+            "mlp_only_start": spec.mlp_only_start,
+            "attn_only_end": spec.attn_only_end,
             "address": _address(opts, stage_worker_id(chain, i), devices[i]),
             "device": devices[i][0],
             "tp": opts.tp,

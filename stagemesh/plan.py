@@ -7,6 +7,7 @@ plan for CUDA pass the visible GPU count in).
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 from .config import ModelConfig, StageSpec
@@ -125,47 +126,72 @@ def _check_tp(config: ModelConfig, tp: int) -> None:
             raise ValueError(f"tp={tp} must divide {name}={width}")
 
 
-def layer_cost(config: ModelConfig, layer: int) -> float:
-    """Multiply-adds per token of one decoder layer (attention projections + the MLP it runs)."""
+HEAD_SAMPLED_FRACTION = 0.5
+"""The share of a stage's tokens that ``lm_head`` runs on, as ``split_layers`` counts it: a
+decode samples every token, a prefill chunk only its last one, and serving mixes both."""
+
+
+def attention_cost(config: ModelConfig) -> float:
+    """Multiply-adds per token of one layer's attention projections."""
+    return float(config.hidden_size * (2 * config.q_size + 2 * config.kv_size))
+
+
+def mlp_cost(config: ModelConfig, layer: int) -> float:
+    """Multiply-adds per token of one layer's MLP (dense, or the routed and shared experts it runs)."""
     h = config.hidden_size
-    attn = h * (2 * config.q_size + 2 * config.kv_size)
     if config.is_moe_layer(layer):
         mlp = 3 * h * (config.moe_intermediate_size * config.num_experts_per_tok + config.shared_expert_intermediate_size)
-        mlp += h * config.num_experts  # router
-    else:
-        mlp = 3 * h * config.intermediate_size
-    return float(attn + mlp)
+        return float(mlp + h * config.num_experts)  # + the router
+    return float(3 * h * config.intermediate_size)
+
+
+def layer_cost(config: ModelConfig, layer: int) -> float:
+    """Multiply-adds per token of one decoder layer (attention projections + the MLP it runs)."""
+    return attention_cost(config) + mlp_cost(config, layer)
 
 
 def split_layers(config: ModelConfig, pp: int) -> list[StageSpec]:
-    """Contiguous layer ranges for ``pp`` stages minimising the slowest stage's cost.
+    """Contiguous stages for ``pp`` minimising the slowest stage's cost.
 
-    The last stage also pays for ``lm_head`` (vocab × hidden per sampled token), so it tends
-    to get fewer layers; uneven splits are normal.
+    The unit is half a layer: a boundary may fall between a dense layer's attention and its
+    MLP (``StageSpec.attn_only_end`` / ``mlp_only_start``), which balances the stages about
+    twice as finely as whole layers; MoE layers stay whole. The last stage also pays for
+    ``lm_head`` (vocab × hidden per sampled token, ``HEAD_SAMPLED_FRACTION``), so it tends
+    to get less. Among equally balanced splits, the one with fewer cut layers wins.
     """
     n = config.num_hidden_layers
     if not 1 <= pp <= n:
         raise ValueError(f"pp={pp} must be between 1 and the model's {n} layers")
-    costs = [layer_cost(config, i) for i in range(n)]
-    head = float(config.vocab_size * config.hidden_size)
+    pieces = [c for i in range(n) for c in (attention_cost(config), mlp_cost(config, i))]
+    """Piece 2i is layer i's attention, 2i + 1 its MLP."""
+    head = HEAD_SAMPLED_FRACTION * config.vocab_size * config.hidden_size
     prefix = [0.0]
-    for c in costs:
+    for c in pieces:
         prefix.append(prefix[-1] + c)
 
-    def span(a: int, b: int) -> float:
-        return prefix[b] - prefix[a] + (head if b == n else 0.0)
+    def cost(a: int, b: int) -> float:
+        return prefix[b] - prefix[a] + (head if b == 2 * n else 0.0)
+
+    def can_end(b: int) -> bool:
+        """A boundary before piece ``b``: between layers, or inside a dense layer."""
+        return b % 2 == 0 or not config.is_moe_layer(b // 2)
+
+    def holds_attention(a: int, b: int) -> bool:
+        """Every stage needs a KV cache, so an attention piece."""
+        return b - a > 1 or a % 2 == 0
 
     @lru_cache(maxsize=None)
-    def best(start: int, stages: int) -> tuple[float, tuple[int, ...]]:
-        """(max stage cost, stage end points) for layers [start, n) over ``stages`` stages."""
+    def best(start: int, stages: int) -> tuple[float, int, tuple[int, ...]]:
+        """(max stage cost, cut layers, stage end pieces) for pieces [start, 2n) over ``stages`` stages."""
         if stages == 1:
-            return span(start, n), (n,)
-        options = []
-        for end in range(start + 1, n - stages + 2):
-            rest_cost, rest_ends = best(end, stages - 1)
-            options.append((max(span(start, end), rest_cost), (end,) + rest_ends))
+            return cost(start, 2 * n) if holds_attention(start, 2 * n) else math.inf, 0, (2 * n,)
+        options = [(math.inf, 0, ())]
+        for end in range(start + 1, 2 * n):
+            if can_end(end) and holds_attention(start, end):
+                rest_cost, rest_cuts, rest_ends = best(end, stages - 1)
+                options.append((max(cost(start, end), rest_cost), rest_cuts + end % 2, (end,) + rest_ends))
         return min(options)
 
-    _, ends = best(0, pp)
+    _, _, ends = best(0, pp)
     starts = (0,) + ends[:-1]
-    return [StageSpec(s, e, n) for s, e in zip(starts, ends)]
+    return [StageSpec(a // 2, (b + 1) // 2, n, mlp_only_start=a % 2 == 1, attn_only_end=b % 2 == 1) for a, b in zip(starts, ends)]

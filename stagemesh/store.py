@@ -76,10 +76,10 @@ class WorkerInfo:
     """The data-parallel chain a stage belongs to; None for shared expert workers and the gateway."""
     stage: int | None = None
     """Pipeline stage index within its chain; None for non-stage roles."""
-    start_layer: int | None = None
-    """First global decoder layer held (stages only)."""
-    end_layer: int | None = None
-    """One past the last global decoder layer held (stages only)."""
+    start_layer: int | float | None = None
+    """First global decoder layer held (stages only); ``x.5``: from layer x's MLP."""
+    end_layer: int | float | None = None
+    """One past the last global decoder layer held (stages only); ``x.5``: up to layer x's attention."""
     experts: dict[int, list[int]] = field(default_factory=dict)
     """Global layer -> expert ids held (expert workers only; empty for stages)."""
     address: str = ""

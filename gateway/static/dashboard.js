@@ -60,8 +60,11 @@ function expertLoad(worker) {
 
 function holdings(worker) {
   if (worker.role !== "expert") {
+    // Whole layers [start, end); x.5 cuts layer x between its attention and its MLP.
     const [start, end] = worker.layers || [0, 0];
-    return el("td", { class: "text" }, `layers ${start}–${end - 1}`);
+    const first = Number.isInteger(start) ? `${start}` : `${Math.floor(start)} (mlp)`;
+    const last = Number.isInteger(end) ? `${end - 1}` : `${Math.floor(end)} (attn)`;
+    return el("td", { class: "text" }, `layers ${first}–${last}`);
   }
   const cell = el("td", { class: "experts" }, el("div", {}, `experts ${expertsText(worker.experts)}`));
   const load = expertLoad(worker);

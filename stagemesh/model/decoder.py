@@ -19,32 +19,44 @@ from .parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
 
 
 class DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(.)) — the MLP dense or sparse per the config."""
+    """x + attn(norm(x)), then + mlp(norm(.)) — the MLP dense or sparse per the config.
 
-    def __init__(self, config: ModelConfig, layer: int, tp: TPGroup, experts: Experts | None):
+    A stage boundary may cut it in two (``StageSpec``): then it holds only its attention half
+    or only its MLP half, and runs just that one.
+    """
+
+    def __init__(
+        self, config: ModelConfig, layer: int, tp: TPGroup, experts: Experts | None, *, attention: bool = True, mlp: bool = True
+    ):
         super().__init__()
         self.layer = layer
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, tp)
-        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.is_moe_layer(layer):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if attention else None
+        self.attn = Attention(config, tp) if attention else None
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if mlp else None
+        self.mlp: SparseMoE | GatedMLP | None = None
+        if mlp and config.is_moe_layer(layer):
             self.mlp = SparseMoE(config, layer, tp, experts)
-        else:
+        elif mlp:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
 
     def load(self, reader: CheckpointReader) -> None:
         p = f"model.layers.{self.layer}"
-        self.input_norm.load(reader, f"{p}.input_layernorm.weight")
-        self.post_norm.load(reader, f"{p}.post_attention_layernorm.weight")
-        self.attn.load(reader, f"{p}.self_attn")
-        if isinstance(self.mlp, SparseMoE):
-            self.mlp.load(reader)
-        else:
-            self.mlp.load(reader, f"{p}.mlp")
+        if self.attn is not None:
+            self.input_norm.load(reader, f"{p}.input_layernorm.weight")
+            self.attn.load(reader, f"{p}.self_attn")
+        if self.mlp is not None:
+            self.post_norm.load(reader, f"{p}.post_attention_layernorm.weight")
+            if isinstance(self.mlp, SparseMoE):
+                self.mlp.load(reader)
+            else:
+                self.mlp.load(reader, f"{p}.mlp")
 
-    def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), meta, rope, kv_cache)
-        return x + self.mlp(self.post_norm(x))
+    def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.attn(self.input_norm(x), meta, rope, kv_cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.post_norm(x))
+        return x
 
 
 class StageModel(nn.Module):
@@ -55,13 +67,18 @@ class StageModel(nn.Module):
         self.config, self.spec, self.tp = config, spec, tp
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if spec.is_first else None
         self.rotary = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, tp, experts) for i in spec.layers)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, tp, experts, attention=i in spec.attention_layers, mlp=i in spec.mlp_layers)
+            for i in spec.layers
+        )
+        self.kv_index = [spec.attention_layers.index(i) if i in spec.attention_layers else None for i in spec.layers]
+        """Each layer's index into the KV cache (only layers with attention have one)."""
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if spec.is_last else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp) if spec.is_last else None
 
     @property
     def num_kv_heads(self) -> int:
-        return self.layers[0].attn.num_kv_heads
+        return next(layer.attn for layer in self.layers if layer.attn is not None).num_kv_heads
 
     def load(self, reader: CheckpointReader) -> None:
         """Read this stage's (and this rank's) tensors — and nothing else — from the checkpoint."""
@@ -79,8 +96,8 @@ class StageModel(nn.Module):
         """inputs: token ids [N] on the first stage, else hidden states [N, H]. Returns [N, H]."""
         x = self.embed(inputs) if self.embed is not None else inputs
         rope = self.rotary(meta.positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, meta, rope, cache.kv[i])
+        for layer, kv in zip(self.layers, self.kv_index):
+            x = layer(x, meta, rope, None if kv is None else cache.kv[kv])
         return x
 
     @torch.inference_mode()

@@ -50,7 +50,7 @@ class StageResponse(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[_tensor_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("role", "chain", "stage", "num_stages", "layer_start", "layer_end", "num_layers", "device", "tp_size", "dtype", "hidden_size", "num_kv_blocks", "block_size", "kv_blocks_used", "pid", "model")
+    __slots__ = ("role", "chain", "stage", "num_stages", "layer_start", "layer_end", "num_layers", "device", "tp_size", "dtype", "hidden_size", "num_kv_blocks", "block_size", "kv_blocks_used", "pid", "model", "mlp_only_start", "attn_only_end")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class StageInfo(_message.Message):
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MLP_ONLY_START_FIELD_NUMBER: _ClassVar[int]
+    ATTN_ONLY_END_FIELD_NUMBER: _ClassVar[int]
     role: str
     chain: int
     stage: int
@@ -83,4 +85,6 @@ class StageInfo(_message.Message):
     kv_blocks_used: int
     pid: int
     model: str
-    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    mlp_only_start: bool
+    attn_only_end: bool
+    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., mlp_only_start: _Optional[bool] = ..., attn_only_end: _Optional[bool] = ...) -> None: ...

@@ -75,3 +75,40 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         assert "LlamaForCausalLM" in str(e) and "Qwen2MoeForCausalLM" in str(e)
     else:
         raise AssertionError("an unsupported architecture must fail")
+
+
+def _half_stage_names(names, spec):
+    """The tensors of a stage that may cut its boundary layers between attention and MLP."""
+    attention = ("input_layernorm.", "self_attn.")
+    mlp = ("post_attention_layernorm.", "mlp.")
+    keep = set()
+    for i in spec.attention_layers:
+        keep |= {n for n in names if n.startswith(tuple(f"model.layers.{i}.{part}" for part in attention))}
+    for i in spec.mlp_layers:
+        keep |= {n for n in names if n.startswith(tuple(f"model.layers.{i}.{part}" for part in mlp))}
+    return keep | {n for n in _stage_names(names, spec) if not n.startswith("model.layers.")}
+
+
+def test_a_layer_cut_between_attention_and_mlp_runs_as_the_whole_layer_would(tmp_path):
+    model = make_hf_checkpoint("llama", tmp_path / "llama", num_layers=3)
+    names = set(_all_tensors(model))
+    whole = StageRunner(model, StageSpec.whole(3), num_kv_blocks=32, block_size=4)
+    first = StageRunner(model, StageSpec(0, 2, 3, attn_only_end=True), num_kv_blocks=32, block_size=4)
+    last = StageRunner(model, StageSpec(1, 3, 3, mlp_only_start=True), num_kv_blocks=32, block_size=4)
+    for runner in (first, last):
+        assert runner.reader.names_read == _half_stage_names(names, runner.spec)
+    assert "model.layers.1.self_attn.q_proj.weight" in first.reader.names_read
+    assert "model.layers.1.mlp.up_proj.weight" in last.reader.names_read
+    assert (first.cache.kv.shape[0], last.cache.kv.shape[0]) == (2, 1)  # layers 0-1 | layer 2 hold KV
+
+    greedy, seeded = SampleSpec(0.0, 0, 1.0, 0, 0), SampleSpec(1.0, 0, 1.0, 11, 0)
+    prompts = [tuple(range(5, 14)), tuple(range(40, 46))]
+    plan = StepPlan(0, (SeqChunk(0, 0, prompts[0], greedy), SeqChunk(1, 0, prompts[1], seeded)))
+    for step in range(1, 6):
+        expected = whole.step(plan, None)
+        assert last.step(plan, first.step(plan, None)) == expected
+        plan = StepPlan(step, tuple(
+            SeqChunk(c.seq_id, c.start + len(c.token_ids), (expected.tokens[c.seq_id],),
+                     SampleSpec(c.sample.temperature, 0, 1.0, c.sample.seed, step))
+            for c in plan.chunks
+        ))

@@ -11,7 +11,7 @@ import pytest
 
 from expert_worker.place import find_expert_worker
 from stage_worker.topology import find_stage
-from stagemesh.config import ModelConfig
+from stagemesh.config import ModelConfig, StageSpec
 from stagemesh.launch import UpOptions, plan_topology
 from stagemesh.placement import chain_replicas
 from stagemesh.plan import place_experts, split_layers, stage_devices, validate_layout
@@ -80,11 +80,39 @@ def test_each_stage_gets_its_own_run_of_gpus():
     assert stage_devices("cpu", 2, 2) == [["cpu", "cpu"], ["cpu", "cpu"]]
 
 
+@pytest.mark.parametrize("base", [LLAMA, QWEN2_MOE])
 @pytest.mark.parametrize("pp", [1, 2, 3, 4])
-def test_layers_still_split_into_contiguous_stages(pp):
-    specs = split_layers(config(), pp)
-    assert len(specs) == pp and specs[0].start_layer == 0 and specs[-1].end_layer == 4
-    assert all(a.end_layer == b.start_layer for a, b in zip(specs, specs[1:]))
+def test_layers_still_split_into_contiguous_stages(base, pp):
+    specs = split_layers(config(base), pp)
+    assert len(specs) == pp and specs[0].is_first and specs[-1].is_last
+    assert all(a.bounds[1] == b.bounds[0] for a, b in zip(specs, specs[1:]))
+    assert all(spec.attention_layers for spec in specs)  # every stage has a KV cache
+    for a, b in zip(specs, specs[1:]):
+        # a cut layer: the stage before runs its attention, the stage after its MLP, nobody twice
+        assert a.attn_only_end == b.mlp_only_start and (a.end_layer - 1 == b.start_layer) == a.attn_only_end
+
+
+def test_a_boundary_cuts_a_dense_layer_between_attention_and_mlp_when_that_balances_better():
+    # The 40M shape: 6 layers, lm_head 10000 x 640 on the last stage. Whole layers give
+    # 4 + 2 (or 3 + 3); half a layer more balances them.
+    shape = config(hidden_size=640, intermediate_size=1728, num_hidden_layers=6, num_attention_heads=10,
+                   num_key_value_heads=5, vocab_size=10000)
+    first, last = split_layers(shape, 2)
+    assert (first.label, last.label) == ("[0, 3.5)", "[3.5, 6)")
+    assert (list(first.attention_layers), list(first.mlp_layers)) == ([0, 1, 2, 3], [0, 1, 2])
+    assert (list(last.attention_layers), list(last.mlp_layers)) == ([4, 5], [3, 4, 5])
+    assert first.is_first and not first.is_last and last.is_last and not last.is_first
+
+
+def test_an_moe_layer_is_never_cut():
+    all_moe = config(QWEN2_MOE, mlp_only_layers=[], num_hidden_layers=6)
+    assert not any(s.attn_only_end for pp in range(2, 7) for s in split_layers(all_moe, pp))
+
+
+def test_a_whole_layer_split_wins_a_tie():
+    # 4 equal layers, no head to speak of: 2 + 2 is as balanced as any cut, so nothing is cut
+    tiny_head = config(vocab_size=1)
+    assert [s.label for s in split_layers(tiny_head, 2)] == ["[0, 2)", "[2, 4)"]
 
 
 def _model_dir(tmp_path: Path, raw: dict) -> Path:
@@ -214,3 +242,9 @@ def test_dp_counts_every_chain_s_gpus_and_must_be_positive():
     validate_layout(config(), 2, 2, dp=2, gpus=8)
     with pytest.raises(ValueError, match=r"^dp=0 must be at least 1"):
         validate_layout(config(), 1, 1, dp=0)
+
+
+def test_a_stage_without_attention_is_refused():
+    with pytest.raises(ValueError, match=r"stage layers \[1.5, 2\) hold no attention"):
+        StageSpec(1, 2, 4, mlp_only_start=True)
+    assert StageSpec(1, 3, 4, mlp_only_start=True, attn_only_end=True).label == "[1.5, 2.5)"

@@ -385,5 +385,6 @@ def test_overlap_with_two_slots_and_one_request_looks_ahead_at_once():
     s = make(overlap=True, num_slots=2)
     s.add(req("a", max_new=10))
     p0, p1 = s.schedule(0.0), s.schedule(0.0)
+    assert [(c.seq_id, c.token_ids) for c in p0.chunks] == [(0, (1, 2, 3, 4))]
     assert [(c.seq_id, c.token_ids) for c in p1.chunks] == [(0, (PENDING_TOKEN,))]
     assert s.schedule(0.0) is None  # never more than two plans deep
