@@ -12,6 +12,7 @@ their domain form, and the status document is a plain dict (what ``Client.status
 from __future__ import annotations
 
 import json
+import math
 import sys
 from array import array
 from dataclasses import dataclass
@@ -275,12 +276,13 @@ def _worker_to_pb(worker: dict) -> gateway_pb2.WorkerStatus:
     """``experts`` is ``{"<layer>": [expert ids]}``; the load's ``expert_tokens`` (expert
     workers only) is ``{"<layer>:<expert>": rows}``."""
     fields = dict(_known(worker, (*_WORKER_KEYS, "layers", "experts", "load"), "worker"))
-    start, end = fields.pop("layers", (0, 0))
+    start, end = fields.pop("layers", (0, 0))  # x.5: the boundary cuts layer x (StageSpec.bounds)
     load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), (*_LOAD_KEYS, "expert_tokens"), "worker load"))
     held = {int(layer): gateway_pb2.ExpertIds(ids=ids) for layer, ids in fields.pop("experts", {}).items()}
     union = sorted({e for ids in held.values() for e in ids.ids})
     return gateway_pb2.WorkerStatus(
-        layer_start=start, layer_end=end, load=load, experts=union, layer_experts=held, **fields
+        layer_start=math.floor(start), layer_end=math.ceil(end), mlp_only_start=start % 1 != 0,
+        attn_only_end=end % 1 != 0, load=load, experts=union, layer_experts=held, **fields
     )
 
 
@@ -305,7 +307,10 @@ def status_from_pb(msg: gateway_pb2.StatusResponse) -> dict:
 
 def _worker_from_pb(msg: gateway_pb2.WorkerStatus) -> dict:
     worker = {k: getattr(msg, k) for k in _WORKER_KEYS}
-    worker["layers"] = [msg.layer_start, msg.layer_end]
+    worker["layers"] = [
+        msg.layer_start + 0.5 if msg.mlp_only_start else msg.layer_start,
+        msg.layer_end - 0.5 if msg.attn_only_end else msg.layer_end,
+    ]
     worker["experts"] = {str(layer): list(msg.layer_experts[layer].ids) for layer in sorted(msg.layer_experts)}
     worker["load"] = {k: getattr(msg.load, k) for k in _LOAD_KEYS}
     if msg.load.expert_tokens:  # expert workers only

@@ -115,7 +115,7 @@ class ExpertIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load", "layer_experts")
+    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load", "layer_experts", "mlp_only_start", "attn_only_end")
     class LayerExpertsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class WorkerStatus(_message.Message):
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAYER_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MLP_ONLY_START_FIELD_NUMBER: _ClassVar[int]
+    ATTN_ONLY_END_FIELD_NUMBER: _ClassVar[int]
     role: str
     chain: int
     stage: int
@@ -151,7 +153,9 @@ class WorkerStatus(_message.Message):
     heartbeat_age_s: float
     load: WorkerLoad
     layer_experts: _containers.MessageMap[int, ExpertIds]
-    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., layer_experts: _Optional[_Mapping[int, ExpertIds]] = ...) -> None: ...
+    mlp_only_start: bool
+    attn_only_end: bool
+    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., layer_experts: _Optional[_Mapping[int, ExpertIds]] = ..., mlp_only_start: _Optional[bool] = ..., attn_only_end: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("chains", "workers", "model", "version", "json")

@@ -218,6 +218,9 @@ def test_status_document_round_trip():
         "bubble_fraction": 0.1,
     }
     assert codec.status_from_pb(codec.status_to_pb(doc)) == doc
+    for cut in ([0, 2.5], [2.5, 5], [2.5, 3.5]):  # a boundary between a layer's attention and its MLP
+        doc["workers"][0]["layers"] = cut
+        assert codec.status_from_pb(codec.status_to_pb(doc))["workers"][0]["layers"] == cut
     partial = codec.status_from_pb(codec.status_to_pb({"workers": [{"role": "expert", "chain": -1, "experts": {"1": [0, 1]}}]}))
     assert partial["workers"][0]["layers"] == [0, 0] and partial["workers"][0]["load"]["queue_depth"] == 0
     with pytest.raises(ValueError, match=r"chain status has unknown keys \['colour'\]"):
