@@ -9,7 +9,8 @@ healthy chain (``Router.fail_over``) as ``Request(resume_token_ids=emitted)``, r
 the journal (prompt, parameters with the seed, tokens so far): the scheduler re-prefills prompt
 + emitted and samples on from index ``len(emitted)`` with the same seed, so the next token is
 the one the failed chain would have given next (greedy or seeded), and none is repeated. The
-engine stays unaware of all this: it only ever sees new requests.
+engine stays unaware of all this: it only ever sees new requests. A Cancel that arrives while
+the request is between chains (``Router.abort``) ends it there with CANCELLED.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ async def resumable_events(
                                rid, chain.chain_id, len(emitted), err.message)
                 chain = await router.fail_over(rid, chain, engine, err.message)
                 request = await resumed(journal, request, emitted, chain.chain_id)
+                router.raise_if_cancelled(rid)
     finally:
         journal.close(rid)
         router.release(rid)

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
+from stagemesh.errors import Cancelled, InvalidArgument, StagemeshError, Unavailable
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.types import StepPlan
 
@@ -80,6 +80,8 @@ class Router:
         self.chains: list[ChainHandle] = []
         self.failover_wait_s = failover_wait_s
         self._active: dict[str, ChainHandle] = {}
+        self._cancelled: set[str] = set()
+        """Running requests cancelled while between chains (failing over): they go no further."""
         self._admissions = 0
 
     def add(self, handle: ChainHandle) -> None:
@@ -106,11 +108,21 @@ class Router:
 
     def release(self, request_id: str) -> None:
         self._active.pop(request_id, None)
+        self._cancelled.discard(request_id)
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a running request; False when no chain runs it."""
+        """Cancel a running request, one failing over between chains included; False when it is not running."""
         handle = self._active.get(request_id)
-        return handle is not None and handle.engine.abort(request_id)
+        if handle is None:
+            return False
+        if not (handle.healthy and handle.engine.abort(request_id)):
+            self._cancelled.add(request_id)  # between chains: its handler stops before the next one
+        return True
+
+    def raise_if_cancelled(self, request_id: str) -> None:
+        """Cancelled when ``abort`` caught the request between chains."""
+        if request_id in self._cancelled:
+            raise Cancelled(f"request {request_id!r} was cancelled while it was moving to another chain")
 
     # --- failure and recovery ----------------------------------------------------------
 
@@ -122,6 +134,7 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.failover_wait_s
         while (best := self._best()) is None:
+            self.raise_if_cancelled(request_id)
             if loop.time() >= deadline:
                 self._active.pop(request_id, None)
                 raise Unavailable(f"{self._why_unavailable()} (waited {self.failover_wait_s:g} s for one to come back)")

@@ -11,7 +11,7 @@ import pytest
 from gateway.failover import resumable_events
 from gateway.journal import JournalWriter
 from gateway.router import ChainHandle, Router
-from stagemesh.errors import Unavailable
+from stagemesh.errors import Cancelled, Unavailable
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.types import Request, SamplingParams
 from stagemesh.store import JournalEntry
@@ -179,3 +179,33 @@ def test_requests_one_after_another_on_idle_chains_take_turns():
             return [h.requests_served for h in router.chains]
 
     assert asyncio.run(main()) == [2, 2, 2]
+
+
+def test_a_request_cancelled_while_it_waits_for_a_chain_stops_there():
+    async def main():
+        async with gateway(n=1, wait_s=5.0) as (router, remotes, journal, store):
+            loop = asyncio.get_running_loop()
+            cancelled_at = []
+
+            def kill_then_cancel(event):
+                if event.index == 2 and not remotes[0].down:
+                    remotes[0].down = True
+
+                    async def cancel_soon():
+                        await asyncio.sleep(0.1)  # the request is now waiting for a healthy chain
+                        cancelled_at.append(loop.time())
+                        assert router.abort("a")
+
+                    loop.create_task(cancel_soon())
+
+            with pytest.raises(Cancelled, match="cancelled while it was moving to another chain"):
+                await collect(router, journal, "a", (4, 4), 40, kill_then_cancel)
+            stopped = loop.time() - cancelled_at[0]
+            remotes[0].down = False
+            assert await router.revive(router.chains[0])
+            await asyncio.sleep(0.05)
+            return stopped, router.chains[0].engine.scheduler.num_running, store, router.abort("a")
+
+    stopped, running, store, again = asyncio.run(main())
+    assert stopped < 1.0  # at once, not after the 5 s wait
+    assert running == 0 and store.entries == {} and not again  # never resumed; forgotten
