@@ -114,8 +114,10 @@ class JournalWriter:
         if not (closes or opens or tokens):
             return
         try:
-            await asyncio.gather(*(self._store.journal_close(rid) for rid in closes))
-            await asyncio.gather(*(self._store.journal_open(rid, *entry) for rid, entry in opens.items()))
+            if closes:  # one pipeline for all of them: no Redis connection per request
+                await self._store.journal_close_many(closes)
+            if opens:
+                await self._store.journal_open_many(opens)
             if tokens:
                 await self._store.journal_append_many(tokens)
         except StagemeshError as err:

@@ -273,22 +273,34 @@ class Store:
 
     # --- journal --------------------------------------------------------------------------
 
-    @_translate_errors
     async def journal_open(
         self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], chain: int
     ) -> None:
         """Journal a new request on ``chain``; an existing entry of that id is replaced."""
-        old_chain = await self._r.hget(self._key("journal", request_id), "chain")
+        await self.journal_open_many({request_id: (prompt_token_ids, params, chain)})
+
+    @_translate_errors
+    async def journal_open_many(self, entries: dict[str, tuple[list[int], dict[str, Any], int]]) -> None:
+        """``journal_open`` for many requests (id -> (prompt, params, chain)) in two round trips."""
+        old_chains = await self._journal_chains(list(entries))
         async with self._r.pipeline() as pipe:
-            if old_chain is not None:
-                pipe.srem(self._key("chain", old_chain, "requests"), request_id)
-            pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
-            pipe.hset(
-                self._key("journal", request_id),
-                mapping={"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params), "chain": chain},
-            )
-            pipe.sadd(self._key("chain", chain, "requests"), request_id)
+            for (request_id, (prompt_token_ids, params, chain)), old_chain in zip(entries.items(), old_chains):
+                if old_chain is not None:
+                    pipe.srem(self._key("chain", old_chain, "requests"), request_id)
+                pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
+                pipe.hset(
+                    self._key("journal", request_id),
+                    mapping={"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params), "chain": chain},
+                )
+                pipe.sadd(self._key("chain", chain, "requests"), request_id)
             await pipe.execute()
+
+    async def _journal_chains(self, request_ids: list[str]) -> list[str | None]:
+        """The chain each request is journaled on (None: not journaled), in one round trip."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hget(self._key("journal", request_id), "chain")
+            return await pipe.execute()
 
     async def journal_append(self, request_id: str, token_ids: list[int]) -> None:
         """Append emitted tokens to one request (one round trip)."""
@@ -332,14 +344,19 @@ class Store:
             pipe.sadd(self._key("chain", chain, "requests"), request_id)
             await pipe.execute()
 
-    @_translate_errors
     async def journal_close(self, request_id: str) -> None:
         """Delete the request's entry (finished, cancelled or failed for good); no-op if absent."""
-        old_chain = await self._r.hget(self._key("journal", request_id), "chain")
+        await self.journal_close_many([request_id])
+
+    @_translate_errors
+    async def journal_close_many(self, request_ids: list[str]) -> None:
+        """``journal_close`` for many requests in two round trips."""
+        old_chains = await self._journal_chains(request_ids)
         async with self._r.pipeline() as pipe:
-            if old_chain is not None:
-                pipe.srem(self._key("chain", old_chain, "requests"), request_id)
-            pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
+            for request_id, old_chain in zip(request_ids, old_chains):
+                if old_chain is not None:
+                    pipe.srem(self._key("chain", old_chain, "requests"), request_id)
+                pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
             await pipe.execute()
 
     @_translate_errors

@@ -124,6 +124,36 @@ def test_journal_open_append_get_move_close(redis_url):
     _run(redis_url, body)
 
 
+def test_a_burst_of_opens_and_closes_goes_out_in_a_few_round_trips_on_one_connection(redis_url):
+    import redis.asyncio
+
+    from gateway.journal import JournalWriter
+
+    async def body(store: Store):
+        await store.journal_open("moved", [1], {}, chain=1)
+        journal = JournalWriter(store, interval_s=0.05)
+        watcher = redis.asyncio.from_url(redis_url)
+        before = len(await watcher.client_list())
+        journal.start()
+        for i in range(64):  # a burst of requests, as the gateway records them
+            journal.open(f"r{i}", [1, i], {"seed": i}, chain=0)
+        journal.open("moved", [3], {}, chain=2)  # an id reused: its old entry is replaced
+        await journal.flush()
+        opened = len(await watcher.client_list()) - before
+        assert await store.journal_by_chain(0) == sorted(f"r{i}" for i in range(64))
+        assert await store.journal_by_chain(1) == [] and await store.journal_by_chain(2) == ["moved"]
+        assert await store.journal_get("r7") == JournalEntry("r7", (1, 7), {"seed": 7}, 0, ())
+        for i in range(64):
+            journal.close(f"r{i}")
+        await journal.stop()
+        await store.journal_close_many(["moved", "never-opened"])
+        assert await store.journal_by_chain(0) == [] and await store.journal_get("r7") is None
+        await watcher.aclose()
+        return opened
+
+    assert _run(redis_url, body) <= 1  # not one connection per request
+
+
 def test_reopening_a_request_starts_it_afresh(redis_url):
     async def body(store: Store):
         await store.journal_open("r", [1], {}, chain=0)

@@ -25,11 +25,13 @@ class FakeStore:
         self.entries: dict[str, dict] = {}
         self.moves: list[tuple[str, int]] = []
 
-    async def journal_open(self, rid, prompt, params, chain):
-        self.entries[rid] = {"prompt": tuple(prompt), "params": params, "chain": chain, "tokens": []}
+    async def journal_open_many(self, entries):
+        for rid, (prompt, params, chain) in entries.items():
+            self.entries[rid] = {"prompt": tuple(prompt), "params": params, "chain": chain, "tokens": []}
 
-    async def journal_close(self, rid):
-        self.entries.pop(rid, None)
+    async def journal_close_many(self, rids):
+        for rid in rids:
+            self.entries.pop(rid, None)
 
     async def journal_append_many(self, tokens):
         for rid, ids in tokens.items():
