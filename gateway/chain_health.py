@@ -9,7 +9,8 @@ about a second and a hung one (SIGSTOP: checks time out) within about three. A c
 healthy while all its stage workers are up and every expert of its MoE layers has an expert
 worker up that holds it. When a healthy chain has a worker down it is taken out of service
 (``Router.fence``); when an unhealthy one has every worker up again it is put back
-(``Router.revive``).
+(``Router.revive``). The same checks keep the expert placement live (``ExpertWatch.update``),
+so no worker is checked twice.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from stagemesh.errors import StagemeshError
 from stagemesh.placement import chain_replicas
 from stagemesh.store import ExpertReplica, Store, stage_worker_id
 
+from .experts import ExpertWatch
 from .health_probe import HealthProbe
 from .router import Router
 
@@ -35,8 +37,12 @@ MISSES = 2
 class ChainWatch:
     """Polls every worker of every chain and takes chains out of service and back (see the NOTE)."""
 
-    def __init__(self, store: Store, router: Router, topology: dict[str, Any], probe: HealthProbe):
+    def __init__(
+        self, store: Store, router: Router, topology: dict[str, Any], probe: HealthProbe, experts: ExpertWatch | None = None
+    ):
         self.store, self.router, self.probe = store, router, probe
+        self.expert_watch = experts
+        """The expert placement, kept live from this watch's own checks (None: experts in the stages)."""
         chains = sorted(topology.get("chains", ()), key=lambda c: c["chain"])
         self.stages: dict[int, list[tuple[str, str]]] = {
             c["chain"]: [(stage_worker_id(c["chain"], s["stage"]), s["address"]) for s in c["stages"]] for c in chains
@@ -60,6 +66,8 @@ class ChainWatch:
         answers = await asyncio.gather(*(self.probe.serving(address) for address in workers.values()))
         for wid, ok in zip(workers, answers):
             self._misses[wid] = 0 if ok else self._misses.get(wid, 0) + 1
+        if self.expert_watch is not None:
+            await self.expert_watch.update(alive, dict(zip(workers, answers)))
         down = {wid: "no heartbeat" for wid in workers if wid not in alive}
         down.update({wid: "health check failing" for wid in workers if self._misses[wid] >= MISSES and wid not in down})
         for handle in self.router.chains:

@@ -2,8 +2,9 @@
 
 At startup the gateway writes each chain's placement (which expert worker holds which
 (layer, expert), every replica live) and waits until every expert worker's health answers
-SERVING. Then, every ``WATCH_S``, a worker whose heartbeat lapsed in the registry or whose
-health check fails has its replicas marked down, and marked up again when it is back.
+SERVING. Then, on every round of the chain health watch (``gateway.chain_health``, which
+checks every worker anyway), a worker whose heartbeat lapsed in the registry or whose latest
+health check failed has its replicas marked down, and marked up again when it is back.
 Stages read the placement (``Store.get_placement``) and route rows only to live replicas.
 """
 
@@ -21,7 +22,6 @@ from .health_probe import HealthProbe
 
 logger = logging.getLogger(__name__)
 
-WATCH_S = 1.0
 LOG_EVERY_S = 10.0
 
 
@@ -33,14 +33,12 @@ class ExpertWatch:
         chains = (c["chain"] for c in topology.get("chains", ()))
         self.replicas: dict[int, list[ExpertReplica]] = {c: rs for c in chains if (rs := chain_replicas(topology, c))}
         self.live: dict[str, bool] = {r.worker_id: True for rs in self.replicas.values() for r in rs}
-        self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Write the placement (all live), wait until every expert worker serves, then watch them."""
+        """Write the placement (all live) and wait until every expert worker serves."""
         for chain, replicas in self.replicas.items():
             await self.store.set_placement(chain, replicas)
         await self._wait_serving()
-        self._task = asyncio.create_task(self._watch(), name="gateway-experts")
         logger.info("expert workers serving: %s", sorted(self.live))
 
     async def _wait_serving(self) -> None:
@@ -52,16 +50,15 @@ class ExpertWatch:
                 next_log = loop.time() + LOG_EVERY_S
             await asyncio.sleep(0.5)
 
-    async def _watch(self) -> None:
-        while True:
-            try:
-                alive = {w.worker_id for w in await self.store.list_workers() if w.alive}
-                serving = await asyncio.gather(*(self.probe.serving(r.address) for r in self._all()))
-                for (chain, replica), ok in zip(self._by_chain(), serving):
-                    await self._mark(chain, replica.worker_id, ok and replica.worker_id in alive)
-            except StagemeshError as err:
-                logger.warning("cannot update the expert placement: %s", err.message)
-            await asyncio.sleep(WATCH_S)
+    async def update(self, alive: set[str], serving: dict[str, bool]) -> None:
+        """Mark each replica up or down: its worker heartbeats (``alive``) and answered its latest
+        health check (``serving``, by worker id)."""
+        try:
+            for chain, replica in self._by_chain():
+                wid = replica.worker_id
+                await self._mark(chain, wid, serving.get(wid, False) and wid in alive)
+        except StagemeshError as err:
+            logger.warning("cannot update the expert placement: %s", err.message)
 
     async def _mark(self, chain: int, worker_id: str, live: bool) -> None:
         if self.live[worker_id] != live:
@@ -75,8 +72,3 @@ class ExpertWatch:
 
     def _by_chain(self) -> list[tuple[int, ExpertReplica]]:
         return [(chain, r) for chain, rs in sorted(self.replicas.items()) for r in rs]
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)

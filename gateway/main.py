@@ -126,7 +126,7 @@ class Gateway:
             await experts.start()  # the placement in Redis; returns once every expert worker serves
         for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
             self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
-        self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe)
+        self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe, self.experts)
         self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
         for service in ("", GATEWAY_SERVICE):
             await self.health.set(service, SERVING)
@@ -160,8 +160,6 @@ class Gateway:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        if self.experts is not None:
-            await self.experts.close()
         await self.probe.close()
         for handle in self.router.chains:
             await handle.engine.stop()

@@ -202,9 +202,9 @@ def _compose_args(sub) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from .launch import _health_serving
+    from .launch import health_serving
 
-    serving = _health_serving(args.addr)
+    serving = health_serving(args.addr)
     print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
     return 0 if serving else 1
 

@@ -221,7 +221,7 @@ class Mesh:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_children()
-            if _health_serving(self.gateway_address):
+            if health_serving(self.gateway_address):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the mesh was not ready after {timeout:.0f}s; logs in {self.log_dir}")
@@ -295,7 +295,8 @@ async def _write_topology(url: str, deployment: str, topology: dict) -> None:
         await store.close()
 
 
-def _health_serving(address: str) -> bool:
+def health_serving(address: str) -> bool:
+    """Whether the gRPC server at ``address`` answers ``grpc.health.v1`` SERVING within 1 s (blocking)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

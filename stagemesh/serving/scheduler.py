@@ -10,18 +10,14 @@ an in-flight plan is *busy* until that plan's ``update`` (or ``fail``). Within a
 chunks (one token) come first, then prefill chunks cut to the token budget (chunked prefill).
 No await, no clock reads, no I/O: the same object drives the in-process engine and the mesh.
 
-NOTE: overlap (``SchedulerConfig.overlap``). Once every slot is in flight (or no sequence is
-left with nothing in flight), one more plan may go, holding sequences of the OLDEST in-flight
-plan: each one's next prefill chunk, or, when its in-flight chunk samples, a decode chunk whose
-token is ``PENDING_TOKEN``: "the token you are sampling for me now". The first stage (which
-embeds) fills that token in: on a chain of one stage from its own sample, on a longer chain
-from the last stage's answer to the older plan, which comes back through it. So the first
-stage goes from one step straight into the next while this side reads the older step's
-tokens. Only the oldest plan's sequences look ahead, since its tokens are the first to come
-back. A sequence is never more than two plans deep, and never looks ahead past
-``max_new_tokens``; when its token turns out to be a stop token, the lookahead chunk's token
-is dropped and its KV freed with the rest. Steps must be applied (``update``/``fail``) in the
-order they were scheduled.
+NOTE: overlap (``SchedulerConfig.overlap``). Once every slot is in flight (or nothing else is
+ready), one more plan may go with the sequences of the OLDEST in-flight plan, whose tokens come
+back first: each one's next prefill chunk or, after a sampling chunk, a decode whose token is
+``PENDING_TOKEN`` ("the token you are sampling for me now"). The chain's first stage fills it
+in (from its own sample, or from the last stage's answer it relays), so it goes from one step
+straight into the next. A sequence is never more than two plans deep nor looks ahead past
+``max_new_tokens``; after a stop token the lookahead's token is dropped and its KV freed.
+Steps must be applied (``update``/``fail``) in the order they were scheduled.
 """
 
 from __future__ import annotations
