@@ -22,12 +22,12 @@ import logging
 import signal
 
 import grpc.aio
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stage_worker.heartbeat import Heartbeat
 from stage_worker.main import SERVER_OPTIONS
 from stage_worker.topology import default_host, port_of
+from stagemesh import cpus
 from stagemesh.store import Store, WorkerInfo
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.worker_startup import StartupError, start_worker
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
     p.add_argument("--host", help="interface to bind (default: the topology address's host if loopback, else [::])")
     p.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads)")
+    p.add_argument("--cpus", type=cpus.arg, help="cores to bind to, e.g. 2,3 (default: unbound)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--drain-s", type=float, default=1.0,
                    help="on SIGTERM, how long it keeps answering (UNAVAILABLE) while stages learn it is gone")
@@ -66,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s expert-c{args.chain}-e{args.worker} %(name)s: %(message)s",
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        cpus.take(args.cpus, 0, args.threads)
         return asyncio.run(_run(args))
     except StartupError as err:
         log.error("expert worker c%d-e%d cannot start: %s", args.chain, args.worker, err)

@@ -8,7 +8,10 @@ the sampled tokens equal the recorded ones.
 
     python scripts/stage_replay.py --model /tmp/llama40m --runs 5 [--profile]
 
-``--profile`` prints the torch profiler's op table over one replay instead.
+``--profile`` prints the torch profiler's op table over one replay instead. ``--gemm-only``
+times only the replay's matrix multiplies, through the stage's own packed weights at each
+step's row counts: a bound on what any engine built from these GEMMs could reach on the load,
+given as the fraction of the machine's matmul rate that `stagemesh bench` reports against.
 """
 
 from __future__ import annotations
@@ -57,12 +60,36 @@ def replay(runner: StageRunner, steps) -> list[float]:
     return times
 
 
+def gemm_only(runner: StageRunner, steps) -> list[float]:
+    """Seconds of each step's matrix multiplies alone: every projection of every layer on the
+    step's tokens, ``lm_head`` on its sampled rows. The inputs are row slices of tensors made
+    once (in a model too, each GEMM reads what the op before it has just written)."""
+    model, config = runner.model, runner.config
+    rows = max(sum(len(c.token_ids) for c in plan.chunks) for plan, _ in steps)
+    attn = model.layers[0].attn
+    x, o, m = (torch.randn(rows, k) for k in (config.hidden_size, attn.num_heads * attn.head_dim, config.intermediate_size))
+    times = []
+    with torch.inference_mode():
+        for plan, want in steps:
+            n, sampled = sum(len(c.token_ids) for c in plan.chunks), len(want.tokens)
+            t0 = time.perf_counter()
+            for layer in model.layers:
+                layer.attn.qkv(x[:n])
+                layer.attn.o_proj(o[:n])
+                layer.mlp.gate_up(x[:n])
+                layer.mlp.down(m[:n])
+            model.lm_head(x[:sampled])
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gemm-only", action="store_true", help="time only the GEMMs of the replay (see above)")
     parser.add_argument("--requests", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +103,15 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             replay(runner, steps)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+    if args.gemm_only:
+        from stagemesh.bench.roofline import flops_needed, measure_matmul_rate, model_cost
+
+        peak = measure_matmul_rate(3.0)["peak_flops_per_s"]
+        flops = flops_needed(model_cost(args.model), make_requests(shape, runner.config.vocab_size))
+        for _ in range(args.runs):
+            seconds = sum(gemm_only(runner, steps))
+            print(f"GEMMs only {seconds:.3f} s: {flops / seconds / peak:.0%} of {peak / 1e9:.0f} GFLOP/s")
         return
     has_prefill = [any(len(c.token_ids) > 1 for c in plan.chunks) for plan, _ in steps]
     print(f"{len(steps)} steps ({sum(has_prefill)} with prefill chunks), {args.threads} threads")

@@ -24,6 +24,8 @@ class StageOptions:
     """KV-cache budget in MiB when no block count is given."""
     threads: int | None = None
     """torch intra-op threads of each rank."""
+    cpus: list[int] | None = None
+    """The stage's cores (``--cpus``): rank r binds to the r-th ``threads`` of them; None: unbound."""
     tp_backend: str | None = None
     """torch.distributed backend; None takes the topology's, then nccl on CUDA / gloo on CPU."""
     log_level: str = "INFO"

@@ -24,9 +24,9 @@ import signal
 
 import grpc
 import grpc.aio
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stagemesh import cpus
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.placement import chain_replicas
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", type=int, required=True, help="pipeline stage index within the chain")
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
     p.add_argument("--host", help="interface to bind (default: the topology address's host if loopback, else [::])")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads of each rank (torch.set_num_threads)")
+    p.add_argument("--cpus", type=cpus.arg, help="cores of this stage, e.g. 0-3: TP rank r binds to the r-th --threads of them")
     p.add_argument("--kv-blocks", type=int, help="KV-cache blocks (overrides the topology's kv_blocks)")
     p.add_argument("--kv-memory-mb", type=int, help="KV-cache budget in MiB when no block count is given")
     p.add_argument("--tp-backend", choices=["nccl", "gloo"],
@@ -89,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s stage-c{args.chain}-s{args.stage} %(name)s: %(message)s",
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        cpus.take(args.cpus, 0, args.threads)
         return asyncio.run(_run(args))
     except StartupError as err:
         log.error("stage c%d-s%d cannot start: %s", args.chain, args.stage, err)
@@ -129,7 +129,7 @@ class StageWorker:
     def __init__(self, args: argparse.Namespace, place: StagePlace, store: Store):
         self.args, self.place, self.store = args, place, store
         self.opts = StageOptions(
-            kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads,
+            kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads, cpus=args.cpus,
             tp_backend=args.tp_backend, log_level=args.log_level,
         )
         self.pipeline = StagePipeline(place)

@@ -13,11 +13,11 @@ import argparse
 import json
 import logging
 
-import torch
-
+from stagemesh import cpus
 from stagemesh.errors import StagemeshError
 from stagemesh.procs import follow_parent
 from stagemesh.v1 import stage_pb2
+from stagemesh.worker_startup import StartupError
 
 from .build import StageOptions, build_runner
 from .decode import decode_request
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         level=opts.log_level.upper(),
         format=f"%(asctime)s %(levelname)s stage-{place.name}-r{args.rank} %(name)s: %(message)s",
     )
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    try:
+        cpus.take(opts.cpus, args.rank, opts.threads)
+    except StartupError as err:
+        log.error("tp rank %d of stage %s cannot start: %s", args.rank, place.name, err)
+        return 1
     device = place.devices[args.rank]
     backend = tp_backend(device, opts.tp_backend or place.tp_backend)
     group = join_group(args.rank, place.tp, args.init_method, backend, device)

@@ -80,6 +80,8 @@ def _up_args(p: argparse.ArgumentParser) -> None:
                    help="stop the mesh when a worker exits instead of restarting it")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
+    p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
+                   help="leave the worker processes unbound (by default each gets cores of its own when there are enough)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -115,6 +117,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         try_prompt=args.try_prompt,
         restart=args.restart,
         overlap=args.overlap,
+        cpu_bind=args.cpu_bind,
     )
     return run_up(opts)
 
@@ -149,6 +152,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mesh", action="store_true", help="run only the --compare systems")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="turn overlap scheduling off in the mesh brought up and the in-process engine")
+    p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
+                   help="leave the workers of the mesh brought up unbound (by default each gets cores of its own when there are enough)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
     p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
     p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
@@ -182,6 +187,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         calibrate_s=args.calibrate_s,
         log_dir=args.log_dir,
         overlap=args.overlap,
+        cpu_bind=args.cpu_bind,
     )
     return run(spec, args.json)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cpus
 from .config import ModelConfig, StageSpec
 from .plan import chain_devices, expert_devices, place_experts, split_layers, stage_devices, validate_layout
 from .procs import die_with_parent
@@ -69,6 +69,8 @@ class UpOptions:
     """Restart a stage or expert worker that exits (False: its exit stops the mesh)."""
     overlap: bool = True
     """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
+    cpu_bind: bool = True
+    """Give each compute process cores of its own (``stagemesh.cpus``) when there are enough."""
     restart_policy: RestartPolicy = RestartPolicy()
     gpus: int | None = None
     """GPUs the layout may book on CUDA; None counts this machine's visible ones (`stagemesh compose`
@@ -179,15 +181,22 @@ class Mesh:
             self.redis_url = self.redis.url
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
         # every rank and expert worker of every chain computes at once: share the cores out
-        processes = self.opts.dp * chain_devices(self.opts.pp, self.opts.tp, self.opts.ep)
-        threads = str(max(1, _cores() // processes))
-        for entry in topology["chains"]:
+        chains = topology["chains"]
+        ranks = [n for entry in chains for n in [self.opts.tp] * len(entry["stages"]) + [1] * len(entry["experts"])]
+        threads, sets = cpus.share(cpus.available(), ranks)
+        places = iter(sets) if sets is not None and self.opts.cpu_bind else None
+
+        def compute(*args: str) -> list[str]:
+            bound = ["--cpus", cpus.format_list(next(places))] if places is not None else []
+            return [*args, "--threads", str(threads), *bound]
+
+        for entry in chains:
             c = entry["chain"]
             for s in entry["stages"]:
-                self._spawn(stage_worker_id(c, s["stage"]), "stage_worker", "--chain", str(c), "--stage", str(s["stage"]), "--threads", threads)
+                self._spawn(stage_worker_id(c, s["stage"]), "stage_worker", *compute("--chain", str(c), "--stage", str(s["stage"])))
             for e in entry["experts"]:
                 name = expert_worker_id(c, e["worker"])
-                self._spawn(name, "expert_worker", "--chain", str(c), "--worker", str(e["worker"]), "--threads", threads)
+                self._spawn(name, "expert_worker", *compute("--chain", str(c), "--worker", str(e["worker"])))
                 if self.opts.expert_replicas > 1:
                     self.spare.add(name)
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
@@ -306,13 +315,6 @@ def health_serving(address: str) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _tail(path: Path, lines: int = 20) -> str:

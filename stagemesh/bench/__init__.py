@@ -57,6 +57,8 @@ class BenchSpec:
     """Where the workers of a mesh brought up for the run write their logs."""
     overlap: bool = True
     """Overlap scheduling in the mesh brought up, and in the in-process engine (pp=1 there)."""
+    cpu_bind: bool = True
+    """Each worker of the mesh brought up on cores of its own (``stagemesh.cpus``)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.compare) - set(SYSTEMS)
@@ -121,7 +123,10 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
     bar = _bar(f"mesh {spec.layout}", requests)
     if spec.addr:
         return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar)
-    up = mesh_up(spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap)
+    up = mesh_up(
+        spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap,
+        cpu_bind=spec.cpu_bind,
+    )
     with up as (addr, redis_url):
         return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar)
 

@@ -32,12 +32,15 @@ HEARTBEAT_WAIT_S = 1.5
 
 @contextmanager
 def mesh_up(
-    model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True
+    model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True,
+    cpu_bind: bool = True,
 ) -> Iterator[tuple[str, str]]:
     """Starts a whole mesh on this machine; yields (gateway address, Redis URL); stops it after."""
     from stagemesh.launch import Mesh, UpOptions
 
-    opts = UpOptions(model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap)
+    opts = UpOptions(
+        model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap, cpu_bind=cpu_bind
+    )
     mesh = Mesh(opts)
     try:
         mesh.start()

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from stagemesh import AsyncClient
+from stagemesh import AsyncClient, cpus
 from stagemesh.redis_server import free_port
 from stagemesh.store import Store
 
@@ -59,6 +59,15 @@ def _wait_for_ready(proc: subprocess.Popen, timeout: float, log_dir: Path) -> st
             break
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
     raise AssertionError(f"stagemesh up never printed ready (exit {proc.poll()}):\n{''.join(seen)}\n{logs}")
+
+
+def expected_cores(ranks: int, bound: bool) -> list[list[int]]:
+    """Each compute rank's cores: a disjoint share when bound and the cores go round, else all of them."""
+    available = cpus.available()
+    if not bound or ranks > len(available):
+        return [available] * ranks
+    n = len(available) // ranks
+    return [available[r * n : (r + 1) * n] for r in range(ranks)]
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ Real processes (redis-server, stage workers, gateway), real sockets, real Redis.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -15,7 +16,7 @@ import pytest
 from stagemesh import AsyncClient, Client, InvalidArgument
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import generate_json, write_jsonl
-from tests.integration.mesh_helpers import pid_alive, stagemesh_up, worker_figures
+from tests.integration.mesh_helpers import expected_cores, pid_alive, stagemesh_up, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +113,14 @@ def test_cancel_frees_kv_on_every_stage_and_sigterm_leaves_nothing(model_dir, tm
         assert up.wait(30) == 0
     time.sleep(0.5)
     assert [p for p in pids if pid_alive(p)] == []
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "no-cpu-bind"])
+def test_each_stage_worker_runs_on_cores_of_its_own_unless_told_not_to(model_dir, tmp_path, bound):
+    args = ("--pp", "2") if bound else ("--pp", "2", "--no-cpu-bind")
+    with stagemesh_up(model_dir, tmp_path / "logs", *args) as (addr, _, _):
+        with Client(addr) as client:
+            assert len(client.generate(token_ids=[5, 6, 7], max_new_tokens=3, ignore_eos=True).token_ids) == 3
+            stages = sorted((w for w in client.status()["workers"] if w["role"] == "stage"), key=lambda w: w["stage"])
+            cores = [sorted(os.sched_getaffinity(w["pid"])) for w in stages]
+    assert cores == expected_cores(2, bound)

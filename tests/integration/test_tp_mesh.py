@@ -7,6 +7,7 @@ ranks join a gloo group over 127.0.0.1. (The CUDA/NCCL path needs one GPU per ra
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import run_cli
-from tests.integration.mesh_helpers import generate_all, pid_alive, stagemesh_up, worker_figures
+from tests.integration.mesh_helpers import expected_cores, generate_all, pid_alive, stagemesh_up, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -138,9 +139,10 @@ def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fa
     assert [p for p in (rank0, rank1) if pid_alive(p)] == []
 
 
-def test_sigterm_stops_every_rank(checkpoints, tmp_path):
+def test_each_rank_runs_on_cores_of_its_own_and_sigterm_stops_every_rank(checkpoints, tmp_path):
     with stagemesh_up(checkpoints["llama"], tmp_path / "logs", "--tp", "2") as (addr, redis_url, up):
         pids = _rank_pids(redis_url, "stage-c0-s0")
+        assert [sorted(os.sched_getaffinity(p)) for p in pids] == expected_cores(2, bound=True)
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
     time.sleep(0.5)

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stage_worker.local import LocalChain
 from stage_worker.runner import StageRunner
+from stagemesh import cpus
 from stagemesh.codec.messages import plan_to_pb, result_from_pb
 from stagemesh.codec.tensors import tensor_to_pb
 from stagemesh.config import StageSpec
@@ -363,3 +364,13 @@ def test_worker_without_topology_exits_1_naming_what_is_missing(redis_url, tmp_p
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "no topology in Redis" in done.stderr and "stagemesh up" in done.stderr
+
+
+def test_worker_given_cores_it_cannot_have_exits_1_naming_the_ones_it_can(redis_url):
+    cmd = _worker_cmd(redis_url, f"test-{uuid.uuid4().hex[:8]}", 0, "--cpus", "100000")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot bind to cores 100000" in done.stderr, done.stderr
+    assert f"this host allows {cpus.format_list(cpus.available())}" in done.stderr, done.stderr
+    bad = subprocess.run(_worker_cmd(redis_url, "x", 0, "--cpus", "0-"), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'0-' is not a core number or a range like 2-5" in bad.stderr, bad.stderr
