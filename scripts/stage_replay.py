@@ -65,6 +65,8 @@ def gemm_only(runner: StageRunner, steps) -> list[float]:
     step's tokens, ``lm_head`` on its sampled rows. The inputs are row slices of tensors made
     once (in a model too, each GEMM reads what the op before it has just written)."""
     model, config = runner.model, runner.config
+    if config.is_moe:
+        raise SystemExit("--gemm-only covers dense models (an MoE layer's GEMMs depend on its routing)")
     rows = max(sum(len(c.token_ids) for c in plan.chunks) for plan, _ in steps)
     attn = model.layers[0].attn
     x, o, m = (torch.randn(rows, k) for k in (config.hidden_size, attn.num_heads * attn.head_dim, config.intermediate_size))
