@@ -180,25 +180,23 @@ class Mesh:
             self.redis = start_local_redis(data_dir=self.log_dir / "redis")
             self.redis_url = self.redis.url
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
-        # every rank and expert worker of every chain computes at once: share the cores out
-        chains = topology["chains"]
-        ranks = [n for entry in chains for n in [self.opts.tp] * len(entry["stages"]) + [1] * len(entry["experts"])]
-        threads, sets = cpus.share(cpus.available(), ranks)
-        places = iter(sets) if sets is not None and self.opts.cpu_bind else None
-
-        def compute(*args: str) -> list[str]:
-            bound = ["--cpus", cpus.format_list(next(places))] if places is not None else []
-            return [*args, "--threads", str(threads), *bound]
-
-        for entry in chains:
+        # (name, module, role args, TP ranks) of every compute process, chain after chain
+        workers = []
+        for entry in topology["chains"]:
             c = entry["chain"]
             for s in entry["stages"]:
-                self._spawn(stage_worker_id(c, s["stage"]), "stage_worker", *compute("--chain", str(c), "--stage", str(s["stage"])))
+                args = ["--chain", str(c), "--stage", str(s["stage"])]
+                workers.append((stage_worker_id(c, s["stage"]), "stage_worker", args, self.opts.tp))
             for e in entry["experts"]:
-                name = expert_worker_id(c, e["worker"])
-                self._spawn(name, "expert_worker", *compute("--chain", str(c), "--worker", str(e["worker"])))
-                if self.opts.expert_replicas > 1:
-                    self.spare.add(name)
+                args = ["--chain", str(c), "--worker", str(e["worker"])]
+                workers.append((expert_worker_id(c, e["worker"]), "expert_worker", args, 1))
+        # they all compute at once: share the cores out
+        threads, sets = cpus.share(cpus.available(), [ranks for *_, ranks in workers])
+        for i, (name, module, args, _) in enumerate(workers):
+            bound = ["--cpus", cpus.format_list(sets[i])] if sets is not None and self.opts.cpu_bind else []
+            self._spawn(name, module, *args, "--threads", str(threads), *bound)
+            if module == "expert_worker" and self.opts.expert_replicas > 1:
+                self.spare.add(name)
         gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
