@@ -33,7 +33,6 @@ from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.worker_startup import StartupError, start_worker
 
 from .place import ExpertPlace, find_expert_worker
-from .runner import ExpertRunner
 from .servicer import ExpertServicer
 
 log = logging.getLogger(__name__)
@@ -131,9 +130,7 @@ class ExpertWorker:
     async def _load(self, stop: asyncio.Event) -> bool:
         """Load this worker's experts; False when a stop signal came first."""
         place = self.place
-        loading = asyncio.ensure_future(
-            asyncio.to_thread(ExpertRunner, place.model, place.experts, device=place.device, dtype=place.dtype)
-        )
+        loading = asyncio.ensure_future(self.servicer.load())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -141,7 +138,7 @@ class ExpertWorker:
             log.info("stop requested while loading weights")
             return False
         try:
-            self.servicer.runner = loading.result()
+            loading.result()
         except Exception as err:  # noqa: BLE001 - reported as a startup failure
             raise StartupError(f"loading experts {place.experts} of {place.model} failed: {err}") from err
         return True

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 
@@ -36,6 +37,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.waiting = 0
         """Batches taken and not answered yet (the queue depth)."""
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{place.name}")
+
+    async def load(self) -> ExpertRunner:
+        """Build the runner on the compute thread, the thread that will run it (see
+        ``stagemesh.model.torch_thread``: one thread for a process's torch work)."""
+        place = self.place
+        make = partial(ExpertRunner, place.model, place.experts, device=place.device, dtype=place.dtype)
+        self.runner = await asyncio.get_running_loop().run_in_executor(self._thread, make)
+        return self.runner
 
     async def Run(self, request_iterator, context):
         """One answer per request, in request order; a failed batch answers with ``error``."""

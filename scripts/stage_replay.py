@@ -26,6 +26,7 @@ from stagemesh.bench.local import _lines
 from stagemesh.bench.workload import LoadShape, make_requests
 from stagemesh.config import ModelConfig
 from stagemesh.inprocess import InProcessEngine
+from stagemesh.model import torch_thread
 from stagemesh.plan import split_layers
 from stage_worker.runner import StageRunner
 
@@ -95,6 +96,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch_thread.call(measure, args)  # one thread for all the torch work: see stagemesh.model.torch_thread
+
+
+def measure(args: argparse.Namespace) -> None:
     shape = LoadShape(args.requests, 16, 4, input_len_max=48, output_len_max=96, seed=0)
     steps = record(args.model, shape)
     runner = StageRunner(args.model, split_layers(ModelConfig.from_dir(args.model), 1)[0])

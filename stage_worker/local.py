@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stagemesh.config import ModelConfig
+from stagemesh.model import torch_thread
 from stagemesh.plan import split_layers
 from stagemesh.serving.types import StepPlan, StepResult
 
@@ -18,12 +17,12 @@ class LocalChain:
 
     def __init__(self, runners: list[StageRunner]):
         self.runners = runners
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-chain")
 
     @classmethod
     def load(cls, model_dir: str | Path, num_stages: int = 1, **runner_kwargs) -> "LocalChain":
         specs = split_layers(ModelConfig.from_dir(model_dir), num_stages)
-        return cls([StageRunner(model_dir, spec, **runner_kwargs) for spec in specs])
+        # NOTE: built on the thread that will step them: see ``stagemesh.model.torch_thread``.
+        return cls(torch_thread.call(lambda: [StageRunner(model_dir, spec, **runner_kwargs) for spec in specs]))
 
     @property
     def num_kv_blocks(self) -> int:
@@ -36,8 +35,9 @@ class LocalChain:
 
     async def step(self, plan: StepPlan) -> StepResult:
         # NOTE: the torch work runs off the event loop so the loop stays free to take requests,
-        # on ONE thread, so that steps run in the order they came (overlap scheduling needs it).
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self.run, plan)
+        # on ONE thread (the process's torch thread), so that steps run in the order they came
+        # (overlap scheduling needs it).
+        return await torch_thread.run(self.run, plan)
 
     def run(self, plan: StepPlan) -> StepResult:
         x = None

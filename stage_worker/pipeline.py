@@ -123,7 +123,8 @@ class StagePipeline:
         return None if self.stage is None else self.stage.runner
 
     async def load(self, make_stage: Callable[[], LocalStage | TPStage]) -> LocalStage | TPStage:
-        """Build the stage on the step thread (the loop keeps answering health checks meanwhile)."""
+        """Build the stage on the step thread (the loop keeps answering health checks meanwhile):
+        the thread that steps it, so the process has one OpenMP team (``stagemesh.model.torch_thread``)."""
         self.stage = await self._loop.run_in_executor(self._thread, make_stage)
         return self.stage
 

@@ -20,6 +20,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from stagemesh.config import ModelConfig
+from stagemesh.model import torch_thread
 
 from .report import comparisons, format_text, system_figures, workload_figures
 from .roofline import flops_needed, measure_machine, model_cost
@@ -88,7 +89,9 @@ def run_bench(spec: BenchSpec) -> dict:
     requests = make_requests(spec.shape, config.vocab_size, reserved)
     flops = flops_needed(cost, requests)
     load_before = os.getloadavg()[0]
-    machine = measure_machine(spec.device, spec.calibrate_s)
+    # NOTE: every torch computation of this process (calibration, the in-process engine,
+    # transformers) runs on one thread: see ``stagemesh.model.torch_thread``.
+    machine = torch_thread.call(measure_machine, spec.device, spec.calibrate_s)
     runs = []
     if spec.mesh:
         runs.append(_run_mesh(spec, requests))
@@ -99,7 +102,8 @@ def run_bench(spec: BenchSpec) -> dict:
     if "hf" in spec.compare:
         from .local import run_hf
 
-        runs.append(run_hf(spec.model, requests, device=spec.device, dtype=config.dtype, bar=_bar("hf", requests)))
+        runs.append(torch_thread.call(run_hf, spec.model, requests, device=spec.device, dtype=config.dtype,
+                                      bar=_bar("hf", requests)))
     # NOTE: other processes on the machine skew every figure; the 1-minute load average, before
     # and after, tells a reader whether the machine was quiet.
     machine["load_average_1m"] = [load_before, os.getloadavg()[0]]
