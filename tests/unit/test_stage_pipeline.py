@@ -1,5 +1,6 @@
-"""StagePipeline.fail: when a TP rank dies, the steps stuck behind a collective that will never
-complete (NCCL never gives up) are answered at once, and so is every later step."""
+"""StagePipeline: the stage is built on the thread that steps it; and ``fail``: when a TP rank
+dies, the steps stuck behind a collective that will never complete (NCCL never gives up) are
+answered at once, and so is every later step."""
 
 from __future__ import annotations
 
@@ -56,3 +57,38 @@ def test_fail_answers_the_steps_stuck_behind_a_hung_collective_and_every_later_o
 
     got = asyncio.run(scenario())
     assert got == [(i, "UNAVAILABLE", "tp rank 1 of stage c0-s0 died (exit code -9)") for i in range(3)]
+
+
+class ThreadRecordingStage:
+    """Records the thread that builds it and the threads that step it."""
+
+    runner = None
+
+    def __init__(self) -> None:
+        self.built_on = threading.get_ident()
+        self.stepped_on: list[int] = []
+
+    def step(self, request):
+        self.stepped_on.append(threading.get_ident())
+        raise RuntimeError("no model here")  # answered as a failed step; only the thread matters
+
+    def failure(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_stage_is_built_on_the_thread_that_steps_it():
+    # One OpenMP team per process: see stagemesh.model.torch_thread.
+    async def scenario():
+        pipeline = StagePipeline(PLACE)
+        stage = await pipeline.load(ThreadRecordingStage)
+        answers = [pipeline.submit(stage_pb2.StageRequest(step_id=i)) for i in range(3)]
+        await asyncio.gather(*answers)
+        await pipeline.close()
+        return stage
+
+    stage = asyncio.run(scenario())
+    assert len(stage.stepped_on) == 3
+    assert set(stage.stepped_on) == {stage.built_on} and stage.built_on != threading.get_ident()

@@ -7,13 +7,16 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from expert_worker import runner as expert_runner
+import expert_worker.servicer
+import stage_worker.local
 from expert_worker.place import ExpertPlace
+from expert_worker.runner import ExpertRunner
 from expert_worker.servicer import ExpertServicer
-from stage_worker import runner as stage_runner
-from stage_worker.local import LocalChain
 from stagemesh.demo import write_demo_model
+from stagemesh.inprocess import InProcessEngine
 from stagemesh.model import torch_thread
+from stagemesh.requests_io import InputLine
+from stagemesh.serving.types import SamplingParams
 
 TINY = dict(hidden_size=32, num_layers=2, intermediate_size=48, vocab_size=300)
 
@@ -55,11 +58,6 @@ def _recording_builds(monkeypatch, module, name):
 
 
 def test_the_in_process_chain_is_built_and_stepped_on_the_torch_thread(tmp_path, monkeypatch):
-    from stagemesh.inprocess import InProcessEngine
-    from stagemesh.requests_io import InputLine
-    from stagemesh.serving.types import SamplingParams
-    import stage_worker.local
-
     model = write_demo_model(tmp_path, family="llama", seed=1, **TINY)
     built_on = _recording_builds(monkeypatch, stage_worker.local, "StageRunner")
     engine = InProcessEngine(model, pp=2, num_kv_blocks=16)
@@ -76,24 +74,17 @@ def test_the_in_process_chain_is_built_and_stepped_on_the_torch_thread(tmp_path,
     torch_id = torch_thread.call(threading.get_ident)
     assert len(built_on) == 2 and set(built_on) == {torch_id}
     assert stepped_on and set(stepped_on) == {torch_id}
-    assert isinstance(engine.chain, LocalChain) and all(isinstance(r, stage_runner.StageRunner) for r in engine.chain.runners)
 
 
 def test_an_expert_worker_builds_its_experts_on_the_thread_that_runs_them(tmp_path, monkeypatch):
-    import expert_worker.servicer
-
     model = write_demo_model(tmp_path, family="qwen2_moe", seed=1, num_experts=4, moe_intermediate_size=16,
                              shared_expert_intermediate_size=24, **TINY)
     built_on = _recording_builds(monkeypatch, expert_worker.servicer, "ExpertRunner")
     place = ExpertPlace(chain=0, worker=0, address="127.0.0.1:1", device="cpu", model=str(model), dtype=None,
                         experts={0: [0, 1], 1: [2, 3]})
     servicer = ExpertServicer(place)
-
-    async def load():
-        return await servicer.load()
-
-    runner = asyncio.run(load())
-    assert isinstance(runner, expert_runner.ExpertRunner) and servicer.runner is runner
+    runner = asyncio.run(servicer.load())
+    assert isinstance(runner, ExpertRunner) and servicer.runner is runner
     compute_id = servicer._thread.submit(threading.get_ident).result()
     assert built_on == [compute_id] and compute_id != threading.get_ident()
     servicer.close()
