@@ -5,7 +5,7 @@ enters a parallel region gets an OpenMP team of its own, and once a process hold
 threads than it may use cores, libgomp stops spinning between parallel regions: its threads
 sleep on a futex, and every op pays for waking them. On the 2-core reference load of
 BENCHMARKS.md, the same 100 steps of one stage took 2.75–2.86 s when the model was loaded and
-stepped on one thread, and 3.2–3.4 s when it was loaded on one thread and stepped on another.
+stepped on one thread, and 2.97–3.67 s when it was loaded on one thread and stepped on another.
 So a process loads, warms up, steps and calibrates on one thread: the stage and expert workers
 on their step threads, and everything else (the in-process engine, the benchmark's roofline
 calibration and transformers run, the profiling scripts) on this one, through ``call``/``run``.
