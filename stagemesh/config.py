@@ -189,6 +189,12 @@ def _moe_fields(family: str, raw: dict, num_layers: int) -> dict:
     return {}
 
 
+def layer_bounds(start: int, end: int, mlp_only_start: bool, attn_only_end: bool) -> tuple[int | float, int | float]:
+    """A stage's whole-layer range and half-layer flags as bounds in layers (``x.5`` between
+    layer x's attention and its MLP), as ``StageSpec.bounds`` and the status document give them."""
+    return (start + 0.5 if mlp_only_start else start), (end - 0.5 if attn_only_end else end)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One pipeline stage: global decoder layers ``[start_layer, end_layer)`` of ``num_layers``.
@@ -243,9 +249,7 @@ class StageSpec:
     @property
     def bounds(self) -> tuple[int | float, int | float]:
         """Where it starts and ends in layers: ``x.5`` is between layer x's attention and its MLP."""
-        start = self.start_layer + 0.5 if self.mlp_only_start else self.start_layer
-        end = self.end_layer - 0.5 if self.attn_only_end else self.end_layer
-        return start, end
+        return layer_bounds(self.start_layer, self.end_layer, self.mlp_only_start, self.attn_only_end)
 
     @property
     def label(self) -> str:

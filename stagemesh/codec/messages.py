@@ -18,6 +18,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterable
 
+from stagemesh.config import layer_bounds
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
 from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan, StepResult
 from stagemesh.v1 import gateway_pb2, sampling_pb2, stage_pb2, tensor_pb2
@@ -307,10 +308,7 @@ def status_from_pb(msg: gateway_pb2.StatusResponse) -> dict:
 
 def _worker_from_pb(msg: gateway_pb2.WorkerStatus) -> dict:
     worker = {k: getattr(msg, k) for k in _WORKER_KEYS}
-    worker["layers"] = [
-        msg.layer_start + 0.5 if msg.mlp_only_start else msg.layer_start,
-        msg.layer_end - 0.5 if msg.attn_only_end else msg.layer_end,
-    ]
+    worker["layers"] = list(layer_bounds(msg.layer_start, msg.layer_end, msg.mlp_only_start, msg.attn_only_end))
     worker["experts"] = {str(layer): list(msg.layer_experts[layer].ids) for layer in sorted(msg.layer_experts)}
     worker["load"] = {k: getattr(msg.load, k) for k in _LOAD_KEYS}
     if msg.load.expert_tokens:  # expert workers only

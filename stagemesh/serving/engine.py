@@ -3,8 +3,8 @@
 NOTE: the loop keeps up to ``num_slots`` plans in flight on a ``Chain`` (the in-process
 model, or the first stage of a gRPC chain), one more with overlap scheduling, applies each
 result to the pure scheduler in launch order as it comes back, and routes token events to
-one queue per request. A failed step fails only the
-requests in it; the loop itself never dies of a step.
+one queue per request. A failed step fails only the requests in it; the loop itself never
+dies of a step.
 """
 
 from __future__ import annotations

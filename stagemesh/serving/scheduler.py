@@ -199,7 +199,8 @@ class Scheduler:
         share = min(self.config.max_num_seqs, math.ceil(len(self._running) / self.config.num_slots))
         ready = [s for s in self._running if not (s.in_flight or s.aborted)]
         if self.config.overlap and (len(self._in_flight) >= self.config.num_slots or not ready):
-            ready += [s for s in self._running if self._looks_ahead(s)]  # the extra plan
+            oldest = next(iter(self._in_flight), None)
+            ready += [s for s in self._running if self._looks_ahead(s, oldest)]  # the extra plan
         chunks = self._decode_chunks(ready, share)
         budget = self.config.max_num_batched_tokens - len(chunks)
         chunks += self._prefill_chunks(ready, share - len(chunks), budget)
@@ -211,9 +212,10 @@ class Scheduler:
         self._in_flight[plan.step_id] = plan
         return plan
 
-    def _looks_ahead(self, seq: _Sequence) -> bool:
-        """Whether ``seq``, in flight, may have a lookahead chunk in the next plan (overlap)."""
-        if seq.aborted or seq.in_flight != 1 or seq.last_step != next(iter(self._in_flight)):
+    def _looks_ahead(self, seq: _Sequence, oldest: int | None) -> bool:
+        """Whether ``seq``, in flight, may have a lookahead chunk in the next plan (overlap);
+        ``oldest`` is the step id of the oldest plan in flight."""
+        if seq.aborted or seq.in_flight != 1 or seq.last_step != oldest:
             return False
         # One chunk in flight, in the oldest plan: the next prefill chunk is known already; a
         # decode after a sampling chunk takes the pending token, unless that token is its last by length.

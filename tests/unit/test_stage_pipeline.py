@@ -19,10 +19,20 @@ PLACE = StagePlace(
 )
 
 
-class HungStage:
-    """A stage whose step blocks like a collective with a dead peer, until released."""
+class StubStage:
+    """What the pipeline needs of a stage besides ``step``: no runner, no failure, nothing to close."""
 
     runner = None
+
+    def failure(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class HungStage(StubStage):
+    """A stage whose step blocks like a collective with a dead peer, until released."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -30,12 +40,6 @@ class HungStage:
     def step(self, request):
         self.release.wait()
         raise RuntimeError("the collective finally failed")
-
-    def failure(self):
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def test_fail_answers_the_steps_stuck_behind_a_hung_collective_and_every_later_one():
@@ -59,10 +63,8 @@ def test_fail_answers_the_steps_stuck_behind_a_hung_collective_and_every_later_o
     assert got == [(i, "UNAVAILABLE", "tp rank 1 of stage c0-s0 died (exit code -9)") for i in range(3)]
 
 
-class ThreadRecordingStage:
+class ThreadRecordingStage(StubStage):
     """Records the thread that builds it and the threads that step it."""
-
-    runner = None
 
     def __init__(self) -> None:
         self.built_on = threading.get_ident()
@@ -71,12 +73,6 @@ class ThreadRecordingStage:
     def step(self, request):
         self.stepped_on.append(threading.get_ident())
         raise RuntimeError("no model here")  # answered as a failed step; only the thread matters
-
-    def failure(self):
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def test_the_stage_is_built_on_the_thread_that_steps_it():
