@@ -10,7 +10,7 @@ its replicas down and stages stop routing to it), answer every new batch UNAVAIL
 stage sends those rows to another replica), ``server.stop(grace)``, exit 0. Exit 1 when the
 worker cannot start (the log line says why).
 
-NOTE: it shares the stage worker's heartbeat and address helpers (``stage_worker.heartbeat``,
+NOTE: it shares the stage worker's heartbeat and address helpers (``stagemesh.runtime.heartbeat``,
 ``stage_worker.topology``): both are worker processes of the same mesh.
 """
 
@@ -24,16 +24,15 @@ import signal
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stage_worker.heartbeat import Heartbeat
+from expert_worker.place import ExpertPlace, find_expert_worker
+from expert_worker.servicer import ExpertServicer
 from stage_worker.main import SERVER_OPTIONS
 from stage_worker.topology import default_host, port_of
-from stagemesh import cpus
-from stagemesh.store import Store, WorkerInfo
+from stagemesh.mesh.store import Store, WorkerInfo
+from stagemesh.runtime import cpus
+from stagemesh.runtime.heartbeat import Heartbeat
+from stagemesh.runtime.startup import StartupError, start_worker
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
-from stagemesh.worker_startup import StartupError, start_worker
-
-from .place import ExpertPlace, find_expert_worker
-from .servicer import ExpertServicer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Where one expert worker sits in the deployment, read from the topology document in Redis.
 
-Each chain entry of the document may list expert workers (``stagemesh.launch`` plans them)::
+Each chain entry of the document may list expert workers (``stagemesh.deploy.launch`` plans them)::
 
     {"chain": 0, "stages": [...], "experts": [
         {"worker": 0, "address": "127.0.0.1:41005", "device": "cuda:2", "experts": {"0": [0, 2], "1": [1, 3]}},
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stagemesh.store import expert_worker_id
+from stagemesh.mesh.store import expert_worker_id
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from functools import partial
 
 import grpc
 
-from stagemesh.codec.experts import expert_output_to_pb, expert_request_from_pb, failed_expert_to_pb
-from stagemesh.codec.tensors import dtype_name
+from expert_worker.place import ExpertPlace
 from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
+from stagemesh.runners.expert import ExpertRunner
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
-
-from .place import ExpertPlace
-from .runner import ExpertRunner
+from stagemesh.wire.codec.experts import expert_output_to_pb, expert_request_from_pb, failed_expert_to_pb
+from stagemesh.wire.codec.tensors import dtype_name
 
 log = logging.getLogger(__name__)
 

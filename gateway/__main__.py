@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from .main import GatewayOptions, serve
+from gateway.main import GatewayOptions, serve
 
 logger = logging.getLogger("gateway")
 

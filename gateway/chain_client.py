@@ -1,7 +1,7 @@
 """A chain of remote stage workers behind the engine's ``Chain`` interface.
 
 NOTE: every step of a chain goes down ONE long-lived ``Stage.Forward`` stream to stage 0
-(``stagemesh.forward_stream``); stage 0 relays through the other stages and the answers come
+(``stagemesh.wire.streams``); stage 0 relays through the other stages and the answers come
 back in request order. When the stream breaks (the stage died, the connection dropped,
 keepalive found a hung host, or a step stayed unanswered for ``step_timeout_s``), every
 pending step fails with ``UNAVAILABLE: stage c{C}-s0 at ADDR is unreachable: ...`` and the
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 
-from stagemesh.codec.messages import plan_to_pb, result_from_pb
 from stagemesh.errors import Unavailable
-from stagemesh.forward_stream import ForwardStream
 from stagemesh.serving.types import StepPlan, StepResult
+from stagemesh.wire.codec.messages import plan_to_pb, result_from_pb
+from stagemesh.wire.streams import ForwardStream
 
 RETRY_BACKOFF_S = (0.05, 2.0)
 """After a step failed as UNAVAILABLE (stream broken, or a later stage down), the next steps

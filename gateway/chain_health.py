@@ -19,13 +19,12 @@ import asyncio
 import logging
 from typing import Any
 
+from gateway.experts import ExpertWatch
+from gateway.health_probe import HealthProbe
+from gateway.router import Router
 from stagemesh.errors import StagemeshError
-from stagemesh.placement import chain_replicas
-from stagemesh.store import ExpertReplica, Store, stage_worker_id
-
-from .experts import ExpertWatch
-from .health_probe import HealthProbe
-from .router import Router
+from stagemesh.mesh.placement import chain_replicas
+from stagemesh.mesh.store import ExpertReplica, Store, stage_worker_id
 
 logger = logging.getLogger(__name__)
 

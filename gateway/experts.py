@@ -14,11 +14,10 @@ import asyncio
 import logging
 from typing import Any
 
+from gateway.health_probe import HealthProbe
 from stagemesh.errors import StagemeshError
-from stagemesh.placement import chain_replicas
-from stagemesh.store import ExpertReplica, Store
-
-from .health_probe import HealthProbe
+from stagemesh.mesh.placement import chain_replicas
+from stagemesh.mesh.store import ExpertReplica, Store
 
 logger = logging.getLogger(__name__)
 

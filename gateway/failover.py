@@ -20,11 +20,10 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from gateway.journal import JournalWriter, params_doc, params_from_doc
+from gateway.router import Router
 from stagemesh.errors import Unavailable
 from stagemesh.serving.types import Request, TokenEvent
-
-from .journal import JournalWriter, params_doc, params_from_doc
-from .router import Router
 
 logger = logging.getLogger(__name__)
 

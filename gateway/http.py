@@ -14,8 +14,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .metrics import CONTENT_TYPE, GatewayMetrics
-from .status import StatusReporter
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.status import StatusReporter
 
 STATIC = Path(__file__).resolve().parent / "static"
 

@@ -18,8 +18,8 @@ import logging
 from typing import Any
 
 from stagemesh.errors import StagemeshError
+from stagemesh.mesh.store import JournalEntry, Store
 from stagemesh.serving.types import SamplingParams
-from stagemesh.store import JournalEntry, Store
 
 logger = logging.getLogger(__name__)
 

@@ -22,24 +22,23 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway.chain_client import RemoteChain
+from gateway.chain_health import ChainWatch
+from gateway.experts import ExpertWatch
+from gateway.health_probe import HealthProbe
+from gateway.http import start_http
+from gateway.journal import JournalWriter
+from gateway.metrics import GatewayMetrics
+from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
+from gateway.servicer import GatewayServicer
+from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
+from stagemesh.mesh.store import Store, stage_worker_id
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.store import Store, stage_worker_id
 from stagemesh.tokenizer import Tokenizer, eos_token_ids
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
-
-from .chain_client import RemoteChain
-from .chain_health import ChainWatch
-from .experts import ExpertWatch
-from .health_probe import HealthProbe
-from .http import start_http
-from .journal import JournalWriter
-from .metrics import GatewayMetrics
-from .router import FAILOVER_WAIT_S, ChainHandle, Router
-from .servicer import GatewayServicer
-from .status import StatusReporter
 
 logger = logging.getLogger(__name__)
 

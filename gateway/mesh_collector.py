@@ -37,10 +37,9 @@ from typing import Any, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from stagemesh.store import WorkerInfo
-
-from .router import ChainHandle
-from .stage_stats import bubble_fractions
+from gateway.router import ChainHandle
+from gateway.stage_stats import bubble_fractions
+from stagemesh.mesh.store import WorkerInfo
 
 STAGE = ("chain", "stage")
 EXPERT = ("chain", "expert_worker")
@@ -188,7 +187,7 @@ def _add_number(family: Metric, labels: list[str], value: Any) -> None:
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], figure: Any) -> None:
-    """From the stage's ``step_latency`` figure (``stage_worker.histogram``): per-bucket counts
+    """From the stage's ``step_latency`` figure (``stagemesh.runtime.histogram``): per-bucket counts
     become Prometheus' cumulative ``le`` buckets."""
     if not isinstance(figure, dict) or len(figure.get("counts", ())) != len(figure.get("bounds", ())) + 1:
         return

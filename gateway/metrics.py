@@ -22,11 +22,10 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from gateway.mesh_collector import MeshCollector, Snapshot
+from gateway.router import Router
 from stagemesh.errors import StagemeshError
-from stagemesh.store import Store
-
-from .mesh_collector import MeshCollector, Snapshot
-from .router import Router
+from stagemesh.mesh.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

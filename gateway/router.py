@@ -18,11 +18,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.chain_client import RemoteChain
 from stagemesh.errors import Cancelled, InvalidArgument, StagemeshError, Unavailable
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.types import StepPlan
-
-from .chain_client import RemoteChain
 
 logger = logging.getLogger(__name__)
 

@@ -15,18 +15,23 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
-from stagemesh.codec.messages import GenerateChunk, GenerateInput, chunk_to_pb, generate_request_from_pb, status_to_pb
+from gateway.failover import resumable_events
+from gateway.journal import JournalWriter
+from gateway.metrics import GatewayMetrics, RequestTracker
+from gateway.router import Router
+from gateway.status import StatusReporter
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.scheduler import SEED_RANGE
 from stagemesh.serving.types import Request, SamplingParams, TokenEvent
 from stagemesh.tokenizer import IncrementalDecoder, Tokenizer, encode_prompt
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
-
-from .failover import resumable_events
-from .journal import JournalWriter
-from .metrics import GatewayMetrics, RequestTracker
-from .router import Router
-from .status import StatusReporter
+from stagemesh.wire.codec.messages import (
+    GenerateChunk,
+    GenerateInput,
+    chunk_to_pb,
+    generate_request_from_pb,
+    status_to_pb,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The status document: chains from the gateway's engines, workers from the Redis registry.
 
-Its typed keys are exactly those ``stagemesh.codec.messages.status_to_pb`` accepts::
+Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` accepts::
 
     {"model": str, "version": str,
      "chains":  [{"id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting"}],
@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import stagemesh
+from gateway.router import ChainHandle, Router
+from gateway.stage_stats import bubble_fractions, step_latency_quantiles
 from stagemesh.errors import StagemeshError
-from stagemesh.store import Store, WorkerInfo
-
-from .router import ChainHandle, Router
-from .stage_stats import bubble_fractions, step_latency_quantiles
+from stagemesh.mesh.store import Store, WorkerInfo
 
 _INT_LOAD = ("queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "tokens_processed", "bytes_sent")
 _FLOAT_LOAD = ("busy_fraction", "micro_batches_per_s", "tokens_per_s")

@@ -7,7 +7,7 @@ Run from anywhere with the project's venv (needs grpcio-tools)::
 It runs ``python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=.
 --grpc_python_out=. protos/stagemesh/v1/*.proto`` from the repository root, so the
 generated ``from stagemesh.v1 import tensor_pb2`` imports resolve inside the package.
-tests/unit/test_protos.py fails when the committed stubs drift from the .proto files.
+tests/wire/test_protos.py fails when the committed stubs drift from the .proto files.
 """
 
 from __future__ import annotations

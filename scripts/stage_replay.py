@@ -22,13 +22,13 @@ import time
 
 import torch
 
-from stagemesh.bench.local import _lines
-from stagemesh.bench.workload import LoadShape, make_requests
+from stagemesh.cli.bench.local import _lines
+from stagemesh.cli.bench.workload import LoadShape, make_requests
+from stagemesh.cli.inprocess import InProcessEngine
 from stagemesh.config import ModelConfig
-from stagemesh.inprocess import InProcessEngine
+from stagemesh.mesh.layout import split_layers
 from stagemesh.model import torch_thread
-from stagemesh.plan import split_layers
-from stage_worker.runner import StageRunner
+from stagemesh.runners.stage import StageRunner
 
 
 def record(model: str, shape: LoadShape):
@@ -112,7 +112,7 @@ def measure(args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return
     if args.gemm_only:
-        from stagemesh.bench.roofline import flops_needed, measure_matmul_rate, model_cost
+        from stagemesh.cli.bench.roofline import flops_needed, measure_matmul_rate, model_cost
 
         peak = measure_matmul_rate(3.0)["peak_flops_per_s"]
         flops = flops_needed(model_cost(args.model), make_requests(shape, runner.config.vocab_size))

@@ -7,11 +7,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from stage_worker.topology import StagePlace
 from stagemesh.model.moe import Experts, ExpertsOnRankZero
 from stagemesh.model.parallel import TPGroup
-
-from .runner import StageRunner
-from .topology import StagePlace
+from stagemesh.runners.stage import StageRunner
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from stagemesh.codec.messages import plan_from_pb
-from stagemesh.codec.tensors import tensor_from_pb
 from stagemesh.errors import InvalidArgument
+from stagemesh.runners.stage import StageRunner
 from stagemesh.serving.types import StepPlan
 from stagemesh.v1 import stage_pb2
-
-from .runner import StageRunner
+from stagemesh.wire.codec.messages import plan_from_pb
+from stagemesh.wire.codec.tensors import tensor_from_pb
 
 
 def decode_request(

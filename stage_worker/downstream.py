@@ -1,6 +1,6 @@
 """The link from a stage to the next stage of its chain: one long-lived ``Stage.Forward`` stream.
 
-The stream (``stagemesh.forward_stream``) answers every request exactly once, in order; when
+The stream (``stagemesh.wire.streams``) answers every request exactly once, in order; when
 it breaks, each pending step is answered ``UNAVAILABLE: stage c{C}-s{S} at ADDR is
 unreachable: ...``, which this stage relays upstream like any other answer.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from stagemesh.errors import Unavailable
-from stagemesh.forward_stream import MESSAGE_OPTIONS, ForwardStream
 from stagemesh.v1 import stage_pb2
+from stagemesh.wire.streams import MESSAGE_OPTIONS, ForwardStream
 
 __all__ = ["DownstreamLink", "MESSAGE_OPTIONS"]  # MESSAGE_OPTIONS: the worker's server takes them too
 

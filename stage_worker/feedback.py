@@ -20,10 +20,10 @@ import threading
 import time
 from array import array
 
-from stagemesh.codec.messages import pack_int64, unpack_int64
 from stagemesh.errors import InvalidArgument, Unavailable
 from stagemesh.serving.types import PENDING_TOKEN
 from stagemesh.v1 import stage_pb2
+from stagemesh.wire.codec.messages import pack_int64, unpack_int64
 
 FILL_TIMEOUT_S = 120.0
 """The longest a step waits for a pending token. Every forwarded step is answered (a broken

@@ -26,26 +26,25 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stagemesh import cpus
+from stage_worker.build import StageOptions, build_runner
+from stage_worker.downstream import MESSAGE_OPTIONS
+from stage_worker.neighbours import follow_neighbours, stage_neighbours
+from stage_worker.pipeline import StagePipeline
+from stage_worker.ranks import RankProcesses
+from stage_worker.remote_experts import RemoteExperts
+from stage_worker.servicer import StageServicer
+from stage_worker.stage import LocalStage, dead_rank_error, launch_tp
+from stage_worker.topology import StagePlace, default_host, find_stage, port_of
+from stage_worker.tp import check_devices
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError, Unavailable
-from stagemesh.placement import chain_replicas
-from stagemesh.plan import validate_layout
-from stagemesh.store import Store, WorkerInfo
+from stagemesh.mesh.layout import validate_layout
+from stagemesh.mesh.placement import chain_replicas
+from stagemesh.mesh.store import Store, WorkerInfo
+from stagemesh.runtime import cpus
+from stagemesh.runtime.heartbeat import Heartbeat
+from stagemesh.runtime.startup import StartupError, start_worker
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
-from stagemesh.worker_startup import StartupError, start_worker
-
-from .build import StageOptions, build_runner
-from .downstream import MESSAGE_OPTIONS
-from .heartbeat import Heartbeat
-from .neighbours import follow_neighbours, stage_neighbours
-from .pipeline import StagePipeline
-from .ranks import RankProcesses
-from .remote_experts import RemoteExperts
-from .servicer import StageServicer
-from .stage import LocalStage, dead_rank_error, launch_tp
-from .topology import StagePlace, default_host, find_stage, port_of
-from .tp import check_devices
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .topology import StagePlace
+from stage_worker.topology import StagePlace
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from stagemesh.codec.messages import failed_step_to_pb, result_to_pb
-from stagemesh.codec.tensors import tensor_to_pb
+from stage_worker.downstream import DownstreamLink
+from stage_worker.feedback import SampledTokens
+from stage_worker.stage import LocalStage, TPStage
+from stage_worker.topology import StagePlace
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.runners.stage import StageRunner
+from stagemesh.runtime.histogram import LatencyHistogram
 from stagemesh.v1 import stage_pb2
-
-from .downstream import DownstreamLink
-from .feedback import SampledTokens
-from .histogram import LatencyHistogram
-from .runner import StageRunner
-from .stage import LocalStage, TPStage
-from .topology import StagePlace
+from stagemesh.wire.codec.messages import failed_step_to_pb, result_to_pb
+from stagemesh.wire.codec.tensors import tensor_to_pb
 
 log = logging.getLogger(__name__)
 

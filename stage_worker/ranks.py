@@ -1,7 +1,7 @@
 """The processes of TP ranks 1..T-1 of a stage, as rank 0 starts and watches them.
 
 Each is ``python -m stage_worker.tp_rank``; it dies with rank 0 (it sets PR_SET_PDEATHSIG
-itself, ``stagemesh.procs.follow_parent``), and rank 0 polls it so that a rank that dies
+itself, ``stagemesh.runtime.procs.follow_parent``), and rank 0 polls it so that a rank that dies
 turns the stage unhealthy within a poll or two.
 """
 
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
-from .build import StageOptions
-from .topology import StagePlace, place_to_dict
+from stage_worker.build import StageOptions
+from stage_worker.topology import StagePlace, place_to_dict
 
 log = logging.getLogger(__name__)
 

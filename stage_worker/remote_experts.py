@@ -3,7 +3,7 @@
 NOTE: threads. ``SparseMoE`` calls ``RemoteExperts`` on the stage's step thread, inside
 synchronous torch code. The streams to the expert workers (grpc.aio ``Expert.Run``, one
 long-lived ``ForwardStream`` per worker) live on the worker process's event loop. One call
-splits the layer's grouped rows by owning worker (``stagemesh.placement.split_rows``), hands
+splits the layer's grouped rows by owning worker (``stagemesh.mesh.placement.split_rows``), hands
 the loop ONE coroutine (``asyncio.run_coroutine_threadsafe``) that sends every worker its
 request at once and gathers the answers, and blocks on its result. So a MoE layer of a
 micro-batch costs one round trip, all workers in parallel, never one per token or expert.
@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from stagemesh.codec.experts import ExpertBatch, expert_output_from_pb, expert_request_to_pb, failed_expert_to_pb
 from stagemesh.errors import Internal, StagemeshError, Unavailable
-from stagemesh.forward_stream import ForwardStream, StreamRpc
-from stagemesh.placement import NoReplica, Share, grouped_spans, holders, split_rows
-from stagemesh.store import ExpertReplica, Store
+from stagemesh.mesh.placement import NoReplica, Share, grouped_spans, holders, split_rows
+from stagemesh.mesh.store import ExpertReplica, Store
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
+from stagemesh.wire.codec.experts import ExpertBatch, expert_output_from_pb, expert_request_to_pb, failed_expert_to_pb
+from stagemesh.wire.streams import ForwardStream, StreamRpc
 
 log = logging.getLogger(__name__)
 

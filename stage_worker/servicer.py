@@ -8,10 +8,9 @@ import os
 
 import grpc
 
-from stagemesh.codec.tensors import dtype_name
+from stage_worker.pipeline import StagePipeline
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
-
-from .pipeline import StagePipeline
+from stagemesh.wire.codec.tensors import dtype_name
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,17 @@ from typing import Any, Callable
 
 import torch
 
+from stage_worker.build import StageOptions, build_runner
+from stage_worker.decode import decode_request
+from stage_worker.ranks import RankProcesses, rank_command
+from stage_worker.topology import StagePlace
+from stage_worker.tp import RankGroup, all_gather_int, join_group, leave_group, send_step, send_stop, tp_backend
+from stagemesh.deploy.redis_server import free_port
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.model.moe import Experts
-from stagemesh.redis_server import free_port
+from stagemesh.runners.stage import StageRunner
 from stagemesh.serving.types import StepPlan, StepResult
 from stagemesh.v1 import stage_pb2
-
-from .build import StageOptions, build_runner
-from .decode import decode_request
-from .ranks import RankProcesses, rank_command
-from .runner import StageRunner
-from .topology import StagePlace
-from .tp import RankGroup, all_gather_int, join_group, leave_group, send_step, send_stop, tp_backend
 
 log = logging.getLogger(__name__)
 

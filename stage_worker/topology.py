@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stagemesh.config import StageSpec
-from stagemesh.store import stage_worker_id
+from stagemesh.mesh.store import stage_worker_id
 
 
 @dataclass(frozen=True)

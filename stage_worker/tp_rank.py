@@ -13,18 +13,17 @@ import argparse
 import json
 import logging
 
-from stagemesh import cpus
+from stage_worker.build import StageOptions, build_runner
+from stage_worker.decode import decode_request
+from stage_worker.stage import weight_bytes
+from stage_worker.topology import StagePlace, place_from_dict
+from stage_worker.tp import all_gather_int, join_group, leave_group, receive_step, tp_backend
 from stagemesh.errors import StagemeshError
-from stagemesh.procs import follow_parent
+from stagemesh.runners.stage import StageRunner
+from stagemesh.runtime import cpus
+from stagemesh.runtime.procs import follow_parent
+from stagemesh.runtime.startup import StartupError
 from stagemesh.v1 import stage_pb2
-from stagemesh.worker_startup import StartupError
-
-from .build import StageOptions, build_runner
-from .decode import decode_request
-from .runner import StageRunner
-from .stage import weight_bytes
-from .topology import StagePlace, place_from_dict
-from .tp import all_gather_int, join_group, leave_group, receive_step, tp_backend
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from stagemesh.demo import BOS_ID, EOS_ID, write_tokenizer
+from stagemesh.cli.demo import BOS_ID, EOS_ID, write_tokenizer
 
 FAMILIES = ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe")
 

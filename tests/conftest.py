@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stagemesh.redis_server import start_local_redis
+from stagemesh.deploy.redis_server import start_local_redis
 
 
 @pytest.fixture(scope="session")

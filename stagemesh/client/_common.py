@@ -7,11 +7,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from stagemesh.codec.messages import GenerateChunk, GenerateInput, chunk_from_pb, generate_request_to_pb
+from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
 from stagemesh.serving.types import SamplingParams
-from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.v1 import gateway_pb2
+from stagemesh.wire.codec.messages import GenerateChunk, GenerateInput, chunk_from_pb, generate_request_to_pb
 
 UNARY_TIMEOUT = 30.0
 """Deadline (s) of Cancel and Status when neither the call nor the client sets one."""

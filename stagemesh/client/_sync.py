@@ -8,8 +8,8 @@ import grpc
 
 from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
 from stagemesh.client._types import GeneratedToken, GenerateResult
-from stagemesh.codec.messages import status_from_pb
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from stagemesh.wire.codec.messages import status_from_pb
 
 
 class Client:

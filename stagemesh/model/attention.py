@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .layers import Rope, apply_rope
-from .loader import CheckpointReader
-from .parallel import QKVParallelLinear, RowParallelLinear, TPGroup
+from stagemesh.config import ModelConfig
+from stagemesh.model.layers import Rope, apply_rope
+from stagemesh.model.loader import CheckpointReader
+from stagemesh.model.parallel import QKVParallelLinear, RowParallelLinear, TPGroup
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig, StageSpec
-from .attention import Attention, AttnMetadata
-from .kv_cache import KVCache
-from .layers import GatedMLP, RMSNorm, Rope, RotaryEmbedding
-from .loader import CheckpointReader
-from .moe import Experts, SparseMoE
-from .parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
+from stagemesh.config import ModelConfig, StageSpec
+from stagemesh.model.attention import Attention, AttnMetadata
+from stagemesh.model.kv_cache import KVCache
+from stagemesh.model.layers import GatedMLP, RMSNorm, Rope, RotaryEmbedding
+from stagemesh.model.loader import CheckpointReader
+from stagemesh.model.moe import Experts, SparseMoE
+from stagemesh.model.parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
 
 
 class DecoderLayer(nn.Module):

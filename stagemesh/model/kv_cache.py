@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..serving.blocks import BlockAllocator, blocks_needed
+from stagemesh.serving.blocks import BlockAllocator, blocks_needed
 
 
 class KVCache:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .loader import CheckpointReader
-from .parallel import MergedColumnParallelLinear, RowParallelLinear, TPGroup
+from stagemesh.config import ModelConfig
+from stagemesh.model.loader import CheckpointReader
+from stagemesh.model.parallel import MergedColumnParallelLinear, RowParallelLinear, TPGroup
 
 
 class RMSNorm(nn.Module):

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .layers import GatedMLP, silu_and_mul
-from .loader import CheckpointReader
-from .packed_gemm import linear, pack_stacked
-from .parallel import ReplicatedLinear, TPGroup
+from stagemesh.config import ModelConfig
+from stagemesh.model.layers import GatedMLP, silu_and_mul
+from stagemesh.model.loader import CheckpointReader
+from stagemesh.model.packed_gemm import linear, pack_stacked
+from stagemesh.model.parallel import ReplicatedLinear, TPGroup
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .loader import CheckpointReader
-from .packed_gemm import linear, pack_weight
+from stagemesh.model.loader import CheckpointReader
+from stagemesh.model.packed_gemm import linear, pack_weight
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from stagemesh import AsyncClient, cpus
-from stagemesh.redis_server import free_port
-from stagemesh.store import Store
+from stagemesh import AsyncClient
+from stagemesh.deploy.redis_server import free_port
+from stagemesh.mesh.store import Store
+from stagemesh.runtime import cpus
 
 
 @contextmanager

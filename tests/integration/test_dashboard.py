@@ -1,7 +1,7 @@
 """The gateway's HTTP side on a real pp=2 mesh: /metrics after traffic, /api/status against the
 gRPC status document, and the dashboard page in a real headless Chromium.
 
-NOTE: the mesh is started with ``stagemesh.launch.Mesh`` (what `stagemesh up` runs) rather than
+NOTE: the mesh is started with ``stagemesh.deploy.launch.Mesh`` (what `stagemesh up` runs) rather than
 the `up` command, because `up` stops the whole mesh once one of its children exits, and the
 last test kills a stage worker to see the page show it DOWN. When `stagemesh up` has expert
 parallelism (``UpOptions.ep``), the mesh is a Qwen2-MoE model with ``ep=2`` so that expert
@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from stagemesh import Client
-from stagemesh.cli import main as cli_main
-from stagemesh.launch import Mesh, UpOptions
-from stagemesh.redis_server import free_port
+from stagemesh.cli.commands import main as cli_main
+from stagemesh.deploy.launch import Mesh, UpOptions
+from stagemesh.deploy.redis_server import free_port
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.browser import headless_chromium
 

@@ -15,7 +15,7 @@ import pytest
 
 from stagemesh import AsyncClient, Client
 from stagemesh.config import ModelConfig
-from stagemesh.store import Store
+from stagemesh.mesh.store import Store
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.integration.mesh_helpers import generate_all, stagemesh_up, worker_figures
 

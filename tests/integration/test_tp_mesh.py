@@ -18,9 +18,9 @@ import pytest
 from safetensors import safe_open
 
 from stagemesh import Client, StagemeshError
-from stagemesh.codec.messages import plan_to_pb
 from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
+from stagemesh.wire.codec.messages import plan_to_pb
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import run_cli
 from tests.integration.mesh_helpers import expected_cores, generate_all, pid_alive, stagemesh_up, worker_figures

@@ -1,0 +1,268 @@
+"""`stagemesh` command line: generate, demo-model (and the mesh commands as they exist)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from stagemesh.errors import StagemeshError
+from stagemesh.serving.types import SamplingParams
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="checkpoint directory: run the in-process engine on it")
+    where.add_argument("--addr", help="HOST:PORT of a running mesh's gateway")
+    p.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
+    p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--input", help='JSONL file: {"prompt": ...} or {"token_ids": [...]} per line, optional per-line sampling keys')
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
+    p.add_argument("--json", action="store_true", help="one JSON object per input line, in input order")
+    local = p.add_argument_group("in-process engine (--model)")
+    local.add_argument("--pp", type=int, default=1, help="pipeline stages, run in this process")
+    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    local.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
+    local.add_argument("--block-size", type=int, default=16)
+    local.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one step")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from stagemesh.cli.requests_io import parse_token_ids, read_inputs, write_outcomes
+
+    defaults = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=parse_token_ids(args.stop_token_ids),
+    )
+    lines = read_inputs(args.prompt, args.token_ids, args.input, defaults)
+    if args.model:
+        from stagemesh.cli.inprocess import InProcessEngine
+
+        engine = InProcessEngine(
+            args.model,
+            pp=args.pp,
+            dtype=args.dtype,
+            num_kv_blocks=args.kv_blocks,
+            block_size=args.block_size,
+            max_num_batched_tokens=args.max_batch_tokens,
+        )
+        outcomes = asyncio.run(engine.run(lines))
+    else:
+        from stagemesh.cli.remote import run_remote
+
+        outcomes = asyncio.run(run_remote(args.addr, lines))
+    return write_outcomes(outcomes, args.json, sys.stdout, sys.stderr)
+
+
+def _up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (one worker process each)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (one process and one device each)")
+    p.add_argument("--tp-backend", choices=["nccl", "gloo"], default=None,
+                   help="torch.distributed backend of the TP ranks (default: nccl on cuda, gloo on cpu)")
+    p.add_argument("--ep", type=int, default=0,
+                   help="expert worker processes (one device each) holding the MoE experts; 0 keeps them in the stages")
+    p.add_argument("--expert-replicas", type=int, default=1, help="expert workers holding each expert (at most --ep)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel chains: complete replicas of the stages (and expert workers) behind the gateway")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="stop the mesh when a worker exits instead of restarting it")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
+    p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
+                   help="leave the worker processes unbound (by default each gets cores of its own when there are enough)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
+    p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port: dashboard (/), /api/status, /metrics")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
+    p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
+    p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a new temp dir)")
+    p.add_argument("--try", dest="try_prompt", default=None, metavar="PROMPT", help="once ready, generate from PROMPT and print it")
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from stagemesh.deploy.launch import UpOptions, run_up
+
+    opts = UpOptions(
+        model=Path(args.model),
+        pp=args.pp,
+        tp=args.tp,
+        dp=args.dp,
+        tp_backend=args.tp_backend,
+        ep=args.ep,
+        expert_replicas=args.expert_replicas,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        http_port=args.http_port,
+        redis_url=args.redis_url,
+        deployment=args.deployment,
+        dtype=args.dtype,
+        kv_blocks=args.kv_blocks,
+        log_dir=args.log_dir,
+        try_prompt=args.try_prompt,
+        restart=args.restart,
+        overlap=args.overlap,
+        cpu_bind=args.cpu_bind,
+    )
+    return run_up(opts)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from stagemesh.cli.remote import fetch_status, format_status
+
+    doc = asyncio.run(fetch_status(args.addr))
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (the mesh's model, for the compared systems and the figures)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of the mesh brought up for the run")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage of that mesh")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel chains of that mesh")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--addr", default=None, help="HOST:PORT of a running mesh to benchmark instead of bringing one up")
+    p.add_argument("--redis-url", default=None, help="with --addr: that mesh's Redis, for per-stage busy figures")
+    p.add_argument("--requests", type=int, required=True)
+    p.add_argument("--input-len", type=int, required=True, help="prompt tokens (the minimum with --input-len-max)")
+    p.add_argument("--input-len-max", type=int, default=None, help="prompt lengths uniform in [--input-len, this]")
+    p.add_argument("--output-len", type=int, required=True, help="generated tokens (the minimum with --output-len-max)")
+    p.add_argument("--output-len-max", type=int, default=None, help="output lengths uniform in [--output-len, this]")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: all at once)")
+    pace.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
+    p.add_argument("--compare", default="", help="also run the requests through: hf, inprocess (comma-separated)")
+    p.add_argument("--no-mesh", action="store_true", help="run only the --compare systems")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="turn overlap scheduling off in the mesh brought up and the in-process engine")
+    p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
+                   help="leave the workers of the mesh brought up unbound (by default each gets cores of its own when there are enough)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
+    p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
+    p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="one JSON document with every figure")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from stagemesh.cli.bench import BenchSpec, LoadShape, run
+
+    shape = LoadShape(
+        requests=args.requests,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        input_len_max=args.input_len_max,
+        output_len_max=args.output_len_max,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        seed=args.seed,
+    )
+    spec = BenchSpec(
+        model=Path(args.model),
+        shape=shape,
+        pp=args.pp,
+        tp=args.tp,
+        dp=args.dp,
+        addr=args.addr,
+        redis_url=args.redis_url,
+        compare=tuple(s.strip() for s in args.compare.split(",") if s.strip()),
+        mesh=not args.no_mesh,
+        device=args.device,
+        calibrate_s=args.calibrate_s,
+        log_dir=args.log_dir,
+        overlap=args.overlap,
+        cpu_bind=args.cpu_bind,
+    )
+    return run(spec, args.json)
+
+
+def _compose_args(sub) -> None:
+    """`compose` prints a compose file; `topology` is its planner service; `health` its health check."""
+    from stagemesh.deploy import compose
+
+    cp = sub.add_parser("compose", help="print a docker compose file for a layout: a GPU-pinned service per worker")
+    compose.add_compose_arguments(cp)
+    cp.set_defaults(func=compose.run_compose)
+    tp = sub.add_parser("topology", help="write a compose deployment's topology to its Redis and exit (the planner service)")
+    compose.add_topology_arguments(tp)
+    tp.set_defaults(func=compose.run_topology)
+    hc = sub.add_parser("health", help="exit 0 iff the gRPC server at --addr answers grpc.health.v1 SERVING")
+    hc.add_argument("--addr", required=True, help="HOST:PORT of a worker or gateway")
+    hc.set_defaults(func=_cmd_health)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from stagemesh.deploy.launch import health_serving
+
+    serving = health_serving(args.addr)
+    print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
+    return 0 if serving else 1
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from stagemesh.cli import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagemesh", description="Serve LLMs as a gRPC mesh of pipeline stages and experts.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate tokens in-process (--model) or from a mesh (--addr)")
+    _generate_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+    up = sub.add_parser("up", help="start a mesh (Redis, stage workers, gateway) on this machine")
+    _up_args(up)
+    up.set_defaults(func=_cmd_up)
+    st = sub.add_parser("status", help="chains, workers and their load, from a mesh's gateway")
+    st.add_argument("--addr", required=True, help="HOST:PORT of a running mesh's gateway")
+    st.add_argument("--json", action="store_true", help="the whole status document as JSON")
+    st.set_defaults(func=_cmd_status)
+    bench = sub.add_parser("bench", help="throughput, latency and roofline of a mesh, against transformers and the in-process engine")
+    _bench_args(bench)
+    bench.set_defaults(func=_cmd_bench)
+    _compose_args(sub)
+    from stagemesh.cli import demo
+
+    dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=_cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except StagemeshError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a CLI answers with one line, never a traceback
+        logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
+        print(f"error: {type(e).__name__}: {e} (run with --log-level DEBUG for the traceback)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

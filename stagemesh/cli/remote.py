@@ -1,0 +1,75 @@
+"""The client side of `stagemesh generate --addr` and `stagemesh status --addr` (torch-free)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stagemesh.cli.requests_io import InputLine, Outcome
+from stagemesh.client import AsyncClient
+from stagemesh.errors import StagemeshError
+
+
+async def run_remote(addr: str, lines: list[InputLine]) -> list[Outcome]:
+    """Every line at once through the gateway at ``addr``; outcomes in input order."""
+    async with AsyncClient(addr) as client:
+        return list(await asyncio.gather(*(_one(client, line) for line in lines)))
+
+
+async def _one(client: AsyncClient, line: InputLine) -> Outcome:
+    p = line.params
+    try:
+        result = await client.generate(
+            line.prompt,
+            line.token_ids,
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
+            stop_token_ids=p.stop_token_ids,
+            ignore_eos=p.ignore_eos,
+        )
+    except StagemeshError as e:
+        return Outcome([], error=e)
+    text = result.text if line.prompt is not None or result.text else None
+    return Outcome(list(result.token_ids), text=text, finish_reason=result.finish_reason)
+
+
+async def fetch_status(addr: str) -> dict:
+    """The status document of the gateway at ``addr``."""
+    async with AsyncClient(addr) as client:
+        return await client.status()
+
+
+def format_status(doc: dict) -> str:
+    """A readable table of chains and workers."""
+    out = [f"model {doc.get('model') or '?'}  (stagemesh {doc.get('version') or '?'})", ""]
+    out += _table(
+        ("CHAIN", "HEALTHY", "STAGES", "SERVED", "RUNNING", "WAITING"),
+        [(c["id"], _yes(c["healthy"]), c["num_stages"], c["requests_served"], c["requests_running"], c["requests_waiting"])
+         for c in doc.get("chains", ())],
+    )
+    out.append("")
+    out += _table(
+        ("ROLE", "CHAIN", "STAGE", "LAYERS", "ADDRESS", "DEVICE", "TP", "PID", "HEALTHY", "QUEUE", "KV USED", "BUSY"),
+        [(w["role"], _id(w["chain"]), _id(w["stage"]), "{}-{}".format(*w["layers"]), w["address"], w["device"],
+          w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), w["load"]["queue_depth"],
+          f"{w['load']['kv_blocks_used']}/{w['load']['kv_blocks_total']}", f"{w['load']['busy_fraction']:.0%}")
+         for w in doc.get("workers", ())],
+    )
+    return "\n".join(out)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    cells = [header, *[tuple(str(v) for v in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return lines if rows else [*lines, "(none)"]
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def _id(n: int) -> str:
+    return "-" if n < 0 else str(n)

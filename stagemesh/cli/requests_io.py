@@ -1,0 +1,103 @@
+"""What `stagemesh generate` reads and writes: input lines in, one outcome per line out.
+
+Torch-free: the same parsing and output serve the in-process engine and a remote mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from stagemesh.errors import InvalidArgument, StagemeshError
+from stagemesh.serving.types import SamplingParams
+
+_PARAM_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids")
+
+
+@dataclass(frozen=True)
+class InputLine:
+    """One request as the user wrote it: text or token ids, and its sampling parameters."""
+
+    prompt: str | None
+    token_ids: tuple[int, ...] | None
+    params: SamplingParams
+
+
+@dataclass
+class Outcome:
+    """What one input line produced: generated ids and text, or the error that stopped it."""
+
+    token_ids: list[int]
+    text: str | None = None
+    finish_reason: str | None = None
+    error: StagemeshError | None = None
+
+    def to_json(self) -> dict:
+        if self.error is not None:
+            return {"error": {"code": self.error.code, "message": self.error.message}}
+        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
+
+
+def parse_token_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise InvalidArgument(f"--token-ids must be comma-separated integers, got {text!r}") from None
+
+
+def read_inputs(prompt: str | None, token_ids: str | None, input_file: str | None, defaults: SamplingParams) -> list[InputLine]:
+    """The requests of one `generate` call: ``--prompt``, ``--token-ids`` or a JSONL file."""
+    if sum(x is not None for x in (prompt, token_ids, input_file)) != 1:
+        raise InvalidArgument("give exactly one of --prompt, --token-ids or --input")
+    if prompt is not None:
+        return [InputLine(prompt, None, defaults)]
+    if token_ids is not None:
+        return [InputLine(None, parse_token_ids(token_ids), defaults)]
+    return _read_jsonl(Path(input_file), defaults)
+
+
+def _read_jsonl(path: Path, defaults: SamplingParams) -> list[InputLine]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read --input {path}: {e.strerror}") from None
+    out = [_parse_line(n, line, defaults) for n, line in enumerate(lines, 1) if line.strip()]
+    if not out:
+        raise InvalidArgument(f"--input {path} has no requests (one JSON object per line)")
+    return out
+
+
+def _parse_line(n: int, line: str, defaults: SamplingParams) -> InputLine:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"line {n} of --input is not JSON: {e.msg}") from None
+    if not isinstance(obj, dict) or ("prompt" in obj) == ("token_ids" in obj):
+        raise InvalidArgument(f'line {n} of --input must be an object with exactly one of "prompt" or "token_ids"')
+    unknown = set(obj) - {"prompt", "token_ids", *_PARAM_KEYS}
+    if unknown:
+        raise InvalidArgument(f"line {n} of --input has unknown keys {sorted(unknown)}; allowed: prompt, token_ids, {', '.join(_PARAM_KEYS)}")
+    overrides = {k: obj[k] for k in _PARAM_KEYS if k in obj}
+    if "stop_token_ids" in overrides:
+        overrides["stop_token_ids"] = tuple(overrides["stop_token_ids"])
+    try:
+        token_ids = None if "token_ids" not in obj else tuple(int(t) for t in obj["token_ids"])
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"line {n} of --input: token_ids must be a list of integers") from None
+    return InputLine(obj.get("prompt"), token_ids, replace(defaults, **overrides))
+
+
+def write_outcomes(outcomes: list[Outcome], as_json: bool, out, err) -> int:
+    """Print one result per input line (stdout) and one line per failure (stderr); the exit code."""
+    failed = 0
+    for n, o in enumerate(outcomes, 1):
+        if o.error is not None:
+            failed += 1
+            where = f"request {n}: " if len(outcomes) > 1 else ""
+            print(f"error: {where}{o.error.code}: {o.error.message}", file=err)
+        if as_json:
+            print(json.dumps(o.to_json()), file=out)
+        elif o.error is None:
+            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)), file=out)
+    return 1 if failed else 0

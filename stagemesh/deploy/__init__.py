@@ -1,0 +1,1 @@
+"""Deployment: the local launcher (`stagemesh up`), its supervision, the Redis server it starts, compose rendering."""

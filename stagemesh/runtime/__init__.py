@@ -1,0 +1,1 @@
+"""What every server process shares: start-up, lifecycle, health, heartbeat, CPU binding, parent-death."""

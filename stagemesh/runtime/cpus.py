@@ -1,0 +1,130 @@
+"""CPU binding of the compute processes: each TP rank and expert worker on cores of its own.
+
+NOTE: why. On CPU every rank runs its torch ops on its own intra-op threads. Left to the OS,
+the ranks of a mesh migrate between cores and meet on one core now and then; each such
+meeting stalls the rank's step, and so the whole pipeline behind it. `stagemesh up` gives
+every compute process a disjoint set of cores instead (`--cpus`; vLLM's CPU backend binds its
+threads for the same reason). On the 2-core reference machine a running pp=2 mesh served
+1–7% more tokens/s with its two stages bound than unbound, in seven pairs; whole bench runs
+vary more than that (BENCHMARKS.md, "CPU binding"). The gateway and Redis are not bound:
+they take what the ranks leave.
+
+A stage worker gets the cores of all its TP ranks; rank ``r`` binds itself to slice ``r``.
+When there are more processes than cores, nothing is bound (they share, one thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def available() -> list[int]:
+    """The cores this process may run on, in order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def parse(text: str) -> list[int]:
+    """``"0,2-3"`` → ``[0, 2, 3]`` (the ``taskset -c`` list syntax); ValueError naming what is wrong."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"--cpus {text!r}: {part!r} is not a core number or a range like 2-5") from None
+        if first < 0 or last < first:
+            raise ValueError(f"--cpus {text!r}: {part!r} is not a core number or a range like 2-5")
+        cpus.extend(range(first, last + 1))
+    if len(set(cpus)) != len(cpus):
+        raise ValueError(f"--cpus {text!r} names a core twice")
+    return cpus
+
+
+def arg(text: str) -> list[int]:
+    """The ``argparse`` type of ``--cpus``: ``parse``, with its message on a bad list."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def format_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def share(cpus: list[int], ranks: list[int]) -> tuple[int, list[list[int]] | None]:
+    """Threads per rank, and for each process (``ranks[i]`` ranks each) its disjoint slice of
+    ``cpus`` — or None when there are more ranks than cores (then nothing is bound)."""
+    total = sum(ranks)
+    if total < 1:
+        raise ValueError("no compute processes to place")
+    threads = max(1, len(cpus) // total)
+    if total > len(cpus):
+        return threads, None
+    sets, at = [], 0
+    for n in ranks:
+        sets.append(cpus[at : at + n * threads])
+        at += n * threads
+    return threads, sets
+
+
+def rank_slice(cpus: list[int], rank: int, threads: int) -> list[int]:
+    """Rank ``rank``'s cores out of its stage's ``cpus``: slice ``rank`` of ``threads`` cores, or
+    all of ``cpus`` when it holds fewer than that (a stage started by hand with a short list)."""
+    part = cpus[rank * threads : (rank + 1) * threads]
+    return part if len(part) == threads else cpus
+
+
+def bind_rank(cpus: list[int] | None, rank: int, threads: int | None) -> int | None:
+    """Bind TP rank ``rank`` of a process given ``cpus`` (``--cpus``; None: leave it unbound) to
+    its cores; returns the intra-op threads it should run: ``threads``, else its core count."""
+    if cpus is None:
+        return threads
+    mine = rank_slice(cpus, rank, threads or len(cpus))
+    bind(mine)
+    return threads or len(mine)
+
+
+def take(cpus: list[int] | None, rank: int, threads: int | None) -> None:
+    """A worker's first act: ``bind_rank``, then that many torch intra-op threads;
+    ``StartupError`` when the cores cannot be had."""
+    import torch  # here, not at the top: the launcher imports this module and never torch
+
+    from stagemesh.runtime.startup import StartupError
+
+    try:
+        threads = bind_rank(cpus, rank, threads)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def bind(cpus: list[int]) -> None:
+    """Bind this process — its threads so far and those it starts later — to ``cpus``; OSError →
+    ValueError naming the cores, e.g. when one is not in this container's cpuset."""
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as err:
+            raise ValueError(
+                f"cannot bind to cores {format_list(cpus)} ({err}); this host allows {format_list(available())}"
+            ) from None
+    log.info("bound to cores %s", format_list(cpus))
+
+
+def _threads() -> list[int]:
+    """This process's thread ids (``sched_setaffinity`` binds one thread; new threads inherit it)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]

@@ -1,0 +1,88 @@
+"""The worker's presence in Redis: registration, a heartbeat every second, and its figures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from stagemesh.errors import StagemeshError
+from stagemesh.mesh.store import Store, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 1.0
+TTL_S = 3.0
+"""The worker counts as dead after this long without a heartbeat: about three missed beats."""
+
+
+class Heartbeat:
+    """Registers ``info``, then keeps it alive and publishes ``figures()`` every ``interval_s``.
+
+    A Redis outage is logged and outlived, never fatal: the beats resume when Redis answers,
+    and a worker that the mesh forgot in the meantime (heartbeat returns False) registers again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        info: WorkerInfo,
+        figures: Callable[[], dict[str, Any]],
+        *,
+        interval_s: float = INTERVAL_S,
+        ttl_s: float = TTL_S,
+    ):
+        self.store, self.info, self.figures = store, info, figures
+        self.interval_s, self.ttl_s = interval_s, ttl_s
+        self._task: asyncio.Task | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.info.worker_id}")
+
+    async def stop(self, *, deregister: bool = True) -> None:
+        """Stop beating; with ``deregister`` the worker leaves the registry at once (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if deregister:
+            try:
+                await asyncio.wait_for(self.store.deregister_worker(self.info.worker_id), self.ttl_s)
+            except (StagemeshError, asyncio.TimeoutError) as err:
+                log.warning("could not deregister %s: %s", self.info.worker_id, err)
+
+    async def _run(self) -> None:
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    await self.store.register_worker(self.info, self.ttl_s)
+                    log.info("registered %s at %s in Redis", self.info.worker_id, self.info.address)
+                registered = await self.store.heartbeat(self.info.worker_id, self.ttl_s, self._figures())
+                if not registered:
+                    log.warning("Redis forgot %s; registering it again", self.info.worker_id)
+                    continue
+                self._note_ok()
+            except Exception as err:  # noqa: BLE001 - a failed beat is retried, never fatal
+                self._note_failure(err)
+            await asyncio.sleep(self.interval_s)
+
+    def _figures(self) -> dict[str, Any]:
+        """The worker's figures, stamped with ``time`` (Unix time of this beat) unless they carry one."""
+        figures = self.figures()
+        figures.setdefault("time", time.time())
+        return figures
+
+    def _note_ok(self) -> None:
+        if self._failing:
+            log.info("Redis answers heartbeats of %s again", self.info.worker_id)
+        self._failing = False
+
+    def _note_failure(self, err: Exception) -> None:
+        if not self._failing:
+            log.warning(
+                "heartbeat of %s failed (%s); retrying every %.0f s", self.info.worker_id, err, self.interval_s,
+                exc_info=not isinstance(err, StagemeshError),
+            )
+        self._failing = True

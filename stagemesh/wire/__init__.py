@@ -1,0 +1,1 @@
+"""The wire: protobuf <-> domain conversion (`codec/`) and the long-lived gRPC streams (`streams`)."""

@@ -1,0 +1,90 @@
+"""CPU binding of the compute processes: the core lists, their sharing out, binding itself."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stagemesh.runtime import cpus
+
+
+def test_parse_reads_taskset_lists():
+    assert cpus.parse("0") == [0]
+    assert cpus.parse("0,2-4, 7") == [0, 2, 3, 4, 7]
+    assert cpus.format_list(cpus.parse("3,1-2")) == "3,1,2"
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("x", "'x' is not a core number"),
+    ("1-", "'1-' is not a core number"),
+    ("4-2", "'4-2' is not a core number"),
+    ("-1", "'-1' is not a core number"),
+    ("0,0-1", "names a core twice"),
+])  # fmt: skip
+def test_parse_refuses_bad_lists_and_says_which_part(text, says):
+    with pytest.raises(ValueError, match=says):
+        cpus.parse(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        cpus.arg(text)
+
+
+def test_share_gives_disjoint_slices_in_order():
+    # pp=2 on two cores: one core each
+    assert cpus.share([0, 1], [1, 1]) == (1, [[0], [1]])
+    # a tp=2 stage and an expert worker on 7 cores: 2 threads per rank, the 7th core left over
+    assert cpus.share(list(range(7)), [2, 1]) == (2, [[0, 1, 2, 3], [4, 5]])
+    # the cores this process may use need not start at 0 or be contiguous
+    assert cpus.share([2, 3, 8, 9], [1, 1]) == (2, [[2, 3], [8, 9]])
+
+
+def test_share_binds_nothing_when_ranks_outnumber_cores():
+    assert cpus.share([0, 1], [2, 1]) == (1, None)
+    with pytest.raises(ValueError, match="no compute processes"):
+        cpus.share([0, 1], [])
+
+
+def test_rank_slice_takes_the_ranks_own_cores_or_all_of_a_short_list():
+    assert cpus.rank_slice([4, 5, 6, 7], 1, 2) == [6, 7]
+    assert cpus.rank_slice([4, 5], 1, 2) == [4, 5]  # a list too short for rank 1: share it
+
+
+def test_bind_rank_without_cores_leaves_the_process_alone():
+    before = os.sched_getaffinity(0)
+    assert cpus.bind_rank(None, 0, 3) == 3
+    assert cpus.bind_rank(None, 0, None) is None
+    assert os.sched_getaffinity(0) == before
+
+
+def _in_child(code: str) -> subprocess.CompletedProcess:
+    """Binding changes the calling process: run it in a fresh one."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_bind_rank_binds_every_thread_and_threads_started_later():
+    core = cpus.available()[-1]
+    code = f"""
+import os, threading
+from stagemesh.runtime import cpus
+early = threading.Event(); done = threading.Event(); seen = {{}}
+def watch(name, gate):
+    gate.wait(); seen[name] = os.sched_getaffinity(0)
+t = threading.Thread(target=watch, args=("early", early)); t.start()
+threads = cpus.bind_rank([{core}], 0, None)
+early.set(); t.join()
+late = threading.Thread(target=watch, args=("late", done)); done.set(); late.start(); late.join()
+print(threads, sorted(seen["early"]), sorted(seen["late"]), sorted(os.sched_getaffinity(0)))
+"""
+    out = _in_child(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == f"1 [{core}] [{core}] [{core}]"
+
+
+def test_bind_to_a_core_this_host_lacks_says_which_cores_it_has():
+    out = _in_child("from stagemesh.runtime import cpus; cpus.bind([100000])")
+    assert out.returncode != 0
+    allowed = cpus.format_list(cpus.available())
+    assert "cannot bind to cores 100000" in out.stderr and f"this host allows {allowed}" in out.stderr, out.stderr

@@ -1,0 +1,48 @@
+"""Dependencies point one way (STYLE.md habit 2), checked by importing in a fresh interpreter."""
+
+from __future__ import annotations
+
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules(package: str) -> list[str]:
+    path = ROOT / package.replace(".", "/")
+    return [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(path)]) if m.name != "__main__"]
+
+
+def _loaded_after_import(modules: list[str]) -> set[str]:
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return {name.split(".")[0] for name in out.split()}
+
+
+TORCH_FREE = ["stagemesh", "stagemesh.client", "stagemesh.serving", "gateway"]
+
+
+@pytest.mark.parametrize("package", TORCH_FREE)
+def test_client_gateway_and_scheduler_do_not_import_torch(package):
+    assert "torch" not in _loaded_after_import(_modules(package) if package != "stagemesh" else ["stagemesh"])
+
+
+def test_the_model_core_imports_no_transport():
+    loaded = _loaded_after_import(_modules("stagemesh.model"))
+    assert not {"grpc", "redis", "google"} & loaded, {"grpc", "redis", "google"} & loaded
+
+
+def test_only_the_store_imports_redis():
+    offenders = []
+    for path in ROOT.glob("**/*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in (".venv", "tests") or rel == Path("stagemesh/mesh/store.py"):
+            continue
+        if re.search(r"^\s*(import redis|from redis)\b(?!lite)", path.read_text(), re.MULTILINE):
+            offenders.append(str(rel))
+    assert offenders == []
