@@ -1,58 +1,7 @@
-"""``python -m gateway --redis-url URL --port P``: run a mesh's gateway until SIGTERM."""
+"""``python -m gateway --redis-url URL --port P``: see ``gateway.main``."""
 
-from __future__ import annotations
-
-import argparse
-import asyncio
-import logging
 import sys
 
-from gateway.main import GatewayOptions, serve
+from gateway.main import main
 
-logger = logging.getLogger("gateway")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gateway", description="The client-facing gateway of a stagemesh mesh.")
-    p.add_argument("--redis-url", required=True, help="redis://host:port/db holding the mesh's topology and registry")
-    p.add_argument("--deployment", default="default", help="the mesh's name in Redis (same as its workers')")
-    p.add_argument("--host", default="127.0.0.1", help="interface the gRPC (and HTTP) server binds")
-    p.add_argument("--port", type=int, required=True, help="gRPC port of the Gateway service")
-    p.add_argument("--http-port", type=int, default=None,
-                   help="also serve the dashboard (/), /api/status, /metrics and /healthz over HTTP here")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one micro-batch at most")
-    p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
-    p.add_argument("--failover-wait-s", type=float, default=5.0,
-                   help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
-    p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="wait for each step's tokens before sending a step after it (overlap scheduling is on by default)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = GatewayOptions(
-        redis_url=args.redis_url,
-        deployment=args.deployment,
-        host=args.host,
-        port=args.port,
-        http_port=args.http_port,
-        max_num_batched_tokens=args.max_batch_tokens,
-        max_num_seqs=args.max_num_seqs,
-        shutdown_grace_s=args.grace_s,
-        failover_wait_s=args.failover_wait_s,
-        overlap=args.overlap,
-    )
-    try:
-        asyncio.run(serve(opts))
-    except (ValueError, KeyError, OSError, RuntimeError) as err:  # a broken topology or checkpoint, a port in use
-        logger.error("gateway failed: %s: %s", type(err).__name__, err)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from gateway.experts import ExpertWatch
-from gateway.health_probe import HealthProbe
 from gateway.router import Router
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.store import ExpertReplica, Store, stage_worker_id
+from stagemesh.mesh.topology import Topology
+from stagemesh.runtime.health import HealthProbe
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +37,16 @@ class ChainWatch:
     """Polls every worker of every chain and takes chains out of service and back (see the NOTE)."""
 
     def __init__(
-        self, store: Store, router: Router, topology: dict[str, Any], probe: HealthProbe, experts: ExpertWatch | None = None
+        self, store: Store, router: Router, topology: Topology, probe: HealthProbe, experts: ExpertWatch | None = None
     ):
         self.store, self.router, self.probe = store, router, probe
         self.expert_watch = experts
         """The expert placement, kept live from this watch's own checks (None: experts in the stages)."""
-        chains = sorted(topology.get("chains", ()), key=lambda c: c["chain"])
         self.stages: dict[int, list[tuple[str, str]]] = {
-            c["chain"]: [(stage_worker_id(c["chain"], s["stage"]), s["address"]) for s in c["stages"]] for c in chains
+            c.index: [(stage_worker_id(c.index, s.index), s.address) for s in c.stages] for c in topology.chains
         }
         """chain -> (worker id, address) of each stage worker."""
-        self.experts: dict[int, list[ExpertReplica]] = {c["chain"]: chain_replicas(topology, c["chain"]) for c in chains}
+        self.experts: dict[int, list[ExpertReplica]] = {c.index: chain_replicas(c) for c in topology.chains}
         self._misses: dict[str, int] = {}
 
     async def run(self) -> None:

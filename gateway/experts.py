@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-from gateway.health_probe import HealthProbe
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.store import ExpertReplica, Store
+from stagemesh.mesh.topology import Topology
+from stagemesh.runtime.health import HealthProbe
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,11 @@ LOG_EVERY_S = 10.0
 class ExpertWatch:
     """Every chain's expert workers: publishes their placement and keeps each one's liveness current."""
 
-    def __init__(self, store: Store, topology: dict[str, Any], probe: HealthProbe):
+    def __init__(self, store: Store, topology: Topology, probe: HealthProbe):
         self.store, self.probe = store, probe
-        chains = (c["chain"] for c in topology.get("chains", ()))
-        self.replicas: dict[int, list[ExpertReplica]] = {c: rs for c in chains if (rs := chain_replicas(topology, c))}
+        self.replicas: dict[int, list[ExpertReplica]] = {
+            c.index: rs for c in topology.chains if (rs := chain_replicas(c))
+        }
         self.live: dict[str, bool] = {r.worker_id: True for rs in self.replicas.values() for r in rs}
 
     async def start(self) -> None:

@@ -1,280 +1,60 @@
-"""Gateway startup and shutdown.
-
-Startup: connect to Redis and read the topology (both retried until present), start the gRPC
-server with health NOT_SERVING, wait until every stage of every chain answers its health
-check SERVING and its ``Info``, build one engine per chain, then turn health SERVING. From then
-on ``gateway.chain_health`` takes chains whose workers stop answering out of service and puts
-them back when they answer again, and requests of a failed chain resume on another
-(``gateway.failover``).
-SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
-``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
-"""
+"""``python -m gateway --redis-url URL --port P``: the command line of a mesh's gateway (its part in the
+server lifecycle is ``gateway.gateway.Gateway``); runs until SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
-import signal
-from dataclasses import dataclass
-from typing import Any, Awaitable, TypeVar
+import sys
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from gateway.gateway import GatewayOptions, serve
+from stagemesh.runtime.startup import StartupError
 
-from gateway.chain_client import RemoteChain
-from gateway.chain_health import ChainWatch
-from gateway.experts import ExpertWatch
-from gateway.health_probe import HealthProbe
-from gateway.http import start_http
-from gateway.journal import JournalWriter
-from gateway.metrics import GatewayMetrics
-from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
-from gateway.servicer import GatewayServicer
-from gateway.status import StatusReporter
-from stagemesh.config import ModelConfig
-from stagemesh.errors import StagemeshError
-from stagemesh.mesh.store import Store, stage_worker_id
-from stagemesh.serving.engine import Engine
-from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.tokenizer import Tokenizer, eos_token_ids
-from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
-
-logger = logging.getLogger(__name__)
-
-GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-POLL_S = 0.5
-LOG_EVERY_S = 10.0
-
-T = TypeVar("T")
+logger = logging.getLogger("gateway")
 
 
-@dataclass(frozen=True)
-class GatewayOptions:
-    """How one gateway process runs."""
-
-    redis_url: str
-    deployment: str = "default"
-    """Names the mesh's keys in Redis; the same as its workers'."""
-    host: str = "127.0.0.1"
-    port: int = 50051
-    http_port: int | None = None
-    """Serve the dashboard (``/``), ``/api/status``, ``/metrics`` and ``/healthz`` over HTTP on this
-    port; None: no HTTP."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one micro-batch."""
-    max_num_seqs: int = 256
-    """Sequences in one micro-batch at most."""
-    shutdown_grace_s: float = 5.0
-    """On SIGTERM, running calls get this long to finish before they are cancelled."""
-    failover_wait_s: float = FAILOVER_WAIT_S
-    """A running request whose chain failed waits this long for a healthy chain, then fails UNAVAILABLE."""
-    overlap: bool = True
-    """Overlap scheduling: one step more than the chain has stages goes out while they run,
-    its decodes taking the tokens still being sampled (``stagemesh.serving.scheduler``)."""
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway", description="The client-facing gateway of a stagemesh mesh.")
+    p.add_argument("--redis-url", required=True, help="redis://host:port/db holding the mesh's topology and registry")
+    p.add_argument("--deployment", default="default", help="the mesh's name in Redis (same as its workers')")
+    p.add_argument("--host", default="127.0.0.1", help="interface the gRPC (and HTTP) server binds")
+    p.add_argument("--port", type=int, required=True, help="gRPC port of the Gateway service")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the dashboard (/), /api/status, /metrics and /healthz over HTTP here")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one micro-batch at most")
+    p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
+    p.add_argument("--failover-wait-s", type=float, default=5.0,
+                   help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="wait for each step's tokens before sending a step after it (overlap scheduling is on by default)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p
 
 
-async def serve(opts: GatewayOptions) -> None:
-    """Run the gateway until SIGTERM / SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(opts)
-    try:
-        if await _until(stop, gateway.start()):
-            await stop.wait()
-        logger.info("gateway stopping")
-    finally:
-        await gateway.shutdown()
-
-
-class Gateway:
-    """The gateway's parts, built by ``start`` and torn down (whatever exists) by ``shutdown``."""
-
-    def __init__(self, opts: GatewayOptions):
-        self.opts = opts
-        self.router = Router(failover_wait_s=opts.failover_wait_s)
-        self.store: Store | None = None
-        self.journal: JournalWriter | None = None
-        self.status: StatusReporter | None = None
-        self.metrics = GatewayMetrics()
-        self.health = health.aio.HealthServicer()
-        self.probe = HealthProbe()
-        """One health client for every watched worker (chains and expert placement share it)."""
-        self.server: grpc.aio.Server | None = None
-        self._http = None
-        self._watch: asyncio.Task | None = None
-        self.chain_watch: ChainWatch | None = None
-        self.experts: ExpertWatch | None = None
-        """The chains' expert workers and their placement in Redis (None when the experts live in the stages)."""
-
-    async def start(self) -> bool:
-        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment))
-        topology = await _retry("read the topology", self._topology)
-        config = ModelConfig.from_dir(topology["model"])
-        tokenizer = Tokenizer.from_dir(topology["model"])
-        self.journal = JournalWriter(self.store)
-        self.journal.start()
-        self.status = StatusReporter(self.store, self.router, topology)
-        await self._start_server(GatewayServicer(self.router, self.journal, tokenizer, self.status, self.metrics))
-        experts = ExpertWatch(self.store, topology, self.probe)
-        if experts.replicas:
-            self.experts = experts
-            await experts.start()  # the placement in Redis; returns once every expert worker serves
-        for entry in sorted(topology["chains"], key=lambda c: c["chain"]):
-            self.router.add(await build_chain(entry, config, tokenizer, self.store, self.opts))
-        self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe, self.experts)
-        self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
-        for service in ("", GATEWAY_SERVICE):
-            await self.health.set(service, SERVING)
-        self.status.ready = True
-        logger.info("gateway ready on %s:%d with %d chain(s)", self.opts.host, self.opts.port, len(self.router.chains))
-        return True
-
-    async def _topology(self) -> dict[str, Any]:
-        doc = await self.store.get_topology()
-        if doc is None:
-            raise LookupError(f"no topology in Redis for deployment {self.opts.deployment!r} yet")
-        return doc
-
-    async def _start_server(self, servicer: GatewayServicer) -> None:
-        for service in ("", GATEWAY_SERVICE):
-            await self.health.set(service, NOT_SERVING)
-        self.server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
-        await self.server.start()
-        if self.opts.http_port is not None:
-            self._http = await start_http(self.status, self.opts.host, self.opts.http_port, self.metrics)
-
-    async def shutdown(self) -> None:
-        if self.status is not None:
-            self.status.ready = False
-        await self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            await self.server.stop(self.opts.shutdown_grace_s)
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-        await self.probe.close()
-        for handle in self.router.chains:
-            await handle.engine.stop()
-            await handle.remote.close()
-        if self.journal is not None:
-            await self.journal.stop()
-        if self._http is not None:
-            await self._http.cleanup()
-        if self.store is not None:
-            await self.store.close()
-
-
-# --- chains ------------------------------------------------------------------------------
-
-
-async def build_chain(
-    entry: dict[str, Any], config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions
-) -> ChainHandle:
-    """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
-    chain_id = entry["chain"]
-    stages = sorted(entry["stages"], key=lambda s: s["stage"])
-    addresses = tuple(s["address"] for s in stages)
-    infos = await asyncio.gather(*(wait_for_stage(a) for a in addresses))
-    for stage, info in zip(stages, infos):
-        if (info.chain, info.stage) != (chain_id, stage["stage"]):
-            raise ValueError(
-                f"the worker at {stage['address']} serves chain {info.chain} stage {info.stage}, "
-                f"but the topology puts chain {chain_id} stage {stage['stage']} there"
-            )
-    await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
-    sched = scheduler_config(infos, config, tokenizer, opts)
-
-    def renew() -> tuple[RemoteChain, Engine]:
-        remote = RemoteChain(chain_id, addresses[0])
-        return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
-
-    remote, engine = renew()
-    engine.start()
-    logger.info("chain %d: %d stages, %d KV blocks of %d tokens", chain_id, len(stages), sched.num_blocks, sched.block_size)
-    return ChainHandle(chain_id, remote, engine, addresses, renew)
-
-
-def scheduler_config(
-    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
-) -> SchedulerConfig:
-    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage
-    (plus a lookahead one with overlap scheduling)."""
-    block_sizes = {info.block_size for info in infos}
-    if len(block_sizes) != 1:
-        raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
-    return SchedulerConfig(
-        block_size=block_sizes.pop(),
-        num_blocks=min(info.num_kv_blocks for info in infos),
-        max_num_seqs=opts.max_num_seqs,
-        max_num_batched_tokens=opts.max_num_batched_tokens,
-        num_slots=len(infos),
-        max_model_len=config.max_position_embeddings,
-        eos_token_ids=eos_token_ids(config, tokenizer),
-        overlap=opts.overlap,
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = GatewayOptions(
+        redis_url=args.redis_url,
+        deployment=args.deployment,
+        host=args.host,
+        port=args.port,
+        http_port=args.http_port,
+        max_num_batched_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
+        shutdown_grace_s=args.grace_s,
+        failover_wait_s=args.failover_wait_s,
+        overlap=args.overlap,
     )
+    try:
+        asyncio.run(serve(opts))
+    except (ValueError, KeyError, OSError, RuntimeError, StartupError) as err:  # a broken topology or checkpoint, a port in use
+        logger.error("gateway failed: %s: %s", type(err).__name__, err)
+        return 1
+    return 0
 
 
-async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
-    """The stage's Info, once its health check answers SERVING (retried until it does)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        checker = health_pb2_grpc.HealthStub(channel)
-        stage = stage_pb2_grpc.StageStub(channel)
-
-        async def ready() -> stage_pb2.StageInfo:
-            reply = await checker.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-            if reply.status != SERVING:
-                raise LookupError(f"its health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
-            return await stage.Info(tensor_pb2.InfoRequest(), timeout=5.0)
-
-        return await _retry(f"reach the stage worker at {address}", ready)
-
-
-async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
-    alive = {w.worker_id for w in await store.list_workers() if w.alive}
-    ids = (stage_worker_id(chain_id, stage) for stage in range(num_stages))
-    missing = [worker_id for worker_id in ids if worker_id not in alive]
-    if missing:
-        raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
-
-
-# --- waiting -----------------------------------------------------------------------------
-
-
-async def _retry(what: str, attempt) -> T:
-    """``await attempt()`` until it succeeds, logging why not every LOG_EVERY_S seconds."""
-    loop = asyncio.get_running_loop()
-    next_log = loop.time() + LOG_EVERY_S
-    while True:
-        try:
-            return await attempt()
-        except (StagemeshError, LookupError, grpc.RpcError) as err:
-            if loop.time() >= next_log:
-                logger.info("still waiting to %s: %s", what, _reason(err))
-                next_log = loop.time() + LOG_EVERY_S
-        await asyncio.sleep(POLL_S)
-
-
-def _reason(err: Exception) -> str:
-    if isinstance(err, grpc.RpcError):
-        return f"{err.code().name}: {err.details()}"
-    return str(err)
-
-
-async def _until(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
-    """The result of ``work``, or None when ``stop`` is set first (``work`` is then cancelled)."""
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return None
-    return task.result()
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ collector as a ``Snapshot``; ``collect`` only turns it into metric families. Ser
     per chain, labels {chain}:
       stagemesh_chain_healthy, _requests_running, _requests_waiting, _kv_blocks_reserved, _kv_blocks_total
 
+Each figure's series name and help text are declared with the figure (``stagemesh.mesh.figures``).
 A figure a worker does not publish gives no sample (never a made-up 0).
 """
 
@@ -39,34 +40,11 @@ from prometheus_client.registry import Collector
 
 from gateway.router import ChainHandle
 from gateway.stage_stats import bubble_fractions
+from stagemesh.mesh.figures import COUNTER, GAUGE, ExpertFigures, StageFigures, WorkerFigures
 from stagemesh.mesh.store import WorkerInfo
 
 STAGE = ("chain", "stage")
 EXPERT = ("chain", "expert_worker")
-
-_STAGE_GAUGES = (
-    ("kv_blocks_used", "KV-cache blocks holding sequences."),
-    ("kv_blocks_total", "KV-cache blocks allocated."),
-    ("queue_depth", "Steps received and not yet answered."),
-    ("running_sequences", "Sequences whose KV cache the stage holds."),
-    ("busy_fraction", "Share of the last heartbeat window spent running steps."),
-)
-_STAGE_COUNTERS = (  # (series, figure)
-    ("steps", "steps"),
-    ("steps_failed", "steps_failed"),
-    ("tokens", "tokens_processed"),
-    ("bytes_sent", "bytes_sent"),
-)
-_EXPERT_GAUGES = (
-    ("queue_depth", "Expert batches received and not yet answered."),
-    ("busy_fraction", "Share of the last heartbeat window spent running experts."),
-    ("weight_bytes", "Weight bytes of the experts it holds."),
-)
-_EXPERT_COUNTERS = (  # (series, figure)
-    ("batches", "batches"),
-    ("tokens", "tokens_processed"),
-)
-
 
 @dataclass
 class Snapshot:
@@ -117,57 +95,52 @@ def _chain_families(chains: list[ChainHandle]) -> Iterator[Metric]:
 
 def _stage_families(stages: list[WorkerInfo], figures: dict[str, dict], now: float) -> Iterator[Metric]:
     up = GaugeMetricFamily("stagemesh_stage_up", "1 while the stage worker heartbeats.", labels=STAGE)
-    beat = GaugeMetricFamily("stagemesh_stage_last_heartbeat_timestamp_seconds",
-                             "Unix time of the stage's last heartbeat figures.", labels=STAGE)
-    gauges = {name: GaugeMetricFamily(f"stagemesh_stage_{name}", doc, labels=STAGE) for name, doc in _STAGE_GAUGES}
-    counters = {name: CounterMetricFamily(f"stagemesh_stage_{name}", f"Stage figure {figure} since it started.",
-                                          labels=STAGE) for name, figure in _STAGE_COUNTERS}
+    plain = _plain_families(StageFigures, STAGE)
     bubble = GaugeMetricFamily("stagemesh_stage_bubble_fraction",
                                "Share of the recent time the chain worked while this stage was idle.", labels=STAGE)
-    latency = HistogramMetricFamily("stagemesh_stage_step_latency_seconds", "Duration of the stage's steps.",
-                                    labels=STAGE)
-    weights = GaugeMetricFamily("stagemesh_stage_weight_bytes", "Weight bytes held by each tensor-parallel rank.",
-                                labels=(*STAGE, "tp_rank"))
+    latency = HistogramMetricFamily(*StageFigures.series("step_latency"), labels=STAGE)
+    weights = GaugeMetricFamily(*StageFigures.series("rank_weight_bytes"), labels=(*STAGE, "tp_rank"))
     for info in stages:
-        labels, figs = [_label(info.chain), _label(info.stage)], figures.get(info.worker_id, {})
+        labels, figs = [_label(info.chain), _label(info.stage)], StageFigures.from_json(figures.get(info.worker_id, {}))
         up.add_metric(labels, 1 if info.alive else 0)
-        _add_number(beat, labels, figs.get("time"))
-        for name, _ in _STAGE_GAUGES:
-            _add_number(gauges[name], labels, figs.get(name))
-        for name, figure in _STAGE_COUNTERS:
-            _add_number(counters[name], labels, figs.get(figure))
-        _add_histogram(latency, labels, figs.get("step_latency"))
-        for rank, size in enumerate(figs.get("rank_weight_bytes") or ()):
+        _add_plain(plain, labels, figs)
+        _add_histogram(latency, labels, figs.step_latency)
+        for rank, size in enumerate(figs.rank_weight_bytes or ()):
             _add_number(weights, [*labels, str(rank)], size)
     for chain, infos in _by_chain(stages).items():
-        intervals = {info.stage: figures[info.worker_id].get("busy_intervals") or []
+        intervals = {info.stage: StageFigures.from_json(figures[info.worker_id]).intervals
                      for info in infos if info.worker_id in figures}  # gone stages have no bubble
         for stage, value in bubble_fractions(intervals, now).items():
             bubble.add_metric([chain, _label(stage)], value)
-    yield from (up, beat, *gauges.values(), bubble, *counters.values(), latency, weights)
+    yield from (up, *plain.values(), bubble, latency, weights)
 
 
 def _expert_families(experts: list[WorkerInfo], figures: dict[str, dict]) -> Iterator[Metric]:
     up = GaugeMetricFamily("stagemesh_expert_worker_up", "1 while the expert worker heartbeats.", labels=EXPERT)
-    gauges = {name: GaugeMetricFamily(f"stagemesh_expert_worker_{name}", doc, labels=EXPERT)
-              for name, doc in _EXPERT_GAUGES}
-    counters = {name: CounterMetricFamily(f"stagemesh_expert_worker_{name}",
-                                          f"Expert worker figure {figure} since it started.", labels=EXPERT)
-                for name, figure in _EXPERT_COUNTERS}
-    per_expert = CounterMetricFamily("stagemesh_expert_tokens", "Token rows run by each expert.",
-                                     labels=(*EXPERT, "layer", "expert"))
+    plain = _plain_families(ExpertFigures, EXPERT)
+    per_expert = CounterMetricFamily(*ExpertFigures.series("expert_tokens"), labels=(*EXPERT, "layer", "expert"))
     for info in experts:
-        labels, figs = [_label(info.chain), info.worker_id], figures.get(info.worker_id, {})
+        labels, figs = [_label(info.chain), info.worker_id], ExpertFigures.from_json(figures.get(info.worker_id, {}))
         up.add_metric(labels, 1 if info.alive else 0)
-        for name, _ in _EXPERT_GAUGES:
-            _add_number(gauges[name], labels, figs.get(name))
-        for name, figure in _EXPERT_COUNTERS:
-            _add_number(counters[name], labels, figs.get(figure))
-        load = figs.get("expert_tokens")
+        _add_plain(plain, labels, figs)
+        load = figs.expert_tokens
         for key, count in (load.items() if isinstance(load, dict) else ()):
             layer, _, expert = str(key).rpartition(":")
             _add_number(per_expert, [*labels, layer, expert], count)
-    yield from (up, *gauges.values(), *counters.values(), per_expert)
+    yield from (up, *plain.values(), per_expert)
+
+
+def _plain_families(figures: type[WorkerFigures], labels: tuple[str, ...]) -> dict[str, Metric]:
+    """figure name -> its one-sample-per-worker family, for each gauge and counter figure of the role."""
+    families: dict[str, Metric] = {}
+    for kind, family in ((GAUGE, GaugeMetricFamily), (COUNTER, CounterMetricFamily)):
+        families.update({name: family(*figures.series(name), labels=labels) for name in figures.exported(kind)})
+    return families
+
+
+def _add_plain(families: dict[str, Metric], labels: list[str], figures: WorkerFigures) -> None:
+    for name, family in families.items():
+        _add_number(family, labels, getattr(figures, name))
 
 
 def _by_chain(stages: list[WorkerInfo]) -> dict[str, list[WorkerInfo]]:

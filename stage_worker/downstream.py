@@ -11,9 +11,7 @@ import asyncio
 
 from stagemesh.errors import Unavailable
 from stagemesh.v1 import stage_pb2
-from stagemesh.wire.streams import MESSAGE_OPTIONS, ForwardStream
-
-__all__ = ["DownstreamLink", "MESSAGE_OPTIONS"]  # MESSAGE_OPTIONS: the worker's server takes them too
+from stagemesh.wire.streams import ForwardStream
 
 
 class DownstreamLink:

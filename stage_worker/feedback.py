@@ -5,9 +5,9 @@ NOTE: overlap scheduling on a chain of several stages. The gateway sends a looka
 before the older step's tokens have reached it (see the scheduler's NOTE). The first stage
 relays every answer of the stages after it, so it sees those tokens first: ``expect`` marks
 the sequences a step samples as coming, ``land`` records the answer, and ``fill`` (on the step
-thread, before the step runs) waits for each pending token and writes it into the request.
-The request then goes on, filled in, to the next stages and, on a tensor-parallel stage, to
-the other ranks.
+thread, before the step runs) waits for each pending token and fills it into the step's plan
+(``StepPlan.fill_pending``, the one fill there is). The plan then goes on, filled in, to the
+next stages and, on a tensor-parallel stage, to the other ranks.
 
 A token whose step failed is filled in as 0. Its sequence is failed at the gateway by that
 same answer, so this chunk's token is dropped there and its KV freed; failing the whole
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
-from array import array
+from functools import partial
 
 from stagemesh.errors import InvalidArgument, Unavailable
-from stagemesh.serving.types import PENDING_TOKEN
-from stagemesh.v1 import stage_pb2
-from stagemesh.wire.codec.messages import pack_int64, unpack_int64
+from stagemesh.serving.types import StepPlan
 
 FILL_TIMEOUT_S = 120.0
 """The longest a step waits for a pending token. Every forwarded step is answered (a broken
@@ -45,53 +43,33 @@ class SampledTokens:
         self._steps: dict[int, list[int]] = {}
         """Step id -> the sequences it samples, until its answer lands."""
 
-    def expect(self, request: stage_pb2.StageRequest) -> None:
+    def expect(self, plan: StepPlan) -> None:
         """The step is about to run: its sampling sequences' tokens are coming with its answer."""
-        sampled = [seq for seq, sample in zip(request.seq_ids, request.sample) if sample]
+        sampled = [c.seq_id for c in plan.chunks if c.sample is not None]
         with self._changed:
-            for seq in request.free:
+            for seq in plan.free:
                 self._tokens.pop(seq, None)
             for seq in sampled:
                 self._tokens[seq] = _COMING
-            self._steps[request.step_id] = sampled
+            self._steps[plan.step_id] = sampled
 
-    def land(self, response: stage_pb2.StageResponse) -> None:
-        """A step's answer (its tokens, or its error) came back."""
+    def land(self, step_id: int, tokens: dict[int, int] | None) -> None:
+        """A step's answer came back: its tokens (seq id -> token), or None when it failed."""
         with self._changed:
-            sampled = self._steps.pop(response.step_id, None)
+            sampled = self._steps.pop(step_id, None)
             if sampled is None:
                 return
-            if response.HasField("error"):
-                landed = {seq: _FAILED for seq in sampled}
-            else:
-                landed = dict(zip(response.seq_ids, response.tokens))
             for seq in sampled:  # a sequence freed meanwhile stays forgotten
                 if seq in self._tokens:
-                    self._tokens[seq] = landed.get(seq, _FAILED)
+                    self._tokens[seq] = _FAILED if tokens is None else tokens.get(seq, _FAILED)
             self._changed.notify_all()
 
-    def fill(self, request: stage_pb2.StageRequest) -> None:
-        """Replace each ``PENDING_TOKEN`` of ``request`` by its sequence's token, waiting for it."""
-        try:
-            token_ids = unpack_int64(request.token_ids) if request.HasField("token_ids") else array("q")
-        except ValueError as err:
-            raise InvalidArgument(f"stage {self._name}: malformed StageRequest {request.step_id}: {err}") from err
-        if PENDING_TOKEN not in token_ids:
-            return
+    def fill(self, plan: StepPlan) -> StepPlan:
+        """``plan`` with each ``PENDING_TOKEN`` replaced by its sequence's token, waiting for it."""
         deadline = time.monotonic() + self._timeout_s
-        offset = 0
-        for seq, length in zip(request.seq_ids, request.lengths):
-            if PENDING_TOKEN in token_ids[offset : offset + length]:
-                if length != 1:
-                    raise InvalidArgument(
-                        f"step {request.step_id}: sequence {seq} has a pending token ({PENDING_TOKEN}) in a "
-                        f"chunk of {length}; only a one-token chunk may have one (overlap scheduling)"
-                    )
-                token_ids[offset] = self._wait(request.step_id, seq, deadline)
-            offset += length
-        request.token_ids.CopyFrom(pack_int64(token_ids))
+        return plan.fill_pending(partial(self._wait, plan.step_id, deadline))
 
-    def _wait(self, step_id: int, seq: int, deadline: float) -> int:
+    def _wait(self, step_id: int, deadline: float, seq: int) -> int:
         with self._changed:
             while (token := self._tokens.get(seq)) is _COMING:
                 if not self._changed.wait(deadline - time.monotonic()) and time.monotonic() >= deadline:
@@ -106,12 +84,12 @@ class SampledTokens:
             )
         return 0 if token is _FAILED else token
 
-    def fail(self, request: stage_pb2.StageRequest) -> None:
+    def fail(self, plan: StepPlan) -> None:
         """The step failed on this stage: the tokens it samples will never come (the gateway
         fails its sequences). Called whether or not ``expect`` was."""
         with self._changed:
-            self._steps.pop(request.step_id, None)
-            for seq, sample in zip(request.seq_ids, request.sample):
-                if sample:
-                    self._tokens[seq] = _FAILED
+            self._steps.pop(plan.step_id, None)
+            for c in plan.chunks:
+                if c.sample is not None:
+                    self._tokens[c.seq_id] = _FAILED
             self._changed.notify_all()

@@ -16,35 +16,20 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from stage_worker.topology import StagePlace
+from stagemesh.runtime.health import serving
 
 log = logging.getLogger(__name__)
 
-CHECK_TIMEOUT_S = 1.0
 INTERVAL_S = 1.0
 """How often neighbours are checked while they answer."""
 RETRY_S = 0.25
 """How often while one does not (start-up waits on this)."""
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def stage_neighbours(place: StagePlace) -> tuple[str, ...]:
     """The addresses a stage sends to: the next stage of its chain (none for the last stage)."""
     return () if place.next_address is None else (place.next_address,)
-
-
-async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
-    """Whether the worker at ``address`` answers its health check (service "") SERVING."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-    return reply.status == SERVING
 
 
 async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[bool], Awaitable[None]]) -> None:

@@ -21,27 +21,30 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
+from stage_worker.decode import StageStep, encode_step
 from stage_worker.downstream import DownstreamLink
 from stage_worker.feedback import SampledTokens
 from stage_worker.stage import LocalStage, TPStage
 from stage_worker.topology import StagePlace
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.mesh.figures import StageFigures
 from stagemesh.runners.stage import StageRunner
 from stagemesh.runtime.histogram import LatencyHistogram
+from stagemesh.serving.types import StepPlan
 from stagemesh.v1 import stage_pb2
-from stagemesh.wire.codec.messages import failed_step_to_pb, result_to_pb
-from stagemesh.wire.codec.tensors import tensor_to_pb
+from stagemesh.wire.codec.messages import failed_step_to_pb, result_from_pb, result_to_pb
 
 log = logging.getLogger(__name__)
 
 BUSY_INTERVALS_KEPT = 256
 
 
-class StageFigures:
-    """Counters the heartbeat publishes. The step thread writes them; the event loop reads them."""
+class StageCounters:
+    """What the heartbeat's figures count. The step thread writes them; the event loop reads them."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -68,9 +71,8 @@ class StageFigures:
             self._intervals.append((t_start, t_end))
             self.step_latency.observe(t_end - t_start)
 
-    def report(self, runner: StageRunner | None) -> dict[str, Any]:
-        """The figures as JSON values; ``busy_fraction`` and the ``*_per_s`` rates cover the time
-        since the previous report; ``time`` is when this report was made (Unix time)."""
+    def report(self, runner: StageRunner | None) -> StageFigures:
+        """The figures; the busy fraction and the rates cover the time since the previous report."""
         now = time.time()
         with self._lock:
             intervals = [list(pair) for pair in self._intervals]
@@ -79,23 +81,23 @@ class StageFigures:
         self._last_report = (now, busy_s, steps, tokens)
         window = max(now - last_time, 1e-6)
         cache = runner.cache if runner is not None else None
-        return {
-            "time": now,
-            "micro_batches_per_s": (steps - last_steps) / window,
-            "tokens_per_s": (tokens - last_tokens) / window,
-            "bytes_sent": self.bytes_sent,
-            "step_latency": histogram,
-            "steps": self.steps,
-            "steps_failed": self.steps_failed,
-            "tokens_processed": self.tokens,
-            "busy_s": busy_s,
-            "busy_fraction": min(1.0, (busy_s - last_busy) / max(now - last_time, 1e-6)),
-            "queue_depth": self.received - self.computed,
-            "kv_blocks_used": cache.blocks_used if cache else 0,
-            "kv_blocks_total": cache.num_blocks if cache else 0,
-            "running_sequences": len(cache.block_tables) if cache else 0,
-            "busy_intervals": intervals,
-        }
+        return StageFigures(
+            time=now,
+            micro_batches_per_s=(steps - last_steps) / window,
+            tokens_per_s=(tokens - last_tokens) / window,
+            bytes_sent=self.bytes_sent,
+            step_latency=histogram,
+            steps=self.steps,
+            steps_failed=self.steps_failed,
+            tokens_processed=self.tokens,
+            busy_s=busy_s,
+            busy_fraction=min(1.0, (busy_s - last_busy) / window),
+            queue_depth=self.received - self.computed,
+            kv_blocks_used=cache.blocks_used if cache else 0,
+            kv_blocks_total=cache.num_blocks if cache else 0,
+            running_sequences=len(cache.block_tables) if cache else 0,
+            busy_intervals=intervals,
+        )
 
 
 class StagePipeline:
@@ -107,7 +109,7 @@ class StagePipeline:
         """Set once ``load`` has built it; until then every step is answered UNAVAILABLE."""
         self.failure: StagemeshError | None = None
         """Set by ``fail``: every step from then on is answered with it."""
-        self.figures = StageFigures()
+        self.figures = StageCounters()
         self._loop = asyncio.get_running_loop()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{place.name}")
         self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name)
@@ -127,22 +129,27 @@ class StagePipeline:
         self.stage = await self._loop.run_in_executor(self._thread, make_stage)
         return self.stage
 
-    def submit(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
-        """Queue ``request``'s step; the future always resolves to a StageResponse, never raises."""
-        answer = self._loop.create_future()
+    def submit(self, step: StageStep) -> asyncio.Future[stage_pb2.StageResponse]:
+        """Queue ``step``; the future always resolves to a StageResponse, never raises."""
+        step_id = step.plan.step_id
         if self.failure is not None or self.stage is None:
             err = self.failure or Unavailable(f"stage {self.place.name} is still loading its weights")
-            answer.set_result(failed_step_to_pb(request.step_id, err))
-            return answer
+            return self.refuse(step_id, err)
         self.figures.received += 1
+        answer = self._loop.create_future()
         try:
-            self._thread.submit(self._run, request, answer)
+            self._thread.submit(self._run, step, answer)
         except RuntimeError as err:  # the executor is shut down: the worker is exiting
             self.figures.received -= 1
-            answer.set_result(failed_step_to_pb(request.step_id, Unavailable(f"stage {self.place.name}: {err}")))
-            return answer
-        self._unanswered[answer] = request.step_id
+            return self.refuse(step_id, Unavailable(f"stage {self.place.name}: {err}"))
+        self._unanswered[answer] = step_id
         answer.add_done_callback(self._answered)
+        return answer
+
+    def refuse(self, step_id: int, err: StagemeshError) -> asyncio.Future[stage_pb2.StageResponse]:
+        """The answer of a step that will not run: ``err``, at once."""
+        answer = self._loop.create_future()
+        answer.set_result(failed_step_to_pb(step_id, err))
         return answer
 
     def fail(self, err: StagemeshError) -> None:
@@ -170,39 +177,41 @@ class StagePipeline:
 
     # --- on the step thread ----------------------------------------------------------------
 
-    def _run(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> None:
+    def _run(self, step: StageStep, answer: asyncio.Future) -> None:
+        plan = step.plan
         try:
-            outcome = self._step(request)
+            outcome = self._step(step)
         except Exception as err:  # noqa: BLE001 - a failed step is answered, never fatal
             self.figures.steps_failed += 1
             expected = isinstance(err, StagemeshError)
-            log.warning("stage %s: step %d failed: %s", self.place.name, request.step_id, err, exc_info=not expected)
-            outcome = failed_step_to_pb(request.step_id, err)
+            log.warning("stage %s: step %d failed: %s", self.place.name, plan.step_id, err, exc_info=not expected)
+            outcome = failed_step_to_pb(plan.step_id, err)
             if self._sampled is not None:
-                self._sampled.fail(request)
+                self._sampled.fail(plan)
         finally:
             self.figures.computed += 1
-        self._loop.call_soon_threadsafe(self._deliver, outcome, answer)
+        self._loop.call_soon_threadsafe(self._deliver, plan, outcome, answer)
 
-    def _step(self, request: stage_pb2.StageRequest) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
+    def _step(self, step: StageStep) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
         if self._sampled is not None:  # before the clock starts: waiting is not busy
-            self._sampled.fill(request)
-            self._sampled.expect(request)
+            step = replace(step, plan=self._sampled.fill(step.plan))
+            self._sampled.expect(step.plan)
         t_start = time.time()
-        plan, out = self.stage.step(request)
+        out = self.stage.step(step)
         t_end = time.time()
-        self.figures.record(t_start, t_end, plan.num_tokens)
+        self.figures.record(t_start, t_end, step.plan.num_tokens)
         if self.place.spec.is_last:
             return result_to_pb(out)
-        # NOTE: the next stage gets the request as received, its hidden replaced: the plan is
-        # not encoded again (no per-token work), and what it runs is exactly what we ran.
-        request.hidden.CopyFrom(tensor_to_pb(out))
-        self.figures.bytes_sent += len(request.hidden.data)
-        return request
+        # NOTE: encoded once, here: the plan as this stage ran it (pending tokens filled in), its output.
+        forward = encode_step(step.plan, out)
+        self.figures.bytes_sent += len(forward.hidden.data)
+        return forward
 
     # --- back on the event loop ------------------------------------------------------------
 
-    def _deliver(self, outcome: stage_pb2.StageRequest | stage_pb2.StageResponse, answer: asyncio.Future) -> None:
+    def _deliver(
+        self, plan: StepPlan, outcome: stage_pb2.StageRequest | stage_pb2.StageResponse, answer: asyncio.Future
+    ) -> None:
         if not isinstance(outcome, stage_pb2.StageRequest):
             if not answer.done():
                 answer.set_result(outcome)
@@ -213,9 +222,17 @@ class StagePipeline:
         except Exception as err:  # noqa: BLE001 - the answer must come whatever happens
             log.exception("stage %s: could not forward step %d", self.place.name, outcome.step_id)
             if self._sampled is not None:
-                self._sampled.fail(outcome)
+                self._sampled.fail(plan)
             if not answer.done():
                 answer.set_result(failed_step_to_pb(outcome.step_id, err))
             return
         if self._sampled is not None:
-            reply.add_done_callback(lambda done: self._sampled.land(done.result()))
+            reply.add_done_callback(lambda done: self._sampled.land(plan.step_id, _tokens(done.result())))
+
+
+def _tokens(response: stage_pb2.StageResponse) -> dict[int, int] | None:
+    """The tokens of a relayed answer (seq id -> token), or None when its step failed."""
+    try:
+        return result_from_pb(response).tokens
+    except StagemeshError:
+        return None

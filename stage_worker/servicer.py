@@ -1,4 +1,4 @@
-"""The ``Stage`` gRPC service: a thin shell over ``StagePipeline``."""
+"""The ``Stage`` gRPC service: a thin shell over ``StagePipeline`` that decodes each request once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 
 import grpc
 
+from stage_worker.decode import decode_step
 from stage_worker.pipeline import StagePipeline
+from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from stagemesh.wire.codec.tensors import dtype_name
 
@@ -51,11 +53,19 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 request = await anext(requests, None)
                 if request is None:
                     break
-                answers.put_nowait(self._pipeline.submit(request))
+                answers.put_nowait(self._submit(request))
         except grpc.RpcError as err:
             log.info("a Forward stream into stage %s ended: %s", self._pipeline.place.name, err)
         finally:
             answers.put_nowait(None)  # the handler answers what it took, then ends the stream
+
+    def _submit(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
+        """Decode once, here at the stage's edge; a malformed request is answered at once."""
+        try:
+            step = decode_step(request, self._pipeline.place.name)
+        except InvalidArgument as err:
+            return self._pipeline.refuse(request.step_id, err)
+        return self._pipeline.submit(step)
 
     def drain(self) -> None:
         """Stop taking requests on every open stream; each ends once its taken ones are answered."""

@@ -1,6 +1,6 @@
 """What the pipeline runs each step on: ``LocalStage`` (tp = 1) or ``TPStage`` (rank 0 of T).
 
-Both take a received ``StageRequest`` and return its plan and the runner's output: hidden
+Both take a ``StageStep`` (decoded once, by the servicer) and return the runner's output: hidden
 states for the next stage, or the sampled tokens on the last stage.
 """
 
@@ -13,16 +13,15 @@ from typing import Any, Callable
 import torch
 
 from stage_worker.build import StageOptions, build_runner
-from stage_worker.decode import decode_request
+from stage_worker.decode import StageStep, encode_step
 from stage_worker.ranks import RankProcesses, rank_command
 from stage_worker.topology import StagePlace
 from stage_worker.tp import RankGroup, all_gather_int, join_group, leave_group, send_step, send_stop, tp_backend
-from stagemesh.deploy.redis_server import free_port
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.model.moe import Experts
 from stagemesh.runners.stage import StageRunner
-from stagemesh.serving.types import StepPlan, StepResult
-from stagemesh.v1 import stage_pb2
+from stagemesh.runtime.net import free_port
+from stagemesh.serving.types import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,8 @@ class LocalStage:
     def __init__(self, runner: StageRunner, name: str):
         self.runner, self.name = runner, name
 
-    def step(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | StepResult]:
-        plan, hidden = decode_request(request, self.runner, self.name)
-        return plan, self.runner.step(plan, hidden)
+    def step(self, step: StageStep) -> torch.Tensor | StepResult:
+        return self.runner.step(step.plan, step.hidden)
 
     def failure(self) -> Unavailable | None:
         return None
@@ -73,13 +71,13 @@ class TPStage:
         """Parameter bytes of each rank, rank 0's first."""
         self._broken: Unavailable | None = None
 
-    def step(self, request: stage_pb2.StageRequest) -> tuple[StepPlan, torch.Tensor | StepResult]:
+    def step(self, step: StageStep) -> torch.Tensor | StepResult:
         if (failure := self.failure()) is not None:
             raise Unavailable(failure.message)
-        plan, hidden = decode_request(request, self.runner, self.name)  # a malformed request stops here
         try:
-            send_step(request.SerializeToString(), self.group.control)  # every rank runs this step with us
-            return plan, self.runner.step(plan, hidden)
+            # every rank runs this step with us: the plan as we run it (pending tokens filled in)
+            send_step(encode_step(step.plan, step.hidden).SerializeToString(), self.group.control)
+            return self.runner.step(step.plan, step.hidden)
         except StagemeshError:
             raise
         except Exception as err:

@@ -14,7 +14,7 @@ import json
 import logging
 
 from stage_worker.build import StageOptions, build_runner
-from stage_worker.decode import decode_request
+from stage_worker.decode import decode_step
 from stage_worker.stage import weight_bytes
 from stage_worker.topology import StagePlace, place_from_dict
 from stage_worker.tp import all_gather_int, join_group, leave_group, receive_step, tp_backend
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve_steps(runner: StageRunner, place: StagePlace, control) -> None:
     """Run each step rank 0 broadcasts, in order, until it broadcasts STOP."""
     while (data := receive_step(control)) is not None:
-        request = stage_pb2.StageRequest.FromString(data)
+        step = decode_step(stage_pb2.StageRequest.FromString(data), place.name)  # rank 0 encoded it
         try:
-            runner.step(*decode_request(request, runner, place.name))
+            runner.step(step.plan, step.hidden)
         except StagemeshError as err:
             # NOTE: raised before any collective and on rank 0 alike, which answers it; the ranks stay in step.
-            log.info("step %d failed as on rank 0: %s", request.step_id, err)
+            log.info("step %d failed as on rank 0: %s", step.plan.step_id, err)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-}
+from stagemesh.model.families import TensorNames, for_config, named
 
 
 @dataclass(frozen=True)
@@ -25,7 +19,7 @@ class ModelConfig:
     architecture: str
     """Hugging Face class name, e.g. ``LlamaForCausalLM``."""
     family: str
-    """One of ``llama``, ``mistral``, ``qwen2``, ``mixtral``, ``qwen2_moe``."""
+    """The name of its family in ``stagemesh.model.families``, e.g. ``llama``."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -73,6 +67,11 @@ class ModelConfig:
         return layer in self.moe_layers
 
     @property
+    def tensors(self) -> TensorNames:
+        """Where its family keeps each tensor in the checkpoint."""
+        return named(self.family).tensors
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -97,14 +96,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
-        archs = raw.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"unsupported architecture {archs or raw.get('model_type')!r}; "
-                f"stagemesh supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        family = SUPPORTED_ARCHITECTURES[arch]
+        arch, family = for_config(raw)
         hidden = raw["hidden_size"]
         heads = raw["num_attention_heads"]
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
@@ -113,24 +105,13 @@ class ModelConfig:
         rope_scaling = None if rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        num_layers = raw["num_hidden_layers"]
-        moe = _moe_fields(family, raw, num_layers)
-        qkv_bias = family in ("qwen2", "qwen2_moe") or bool(raw.get("attention_bias", False))
-        if family == "qwen2_moe":
-            qkv_bias = bool(raw.get("qkv_bias", True))
-        sliding = raw.get("sliding_window", 4096 if family == "mistral" else None)
-        if family in ("qwen2", "qwen2_moe"):
-            if raw.get("use_sliding_window", False):
-                # NOTE: Qwen2 windows only the layers from max_window_layers on; one mask per step can't.
-                raise ValueError("Qwen2 checkpoints with use_sliding_window=true are not supported yet")
-            sliding = None
         cfg = cls(
             architecture=arch,
-            family=family,
+            family=family.name,
             vocab_size=raw["vocab_size"],
             hidden_size=hidden,
             intermediate_size=raw.get("intermediate_size", 0),
-            num_hidden_layers=num_layers,
+            num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or hidden // heads,
@@ -139,15 +120,12 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=bool(raw.get("attention_bias", False)) and family in ("llama", "mistral", "mixtral"),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            sliding_window=sliding or None,
             hidden_act=raw.get("hidden_act", "silu"),
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
             dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
-            **moe,
+            **family.config_fields(raw),
         )
         cfg.validate()
         return cfg
@@ -162,31 +140,6 @@ class ModelConfig:
             )
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in ("linear", "llama3"):
             raise ValueError(f"rope scaling {self.rope_scaling!r} is not supported; use default, linear or llama3")
-
-
-def _moe_fields(family: str, raw: dict, num_layers: int) -> dict:
-    if family == "mixtral":
-        return dict(
-            num_experts=raw["num_local_experts"],
-            num_experts_per_tok=raw["num_experts_per_tok"],
-            moe_intermediate_size=raw["intermediate_size"],
-            norm_topk_prob=True,
-            moe_layers=tuple(range(num_layers)),
-        )
-    if family == "qwen2_moe":
-        step = raw.get("decoder_sparse_step", 1) or 1
-        dense = set(raw.get("mlp_only_layers") or [])
-        n = raw["num_experts"]
-        layers = tuple(i for i in range(num_layers) if i not in dense and n > 0 and (i + 1) % step == 0)
-        return dict(
-            num_experts=n,
-            num_experts_per_tok=raw["num_experts_per_tok"],
-            moe_intermediate_size=raw["moe_intermediate_size"],
-            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
-            moe_layers=layers,
-        )
-    return {}
 
 
 def layer_bounds(start: int, end: int, mlp_only_start: bool, attn_only_end: bool) -> tuple[int | float, int | float]:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from stagemesh.cli.demo import BOS_ID, EOS_ID, write_tokenizer
+from stagemesh.model import families
 
-FAMILIES = ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe")
+FAMILIES = tuple(families.FAMILIES)
 
 _COMMON = dict(
     hidden_size=64,
@@ -33,45 +34,26 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
-# The feature each family must exercise; ``overrides`` of make_hf_checkpoint win over these.
-_FAMILY = {
-    "llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "qwen2": dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "mistral": dict(sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=None),
-    "qwen2_moe": dict(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=96,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-    ),
-}
-
 
 def make_hf_checkpoint(
     family: str, out_dir: str | Path, *, num_layers: int = 3, shards: int = 1, seed: int = 0, **overrides
 ) -> Path:
     """Builds a tiny random ``family`` model with transformers and saves it into ``out_dir``.
 
+    The family's ``test_features`` set what it must exercise; ``overrides`` win over them.
     Float32; every weight redrawn from ``torch.manual_seed(seed)`` with std 1/sqrt(fan_in),
     norm weights 1 + N(0, 0.1) and biases N(0, 0.1), so no zero or one init hides a bug.
     Qwen2-MoE layer 1 is dense (``mlp_only_layers=[1]``) unless overridden. ``shards > 1``
     saves with a ``max_shard_size`` that yields at least ``shards`` files and an index.
     Also writes ``tokenizer.json`` with exactly the model's ``vocab_size`` ids.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
 
-    if family not in _FAMILY:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    kwargs = {**_COMMON, **_FAMILY[family], "num_hidden_layers": num_layers}
-    if family == "qwen2_moe":
-        kwargs["mlp_only_layers"] = [1] if num_layers > 1 else []
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
+    fam = families.named(family)
+    kwargs = {**_COMMON, **fam.test_features, "num_hidden_layers": num_layers, **overrides}
+    config = getattr(transformers, fam.hf_config_class)(**kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model)
     out = Path(out_dir)
     model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from stagemesh.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from stagemesh.config import ModelConfig
+from stagemesh.model.families import ARCHITECTURES
 
 pytest.importorskip("transformers")
 from tests.checkpoints import FAMILIES, hf_model, make_hf_checkpoint, teacher_forcing_check  # noqa: E402
@@ -38,7 +39,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_dir_reads_each_family(checkpoints, family):
     cfg = ModelConfig.from_dir(checkpoints[family])
-    assert cfg.family == family and SUPPORTED_ARCHITECTURES[cfg.architecture] == family
+    assert cfg.family == family and ARCHITECTURES[cfg.architecture].name == family
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 3, 320)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.dtype) == (0, (1,), "float32")
@@ -67,7 +68,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel") as err:
         ModelConfig.from_dir(tmp_path)
-    assert all(name in str(err.value) for name in SUPPORTED_ARCHITECTURES)
+    assert all(name in str(err.value) for name in ARCHITECTURES)
 
 
 def test_missing_or_broken_config_is_a_clear_error(tmp_path):

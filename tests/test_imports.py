@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import re
 import subprocess
@@ -46,3 +47,35 @@ def test_only_the_store_imports_redis():
         if re.search(r"^\s*(import redis|from redis)\b(?!lite)", path.read_text(), re.MULTILINE):
             offenders.append(str(rel))
     assert offenders == []
+
+
+ROLES = ("gateway", "stage_worker", "expert_worker")
+"""The role packages: each imports the library, never the reverse."""
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level packages ``path`` imports anywhere (function-local imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _importers(package: str, imported: tuple[str, ...]) -> list[str]:
+    """``file: package`` for every file under ``package`` that imports one of ``imported``."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in sorted(_imported_packages(path) & set(imported)):
+            found.append(f"{path.relative_to(ROOT)}: {name}")
+    return found
+
+
+def test_the_library_imports_no_role_package():
+    assert _importers("stagemesh", ROLES) == []
+
+
+def test_the_expert_worker_does_not_import_the_stage_worker():
+    assert _importers("expert_worker", ("stage_worker",)) == []

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from stagemesh.cli.requests_io import add_sampling_flags, sampling_from_args
 from stagemesh.errors import StagemeshError
-from stagemesh.serving.types import SamplingParams
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -19,12 +19,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
     p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--input", help='JSONL file: {"prompt": ...} or {"token_ids": [...]} per line, optional per-line sampling keys')
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
+    add_sampling_flags(p.add_argument_group("sampling (the defaults of --input's per-line keys)"))
     p.add_argument("--json", action="store_true", help="one JSON object per input line, in input order")
     local = p.add_argument_group("in-process engine (--model)")
     local.add_argument("--pp", type=int, default=1, help="pipeline stages, run in this process")
@@ -35,17 +30,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from stagemesh.cli.requests_io import parse_token_ids, read_inputs, write_outcomes
+    from stagemesh.cli.requests_io import read_inputs, write_outcomes
 
-    defaults = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_token_ids=parse_token_ids(args.stop_token_ids),
-    )
-    lines = read_inputs(args.prompt, args.token_ids, args.input, defaults)
+    lines = read_inputs(args.prompt, args.token_ids, args.input, sampling_from_args(args))
     if args.model:
         from stagemesh.cli.inprocess import InProcessEngine
 
@@ -208,9 +195,9 @@ def _compose_args(sub) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from stagemesh.deploy.launch import health_serving
+    from stagemesh.runtime.health import serving_sync
 
-    serving = health_serving(args.addr)
+    serving = serving_sync(args.addr)
     print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
     return 0 if serving else 1
 

@@ -15,18 +15,17 @@ import json
 import math
 from pathlib import Path
 
-FAMILIES = ("qwen2_moe", "llama", "mistral", "qwen2", "mixtral")
+from stagemesh.config import ModelConfig
+from stagemesh.model import families
+from stagemesh.model.families import DemoShape
+from stagemesh.model.families.qwen2_moe import QWEN2_MOE
+
+FAMILIES = tuple(families.FAMILIES)
+DEFAULT_FAMILY = QWEN2_MOE.name
+"""The demo's default: sparse layers, a dense one and a shared expert show the most."""
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
 BOS_ID, EOS_ID = 0, 1
 TRANSFORMERS_VERSION = "5.23.0"
-
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-}
 
 CORPUS = (
     "The river begins as a thin thread of water high in the mountains, where snow melts "
@@ -111,152 +110,96 @@ def write_tokenizer(out_dir: str | Path, *, vocab_size: int = 1024, model_max_le
     _write_json(out / "tokenizer_config.json", config)
 
 
-def hf_config(
-    family: str,
-    *,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 256,
-    vocab_size: int = 1024,
-    num_experts: int = 8,
-    top_k: int = 2,
-    moe_intermediate_size: int = 96,
-    shared_expert_intermediate_size: int = 192,
-    norm_topk_prob: bool = False,
-    mlp_only_layers: tuple[int, ...] = (),
-    sliding_window: int | None = None,
-    rope_theta: float = 10000.0,
-    max_position_embeddings: int = 2048,
-    tie_word_embeddings: bool = False,
-    dtype: str = "float32",
-) -> dict:
-    """The ``config.json`` transformers 5.23 writes for ``family`` with these shapes.
-
-    Mixtral's experts are ``moe_intermediate_size`` wide (its ``intermediate_size`` key);
-    ``sliding_window`` applies to Mistral and Mixtral (None: full attention).
-    """
-    if family not in _ARCHITECTURES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}, "
-            f"and num_heads a multiple of num_kv_heads={num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
+def hf_config(family: str, **shape) -> dict:
+    """The ``config.json`` transformers 5.23 writes for ``family`` with ``shape`` (the fields of
+    :class:`~stagemesh.model.families.DemoShape`: ``hidden_size=128``, ``num_layers=4``, ...)."""
+    fam, s = families.named(family), DemoShape(**shape)
     cfg = {
-        "architectures": [_ARCHITECTURES[family]],
+        "architectures": [fam.architectures[0]],
         "attention_dropout": 0.0,
         "bos_token_id": BOS_ID,
-        "dtype": dtype,
+        "dtype": s.dtype,
         "eos_token_id": EOS_ID,
         "hidden_act": "silu",
-        "hidden_size": hidden_size,
+        "hidden_size": s.hidden_size,
         "initializer_range": 0.02,
-        "intermediate_size": intermediate_size,
-        "max_position_embeddings": max_position_embeddings,
-        "model_type": family,
-        "num_attention_heads": num_heads,
-        "num_hidden_layers": num_layers,
-        "num_key_value_heads": num_kv_heads,
+        "intermediate_size": s.intermediate_size,
+        "max_position_embeddings": s.max_position_embeddings,
+        "model_type": fam.name,
+        "num_attention_heads": s.num_heads,
+        "num_hidden_layers": s.num_layers,
+        "num_key_value_heads": s.num_kv_heads,
         "pad_token_id": None,
         "rms_norm_eps": 1e-06,
-        "rope_parameters": {"rope_theta": float(rope_theta), "rope_type": "default"},
-        "tie_word_embeddings": tie_word_embeddings,
+        "rope_parameters": {"rope_theta": float(s.rope_theta), "rope_type": "default"},
+        "tie_word_embeddings": s.tie_word_embeddings,
         "transformers_version": TRANSFORMERS_VERSION,
         "use_cache": True,
-        "vocab_size": vocab_size,
+        "vocab_size": s.vocab_size,
     }
-    qwen_attention = {
-        "layer_types": ["full_attention"] * num_layers,
-        "max_window_layers": num_layers,
-        "use_sliding_window": False,
-    }
-    router = {"num_experts_per_tok": top_k, "output_router_logits": False, "router_aux_loss_coef": 0.001}
-    if family == "llama":
-        cfg.update(attention_bias=False, head_dim=head_dim, mlp_bias=False, pretraining_tp=1)
-    elif family == "mistral":
-        cfg.update(head_dim=head_dim, sliding_window=sliding_window)
-    elif family == "qwen2":
-        cfg.update(qwen_attention, sliding_window=None)
-    elif family == "mixtral":
-        cfg.update(router, head_dim=head_dim, intermediate_size=moe_intermediate_size, num_local_experts=num_experts)
-        cfg.update(router_jitter_noise=0.0, sliding_window=sliding_window)
-    else:
-        cfg.update(qwen_attention | router, decoder_sparse_step=1, mlp_only_layers=sorted(mlp_only_layers))
-        cfg.update(moe_intermediate_size=moe_intermediate_size, norm_topk_prob=norm_topk_prob)
-        cfg.update(num_experts=num_experts, qkv_bias=True, sliding_window=0)
-        cfg.update(shared_expert_intermediate_size=shared_expert_intermediate_size)
-    return dict(sorted(cfg.items()))
+    return dict(sorted((cfg | fam.demo_keys(s)).items()))
 
 
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a checkpoint with config ``cfg``, named as on the Hugging Face hub, in
-    model order (embedding, layers, final norm, ``lm_head``)."""
-    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(cfg["num_hidden_layers"]):
-        prefix = f"model.layers.{i}"
-        shapes.update(_attention_shapes(cfg, f"{prefix}.self_attn"))
-        shapes.update(_mlp_shapes(cfg, prefix, i))
-        shapes[f"{prefix}.input_layernorm.weight"] = (hidden,)
-        shapes[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, hidden)
+    """Every tensor of a checkpoint with config ``cfg``, named by its family's table, in model
+    order (embedding, layers, final norm, ``lm_head``)."""
+    config = ModelConfig.from_dict(cfg)
+    names, hidden, vocab = config.tensors, config.hidden_size, config.vocab_size
+    shapes = {f"{names.embed}.weight": (vocab, hidden)}
+    for i in range(config.num_hidden_layers):
+        shapes.update(_attention_shapes(config, i))
+        shapes.update(_mlp_shapes(config, i))
+        shapes[f"{names.input_norm.format(layer=i)}.weight"] = (hidden,)
+        shapes[f"{names.post_norm.format(layer=i)}.weight"] = (hidden,)
+    shapes[f"{names.final_norm}.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes[f"{names.lm_head}.weight"] = (vocab, hidden)
     return shapes
 
 
-def _attention_shapes(cfg: dict, prefix: str) -> dict[str, tuple[int, ...]]:
-    hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+def _attention_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    prefix, (q, k, v, o) = config.tensors.attention.format(layer=layer), config.tensors.attention_proj
+    hidden, bias = config.hidden_size, config.qkv_bias
     shapes = {}
-    for name, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-        shapes[f"{prefix}.{name}.weight"] = (out, hidden)
-        if cfg["model_type"] in ("qwen2", "qwen2_moe"):
-            shapes[f"{prefix}.{name}.bias"] = (out,)
-    shapes[f"{prefix}.o_proj.weight"] = (hidden, q)
+    for name, out in ((q, config.q_size), (k, config.kv_size), (v, config.kv_size)):
+        shapes.update(_linear(f"{prefix}.{name}", out, hidden, bias))
+    return shapes | _linear(f"{prefix}.{o}", hidden, config.q_size, config.o_bias)
+
+
+def _mlp_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    names, hidden = config.tensors, config.hidden_size
+    if not config.is_moe_layer(layer):
+        return _swiglu(names.mlp.format(layer=layer), names.mlp_proj, hidden, config.intermediate_size, config.mlp_bias)
+    shapes = _linear(names.router.format(layer=layer), config.num_experts, hidden)
+    for e in range(config.num_experts):
+        expert = names.expert.format(layer=layer, expert=e)
+        shapes.update(_swiglu(expert, names.expert_proj, hidden, config.moe_intermediate_size))
+    if config.shared_expert_intermediate_size:
+        shared = names.shared_expert.format(layer=layer)
+        shapes.update(_swiglu(shared, names.mlp_proj, hidden, config.shared_expert_intermediate_size))
+        shapes.update(_linear(names.shared_expert_gate.format(layer=layer), 1, hidden))
     return shapes
 
 
-def _mlp_shapes(cfg: dict, prefix: str, layer: int) -> dict[str, tuple[int, ...]]:
-    family, hidden = cfg["model_type"], cfg["hidden_size"]
-    if family == "mixtral":
-        shapes = {f"{prefix}.block_sparse_moe.gate.weight": (cfg["num_local_experts"], hidden)}
-        for e in range(cfg["num_local_experts"]):
-            shapes.update(_swiglu(f"{prefix}.block_sparse_moe.experts.{e}", hidden, cfg["intermediate_size"], "w1", "w3", "w2"))
-        return shapes
-    if family == "qwen2_moe" and _is_qwen2_moe_layer(cfg, layer):
-        shapes = {f"{prefix}.mlp.gate.weight": (cfg["num_experts"], hidden)}
-        for e in range(cfg["num_experts"]):
-            shapes.update(_swiglu(f"{prefix}.mlp.experts.{e}", hidden, cfg["moe_intermediate_size"]))
-        shapes.update(_swiglu(f"{prefix}.mlp.shared_expert", hidden, cfg["shared_expert_intermediate_size"]))
-        shapes[f"{prefix}.mlp.shared_expert_gate.weight"] = (1, hidden)
-        return shapes
-    return _swiglu(f"{prefix}.mlp", hidden, cfg["intermediate_size"])
+def _swiglu(prefix: str, proj: tuple[str, str, str], hidden: int, width: int, bias: bool = False) -> dict:
+    gate, up, down = proj
+    shapes = _linear(f"{prefix}.{gate}", width, hidden, bias) | _linear(f"{prefix}.{up}", width, hidden, bias)
+    return shapes | _linear(f"{prefix}.{down}", hidden, width, bias)
 
 
-def _swiglu(prefix: str, hidden: int, width: int, gate="gate_proj", up="up_proj", down="down_proj") -> dict:
-    return {
-        f"{prefix}.{gate}.weight": (width, hidden),
-        f"{prefix}.{up}.weight": (width, hidden),
-        f"{prefix}.{down}.weight": (hidden, width),
-    }
-
-
-def _is_qwen2_moe_layer(cfg: dict, layer: int) -> bool:
-    step = cfg.get("decoder_sparse_step") or 1
-    return layer not in cfg["mlp_only_layers"] and cfg["num_experts"] > 0 and (layer + 1) % step == 0
+def _linear(prefix: str, out: int, inp: int, bias: bool = False) -> dict[str, tuple[int, ...]]:
+    shapes = {f"{prefix}.weight": (out, inp)}
+    if bias:
+        shapes[f"{prefix}.bias"] = (out,)
+    return shapes
 
 
 def write_demo_model(
-    out_dir: str | Path, *, family: str = "qwen2_moe", seed: int = 0, shards: int = 1, **shape
+    out_dir: str | Path, *, family: str = DEFAULT_FAMILY, seed: int = 0, shards: int = 1, **shape
 ) -> Path:
     """Writes a random ``family`` checkpoint into ``out_dir`` and returns its path.
 
-    ``shape`` takes the keyword arguments of :func:`hf_config` (``hidden_size=128``,
+    ``shape`` takes the fields of :class:`~stagemesh.model.families.DemoShape` (``hidden_size=128``,
     ``num_layers=4``, ``vocab_size=1024``, ``num_experts=8``, ``top_k=2``, ...). Weights are
     normal(0, 0.02) matrices, ones for norms and zeros for biases, drawn from a
     ``torch.Generator`` seeded with ``seed``; ``shards > 1`` writes
@@ -332,7 +275,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``stagemesh demo-model``."""
     parser.add_argument("dir", type=Path, help="directory to write the checkpoint into")
-    parser.add_argument("--family", choices=FAMILIES, default="qwen2_moe")
+    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
     parser.add_argument("--num-layers", type=int, default=4)

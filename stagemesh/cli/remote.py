@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from stagemesh.cli.requests_io import InputLine, Outcome
 from stagemesh.client import AsyncClient
 from stagemesh.errors import StagemeshError
+from stagemesh.mesh.figures import WorkerLoad
 
 
 async def run_remote(addr: str, lines: list[InputLine]) -> list[Outcome]:
@@ -16,19 +18,8 @@ async def run_remote(addr: str, lines: list[InputLine]) -> list[Outcome]:
 
 
 async def _one(client: AsyncClient, line: InputLine) -> Outcome:
-    p = line.params
     try:
-        result = await client.generate(
-            line.prompt,
-            line.token_ids,
-            max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed,
-            stop_token_ids=p.stop_token_ids,
-            ignore_eos=p.ignore_eos,
-        )
+        result = await client.generate(line.prompt, line.token_ids, **dataclasses.asdict(line.params))
     except StagemeshError as e:
         return Outcome([], error=e)
     text = result.text if line.prompt is not None or result.text else None
@@ -53,11 +44,15 @@ def format_status(doc: dict) -> str:
     out += _table(
         ("ROLE", "CHAIN", "STAGE", "LAYERS", "ADDRESS", "DEVICE", "TP", "PID", "HEALTHY", "QUEUE", "KV USED", "BUSY"),
         [(w["role"], _id(w["chain"]), _id(w["stage"]), "{}-{}".format(*w["layers"]), w["address"], w["device"],
-          w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), w["load"]["queue_depth"],
-          f"{w['load']['kv_blocks_used']}/{w['load']['kv_blocks_total']}", f"{w['load']['busy_fraction']:.0%}")
+          w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), *_load_cells(WorkerLoad(**w["load"])))
          for w in doc.get("workers", ())],
     )
     return "\n".join(out)
+
+
+def _load_cells(load: WorkerLoad) -> tuple[str, ...]:
+    """The QUEUE, KV USED and BUSY cells."""
+    return str(load.queue_depth), f"{load.kv_blocks_used}/{load.kv_blocks_total}", f"{load.busy_fraction:.0%}"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:

@@ -5,14 +5,13 @@ Torch-free: the same parsing and output serve the in-process engine and a remote
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.errors import InvalidArgument, StagemeshError
-from stagemesh.serving.types import SamplingParams
-
-_PARAM_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids")
+from stagemesh.serving.params import KINDS, NAMES, PARAMS, SamplingParams, param_of, with_values
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,34 @@ class Outcome:
         return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
 
 
+def id_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers, e.g. ``1,2,3``; ValueError names none (argparse's message does)."""
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
 def parse_token_ids(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        return id_list(text)
     except ValueError:
         raise InvalidArgument(f"--token-ids must be comma-separated integers, got {text!r}") from None
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``SamplingParams`` field (``--top-p`` for ``top_p``), with its default and help."""
+    for f in PARAMS:
+        flag, help = "--" + f.name.replace("_", "-"), param_of(f).help.replace("%", "%%")
+        kind = KINDS[f.name]
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=help)
+        elif kind is tuple:
+            p.add_argument(flag, type=id_list, default=f.default, metavar="IDS", help=f"comma-separated: {help}")
+        else:
+            p.add_argument(flag, type=kind, default=f.default, help=f"{help} (default: {f.default})")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The ``SamplingParams`` the flags of ``add_sampling_flags`` give."""
+    return SamplingParams(**{name: getattr(args, name) for name in NAMES})
 
 
 def read_inputs(prompt: str | None, token_ids: str | None, input_file: str | None, defaults: SamplingParams) -> list[InputLine]:
@@ -75,17 +97,13 @@ def _parse_line(n: int, line: str, defaults: SamplingParams) -> InputLine:
         raise InvalidArgument(f"line {n} of --input is not JSON: {e.msg}") from None
     if not isinstance(obj, dict) or ("prompt" in obj) == ("token_ids" in obj):
         raise InvalidArgument(f'line {n} of --input must be an object with exactly one of "prompt" or "token_ids"')
-    unknown = set(obj) - {"prompt", "token_ids", *_PARAM_KEYS}
-    if unknown:
-        raise InvalidArgument(f"line {n} of --input has unknown keys {sorted(unknown)}; allowed: prompt, token_ids, {', '.join(_PARAM_KEYS)}")
-    overrides = {k: obj[k] for k in _PARAM_KEYS if k in obj}
-    if "stop_token_ids" in overrides:
-        overrides["stop_token_ids"] = tuple(overrides["stop_token_ids"])
+    sampling = {k: v for k, v in obj.items() if k not in ("prompt", "token_ids")}
+    params = with_values(defaults, sampling, f"line {n} of --input")
     try:
         token_ids = None if "token_ids" not in obj else tuple(int(t) for t in obj["token_ids"])
     except (TypeError, ValueError):
         raise InvalidArgument(f"line {n} of --input: token_ids must be a list of integers") from None
-    return InputLine(obj.get("prompt"), token_ids, replace(defaults, **overrides))
+    return InputLine(obj.get("prompt"), token_ids, params)
 
 
 def write_outcomes(outcomes: list[Outcome], as_json: bool, out, err) -> int:

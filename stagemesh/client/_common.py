@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
-from stagemesh.serving.types import SamplingParams
+from stagemesh.serving.params import PARAMS, SamplingParams, param_of, with_values
 from stagemesh.v1 import gateway_pb2
 from stagemesh.wire.codec.messages import GenerateChunk, GenerateInput, chunk_from_pb, generate_request_to_pb
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 UNARY_TIMEOUT = 30.0
 """Deadline (s) of Cancel and Status when neither the call nor the client sets one."""
@@ -22,30 +24,40 @@ def generate_request(
     token_ids: Sequence[int] | None,
     *,
     request_id: str | None,
-    stop_token_ids: Iterable[int] = (),
     **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest of a generate/stream call; InvalidArgument on bad local input.
 
-    ``sampling`` holds the other ``SamplingParams`` fields, by their names there. A
-    non-string ``prompt`` is taken as token ids, so ``generate([1, 2, 3])`` works. Values
-    are checked by the gateway; only what cannot be encoded at all fails here.
-
-    NOTE: ``Client`` and ``AsyncClient`` spell their ``generate``/``stream`` parameters out
-    rather than take ``**sampling``: that is what ``help()``, IDEs and type checkers show
-    users. A new parameter goes into ``SamplingParams`` and those four signatures.
+    ``sampling`` holds ``SamplingParams`` fields by their names there; an unknown name is
+    refused here, naming it. A non-string ``prompt`` is taken as token ids, so
+    ``generate([1, 2, 3])`` works. Values are checked by the gateway; only what cannot be
+    encoded at all fails here.
     """
     if prompt is not None and not isinstance(prompt, str):
         if token_ids is not None:
             raise InvalidArgument("give exactly one of prompt (text) or token_ids")
         prompt, token_ids = None, prompt
+    params = with_values(SamplingParams(), sampling, "generate")
     try:
-        params = SamplingParams(stop_token_ids=tuple(int(t) for t in stop_token_ids), **sampling)
         ids = None if token_ids is None else tuple(int(t) for t in token_ids)
         inp = GenerateInput(prompt=prompt, token_ids=ids, params=params, request_id=request_id or "")
         return generate_request_to_pb(inp)
     except (TypeError, ValueError) as e:  # int() of a bad id, protobuf type/range checks
         raise InvalidArgument(f"bad generate argument: {e}") from None
+
+
+def with_sampling_doc(method: F) -> F:
+    """``method``'s docstring followed by the sampling keyword arguments it takes (``**sampling``):
+    every ``SamplingParams`` field, its default and its help, so ``help()`` shows them."""
+    method.__doc__ = f"{method.__doc__}\n\n{_SAMPLING_DOC}"
+    return method
+
+
+_SAMPLING_DOC = "\n".join([
+    "        Sampling keyword arguments (``SamplingParams``; an unknown name raises InvalidArgument):",
+    "",
+    *(f"        - ``{f.name}`` (default ``{f.default!r}``): {param_of(f).help}" for f in PARAMS),
+])
 
 
 def deadline(timeout: float | None, client_timeout: float | None, fallback: float | None) -> float | None:

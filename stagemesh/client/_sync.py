@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import grpc
 
 from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
+from stagemesh.client._common import with_sampling_doc as sampling_doc
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from stagemesh.wire.codec.messages import status_from_pb
@@ -27,54 +28,38 @@ class Client:
         self._channel = grpc.insecure_channel(addr)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
+    @sampling_doc
     def generate(
         self,
         prompt: str | Sequence[int] | None = None,
         token_ids: Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 16,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Iterable[int] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
+        **sampling: Any,
     ) -> GenerateResult:
         """Generates from a text ``prompt`` or from ``token_ids`` (exactly one) and waits for the end."""
         items = self.stream(
-            prompt, token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-            request_id=request_id, timeout=timeout,
+            prompt, token_ids, request_id=request_id, timeout=timeout, **sampling
         )
         return assemble(items, request_id)
 
+    @sampling_doc
     def stream(
         self,
         prompt: str | Sequence[int] | None = None,
         token_ids: Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 16,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Iterable[int] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
+        **sampling: Any,
     ) -> Iterator[GeneratedToken]:
         """Like ``generate``, but yields each token as it comes.
 
         Leaving the loop early (or closing the iterator) cancels the request on the gateway.
         The arguments are checked when this is called, before anything is sent.
         """
-        request = generate_request(
-            prompt, token_ids, request_id=request_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-        )
+        request = generate_request(prompt, token_ids, request_id=request_id, **sampling)
         return self._stream(request, deadline(timeout, self.timeout, None))
 
     def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> Iterator[GeneratedToken]:

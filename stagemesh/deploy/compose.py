@@ -302,6 +302,6 @@ def run_topology(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     topology = in_container(plan(layout))
     asyncio.run(_write_topology(args.redis_url, layout.deployment, topology))
-    print(f"topology of {len(workers(topology))} worker(s) in {len(topology['chains'])} chain(s) "
+    print(f"topology of {len(workers(topology))} worker(s) in {len(topology.chains)} chain(s) "
           f"written to {args.redis_url} (deployment {layout.deployment!r})")
     return 0

@@ -19,12 +19,13 @@ GPU is booked twice. The gateway is in no topology: clients reach it on its publ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from stagemesh.mesh.layout import chain_devices
 from stagemesh.mesh.store import expert_worker_id, stage_worker_id
+from stagemesh.mesh.topology import Topology
 
 WORKER_PORT = 50100
 """A worker's port is this plus the host-local index of its first GPU."""
@@ -91,7 +92,7 @@ class Worker:
 # --- planning ------------------------------------------------------------------------------
 
 
-def plan(layout: Layout) -> dict[str, Any]:
+def plan(layout: Layout) -> Topology:
     """The topology `stagemesh up` would plan for ``layout`` on CUDA, with compose addresses and
     plan-wide GPU numbers; ValueError when the GPUs given cannot take it."""
     from stagemesh.deploy.launch import UpOptions, plan_topology
@@ -134,21 +135,21 @@ def gpu_index(device: str) -> int:
     return int(index)
 
 
-def workers(topology: dict[str, Any]) -> list[Worker]:
+def workers(topology: Topology) -> list[Worker]:
     """Every stage and expert worker of every chain, in chain order."""
     found = []
-    for chain in sorted(topology["chains"], key=lambda c: c["chain"]):
-        c = chain["chain"]
-        for s in chain["stages"]:
-            args = ("stage_worker", "--chain", str(c), "--stage", str(s["stage"]))
-            found.append(Worker(stage_worker_id(c, s["stage"]), args, s["address"], _gpus(s["devices"])))
-        for e in chain.get("experts") or ():
-            args = ("expert_worker", "--chain", str(c), "--worker", str(e["worker"]))
-            found.append(Worker(expert_worker_id(c, e["worker"]), args, e["address"], _gpus([e["device"]])))
+    for chain in topology.chains:
+        c = chain.index
+        for s in chain.stages:
+            args = ("stage_worker", "--chain", str(c), "--stage", str(s.index))
+            found.append(Worker(stage_worker_id(c, s.index), args, s.address, _gpus(s.devices)))
+        for e in chain.expert_workers:
+            args = ("expert_worker", "--chain", str(c), "--worker", str(e.index))
+            found.append(Worker(expert_worker_id(c, e.index), args, e.address, _gpus([e.device])))
     return found
 
 
-def _gpus(devices: list[str]) -> tuple[int, ...]:
+def _gpus(devices: Sequence[str]) -> tuple[int, ...]:
     return tuple(gpu_index(d) for d in devices)
 
 
@@ -162,12 +163,12 @@ def check_bookings(found: list[Worker]) -> None:
             owner[gpu] = worker.name
 
 
-def in_container(topology: dict[str, Any]) -> dict[str, Any]:
+def in_container(topology: Topology) -> Topology:
     """``topology`` with every worker's devices as its container sees them (renumbered from 0)."""
-    chains = []
-    for chain in topology["chains"]:
-        stages = [{**s, "device": "cuda:0", "devices": [f"cuda:{r}" for r in range(len(s["devices"]))]}
-                  for s in chain["stages"]]
-        experts = [{**e, "device": "cuda:0"} for e in chain.get("experts") or ()]
-        chains.append({**chain, "stages": stages, "experts": experts})
-    return {**topology, "chains": chains}
+    chains = tuple(
+        replace(chain,
+                stages=tuple(replace(s, devices=tuple(f"cuda:{r}" for r in range(s.tp))) for s in chain.stages),
+                expert_workers=tuple(replace(e, device="cuda:0") for e in chain.expert_workers))
+        for chain in topology.chains
+    )
+    return replace(topology, chains=chains)

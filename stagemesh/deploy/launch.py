@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.config import ModelConfig, StageSpec
-from stagemesh.deploy.redis_server import free_port, start_local_redis
+from stagemesh.deploy.redis_server import start_local_redis
 from stagemesh.deploy.supervise import Lifeline, RestartPolicy
 from stagemesh.mesh.layout import (
     chain_devices,
@@ -37,7 +37,10 @@ from stagemesh.mesh.layout import (
     validate_layout,
 )
 from stagemesh.mesh.store import Store, expert_worker_id, stage_worker_id
+from stagemesh.mesh.topology import Chain, ExpertWorker, Stage, Topology
 from stagemesh.runtime import cpus
+from stagemesh.runtime.health import serving_sync
+from stagemesh.runtime.net import free_port
 from stagemesh.runtime.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -87,9 +90,9 @@ class UpOptions:
     ``host`` and a free local port (`stagemesh compose` gives service or host names)."""
 
 
-def plan_topology(opts: UpOptions) -> dict:
-    """The topology document: ``dp`` chains, each with its stages (layers, addresses, devices)
-    and (with ``ep``) its expert workers with the experts each holds.
+def plan_topology(opts: UpOptions) -> Topology:
+    """The topology: ``dp`` chains, each with its stages (layers, addresses, devices) and (with
+    ``ep``) its expert workers with the experts each holds.
 
     Every chain is a complete replica on its own ports; on CUDA chain ``c`` takes the
     ``pp × tp + ep`` GPUs after chain ``c - 1``'s, so no GPU is booked twice. ValueError
@@ -100,50 +103,48 @@ def plan_topology(opts: UpOptions) -> dict:
     validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)
     specs = split_layers(config, opts.pp)
     per_chain = chain_devices(opts.pp, opts.tp, opts.ep)
-    return {
-        "model": str(opts.model.resolve()),
-        "num_layers": config.num_hidden_layers,
-        "block_size": 16,
-        "dtype": opts.dtype,
-        "chains": [_plan_chain(c, config, specs, opts, first_gpu=c * per_chain) for c in range(opts.dp)],
-    }
+    return Topology(
+        model=str(opts.model.resolve()),
+        num_layers=config.num_hidden_layers,
+        chains=tuple(_plan_chain(c, config, specs, opts, first_gpu=c * per_chain) for c in range(opts.dp)),
+        block_size=16,
+        dtype=opts.dtype,
+    )
 
 
-def _plan_chain(chain: int, config: ModelConfig, specs: list[StageSpec], opts: UpOptions, first_gpu: int) -> dict:
-    """One chain's entry: its stages, then its expert workers on the GPUs after its stages'."""
+def _plan_chain(chain: int, config: ModelConfig, specs: list[StageSpec], opts: UpOptions, first_gpu: int) -> Chain:
+    """One chain: its stages, then its expert workers on the GPUs after its stages'."""
     devices = stage_devices(opts.device, opts.pp, opts.tp, first_gpu)
-    stages = [
-        {
-            "stage": i,
-            "start_layer": spec.start_layer,
-            "end_layer": spec.end_layer,
-            "mlp_only_start": spec.mlp_only_start,
-            "attn_only_end": spec.attn_only_end,
-            "address": _address(opts, stage_worker_id(chain, i), devices[i]),
-            "device": devices[i][0],
-            "tp": opts.tp,
-            "devices": devices[i],
-            "tp_backend": opts.tp_backend,
-            "kv_blocks": opts.kv_blocks,
-        }
+    stages = tuple(
+        Stage(
+            index=i,
+            start_layer=spec.start_layer,
+            end_layer=spec.end_layer,
+            address=_address(opts, stage_worker_id(chain, i), devices[i]),
+            devices=tuple(devices[i]),
+            mlp_only_start=spec.mlp_only_start,
+            attn_only_end=spec.attn_only_end,
+            tp_backend=opts.tp_backend,
+            kv_blocks=opts.kv_blocks,
+        )
         for i, spec in enumerate(specs)
-    ]
-    return {"chain": chain, "stages": stages, "experts": _plan_experts(config, opts, chain, first_gpu + opts.pp * opts.tp)}
+    )
+    return Chain(chain, stages, _plan_experts(config, opts, chain, first_gpu + opts.pp * opts.tp))
 
 
-def _plan_experts(config: ModelConfig, opts: UpOptions, chain: int, first_gpu: int) -> list[dict]:
-    """One chain's expert worker entries (none without ``ep``), on CUDA from GPU ``first_gpu`` on."""
+def _plan_experts(config: ModelConfig, opts: UpOptions, chain: int, first_gpu: int) -> tuple[ExpertWorker, ...]:
+    """One chain's expert workers (none without ``ep``), on CUDA from GPU ``first_gpu`` on."""
     if not opts.ep:
         if opts.expert_replicas != 1:
             raise ValueError(f"expert replicas={opts.expert_replicas} needs expert workers: give --ep too")
-        return []
+        return ()
     held = place_experts(config, opts.ep, opts.expert_replicas)
     devices = expert_devices(opts.device, first_gpu, opts.ep)
-    return [
-        {"worker": w, "address": _address(opts, expert_worker_id(chain, w), [devices[w]]), "device": devices[w],
-         "experts": {str(layer): ids for layer, ids in experts.items()}}
+    return tuple(
+        ExpertWorker(w, _address(opts, expert_worker_id(chain, w), [devices[w]]), devices[w],
+                     {layer: tuple(sorted(ids)) for layer, ids in sorted(experts.items())})
         for w, experts in enumerate(held)
-    ]
+    )
 
 
 def _address(opts: UpOptions, worker_id: str, devices: list[str]) -> str:
@@ -181,7 +182,7 @@ class Mesh:
     def gateway_address(self) -> str:
         return f"{self.opts.host}:{self.opts.port}"
 
-    def start(self) -> dict:
+    def start(self) -> Topology:
         topology = plan_topology(self.opts)
         if self.redis_url is None:
             self.redis = start_local_redis(data_dir=self.log_dir / "redis")
@@ -189,14 +190,14 @@ class Mesh:
         asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
         # (name, module, role args, TP ranks) of every compute process, chain after chain
         workers = []
-        for entry in topology["chains"]:
-            c = entry["chain"]
-            for s in entry["stages"]:
-                args = ["--chain", str(c), "--stage", str(s["stage"])]
-                workers.append((stage_worker_id(c, s["stage"]), "stage_worker", args, self.opts.tp))
-            for e in entry["experts"]:
-                args = ["--chain", str(c), "--worker", str(e["worker"])]
-                workers.append((expert_worker_id(c, e["worker"]), "expert_worker", args, 1))
+        for chain in topology.chains:
+            c = chain.index
+            for s in chain.stages:
+                args = ["--chain", str(c), "--stage", str(s.index)]
+                workers.append((stage_worker_id(c, s.index), "stage_worker", args, s.tp))
+            for e in chain.expert_workers:
+                args = ["--chain", str(c), "--worker", str(e.index)]
+                workers.append((expert_worker_id(c, e.index), "expert_worker", args, 1))
         # they all compute at once: share the cores out
         threads, sets = cpus.share(cpus.available(), [ranks for *_, ranks in workers])
         for i, (name, module, args, _) in enumerate(workers):
@@ -235,7 +236,7 @@ class Mesh:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_children()
-            if health_serving(self.gateway_address):
+            if serving_sync(self.gateway_address):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the mesh was not ready after {timeout:.0f}s; logs in {self.log_dir}")
@@ -301,25 +302,12 @@ class Mesh:
             self.redis.stop()
 
 
-async def _write_topology(url: str, deployment: str, topology: dict) -> None:
+async def _write_topology(url: str, deployment: str, topology: Topology) -> None:
     store = await Store.connect(url, deployment)
     try:
         await store.set_topology(topology)
     finally:
         await store.close()
-
-
-def health_serving(address: str) -> bool:
-    """Whether the gRPC server at ``address`` answers ``grpc.health.v1`` SERVING within 1 s (blocking)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -354,7 +342,7 @@ def run_up(opts: UpOptions) -> int:
     try:
         topology = mesh.start()
         mesh.wait_ready()
-        stages = len(topology["chains"][0]["stages"])
+        stages = len(topology.chains[0].stages)
         experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
         print(
             f"stagemesh ready: gateway {mesh.gateway_address} | {opts.dp} chain(s) of {stages} stage worker(s) "

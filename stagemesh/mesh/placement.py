@@ -10,31 +10,19 @@ of every micro-batch, splits the rows grouped by expert between the live workers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from stagemesh.mesh.store import ExpertReplica, expert_worker_id
+from stagemesh.mesh.topology import Chain, ExpertWorker
 
 
-def chain_replicas(doc: dict[str, Any], chain: int) -> list[ExpertReplica]:
-    """The expert workers the topology gives chain ``chain`` (all live); empty without expert workers.
+def chain_replicas(chain: Chain) -> list[ExpertReplica]:
+    """The expert workers the topology gives ``chain`` (all live); empty without expert workers."""
+    return [_replica(chain.index, w) for w in chain.expert_workers]
 
-    A chain entry's ``"experts"`` is ``[{"worker": W, "address": ..., "device": ...,
-    "experts": {"<layer>": [ids]}}]``.
-    """
-    entry = next((c for c in doc.get("chains", ()) if c.get("chain") == chain), None)
-    if entry is None:
-        raise ValueError(f"the topology has no chain {chain}")
-    try:
-        return [
-            ExpertReplica(
-                expert_worker_id(chain, e["worker"]),
-                e["address"],
-                {int(layer): sorted(ids) for layer, ids in e["experts"].items()},
-            )
-            for e in entry.get("experts") or ()
-        ]
-    except KeyError as err:
-        raise ValueError(f"an expert worker entry of chain {chain} lacks the key {err}") from err
+
+def _replica(chain: int, worker: ExpertWorker) -> ExpertReplica:
+    held = {layer: list(ids) for layer, ids in worker.experts.items()}
+    return ExpertReplica(expert_worker_id(chain, worker.index), worker.address, held)
 
 
 def holders(replicas: list[ExpertReplica], layer: int, exclude: frozenset[str] = frozenset()) -> dict[int, list[str]]:

@@ -23,7 +23,7 @@ Key layout (``P`` = ``stagemesh:<deployment>``)::
     P:workers                   set of worker ids
     P:worker:<id>               JSON WorkerInfo (no TTL)
     P:alive:<id>                "1", expires ttl_s after the last heartbeat
-    P:topology                  JSON document
+    P:topology                  JSON Topology
     P:journal:<rid>             hash: prompt (JSON list), params (JSON), chain
     P:journal:<rid>:tokens      list of emitted token ids
     P:chain:<c>:requests        set of request ids journaled on chain c
@@ -49,6 +49,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stagemesh.errors import Internal, Unavailable
+from stagemesh.mesh.topology import Topology
 
 ROLES = ("stage", "expert", "gateway")
 DEFAULT_METRICS_TTL_S = 30.0
@@ -263,13 +264,14 @@ class Store:
     # --- topology -------------------------------------------------------------------------
 
     @_translate_errors
-    async def set_topology(self, doc: dict[str, Any]) -> None:
-        await self._r.set(self._key("topology"), json.dumps(doc))
+    async def set_topology(self, topology: Topology) -> None:
+        await self._r.set(self._key("topology"), topology.to_json())
 
     @_translate_errors
-    async def get_topology(self) -> dict[str, Any] | None:
+    async def get_topology(self) -> Topology | None:
+        """The deployment's topology; None before one is written. ValueError when it is malformed."""
         text = await self._r.get(self._key("topology"))
-        return None if text is None else json.loads(text)
+        return None if text is None else Topology.from_json(text)
 
     # --- journal --------------------------------------------------------------------------
 

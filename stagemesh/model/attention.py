@@ -129,9 +129,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, config.o_bias, tp)
 
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        self.qkv.load(reader, prefix)
-        self.o_proj.load(reader, f"{prefix}.o_proj")
+    def load(self, reader: CheckpointReader, prefix: str, names=("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
+        """``names``: the q, k, v and output projections under ``prefix`` (``TensorNames.attention_proj``)."""
+        q, k, v, o = names
+        self.qkv.load(reader, [f"{prefix}.{q}", f"{prefix}.{k}", f"{prefix}.{v}"])
+        self.o_proj.load(reader, f"{prefix}.{o}")
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor) -> torch.Tensor:
         """x: [N, H]; kv_cache: this layer's [2, blocks, block_size, KVH, D]. Returns [N, H]."""

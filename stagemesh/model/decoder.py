@@ -11,6 +11,7 @@ from torch import nn
 
 from stagemesh.config import ModelConfig, StageSpec
 from stagemesh.model.attention import Attention, AttnMetadata
+from stagemesh.model.families import TensorNames
 from stagemesh.model.kv_cache import KVCache
 from stagemesh.model.layers import GatedMLP, RMSNorm, Rope, RotaryEmbedding
 from stagemesh.model.loader import CheckpointReader
@@ -39,17 +40,17 @@ class DecoderLayer(nn.Module):
         elif mlp:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
 
-    def load(self, reader: CheckpointReader) -> None:
-        p = f"model.layers.{self.layer}"
+    def load(self, reader: CheckpointReader, names: TensorNames) -> None:
+        i = self.layer
         if self.attn is not None:
-            self.input_norm.load(reader, f"{p}.input_layernorm.weight")
-            self.attn.load(reader, f"{p}.self_attn")
+            self.input_norm.load(reader, f"{names.input_norm.format(layer=i)}.weight")
+            self.attn.load(reader, names.attention.format(layer=i), names.attention_proj)
         if self.mlp is not None:
-            self.post_norm.load(reader, f"{p}.post_attention_layernorm.weight")
+            self.post_norm.load(reader, f"{names.post_norm.format(layer=i)}.weight")
             if isinstance(self.mlp, SparseMoE):
                 self.mlp.load(reader)
             else:
-                self.mlp.load(reader, f"{p}.mlp")
+                self.mlp.load(reader, names.mlp.format(layer=i), names.mlp_proj)
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, rope: Rope, kv_cache: torch.Tensor | None) -> torch.Tensor:
         if self.attn is not None:
@@ -82,14 +83,16 @@ class StageModel(nn.Module):
 
     def load(self, reader: CheckpointReader) -> None:
         """Read this stage's (and this rank's) tensors — and nothing else — from the checkpoint."""
+        names = self.config.tensors
+        embed, head = f"{names.embed}.weight", f"{names.lm_head}.weight"
         if self.embed is not None:
-            self.embed.load(reader, "model.embed_tokens.weight")
+            self.embed.load(reader, embed)
         for layer in self.layers:
-            layer.load(reader)
+            layer.load(reader, names)
         if self.norm is not None:
-            self.norm.load(reader, "model.norm.weight")
-            tied = self.config.tie_word_embeddings or not reader.has("lm_head.weight")
-            self.lm_head.load(reader, "model.embed_tokens.weight" if tied else "lm_head.weight")
+            self.norm.load(reader, f"{names.final_norm}.weight")
+            tied = self.config.tie_word_embeddings or not reader.has(head)
+            self.lm_head.load(reader, embed if tied else head)
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> torch.Tensor:

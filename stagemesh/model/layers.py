@@ -96,6 +96,7 @@ class GatedMLP(nn.Module):
         self.down = RowParallelLinear(intermediate, hidden, bias, tp, reduce=reduce)
 
     def load(self, reader: CheckpointReader, prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
+        """``names``: the gate, up and down projections under ``prefix`` (``TensorNames.mlp_proj``)."""
         gate, up, down = names
         self.gate_up.load(reader, [f"{prefix}.{gate}", f"{prefix}.{up}"])
         self.down.load(reader, f"{prefix}.{down}")

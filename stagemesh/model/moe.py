@@ -87,17 +87,16 @@ class LocalExperts(nn.Module):
         self.expert_ids = list(expert_ids)
         self.inter = tp.shard(config.moe_intermediate_size, "moe intermediate size")
         self.tp = tp
-        self.family = config.family
+        self.names = config.tensors
         E, H, I = len(expert_ids), config.hidden_size, self.inter
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)  # [E, 2I, H]
         self.w_down = nn.Parameter(torch.empty(E, H, I), requires_grad=False)  # [E, H, I]
 
     def load(self, reader: CheckpointReader, layer: int) -> None:
-        gate, up, down = ("w1", "w3", "w2") if self.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        block = "block_sparse_moe" if self.family == "mixtral" else "mlp"
+        gate, up, down = self.names.expert_proj
         lo, hi = self.tp.rank * self.inter, (self.tp.rank + 1) * self.inter
         for i, e in enumerate(self.expert_ids):
-            p = f"model.layers.{layer}.{block}.experts.{e}"
+            p = self.names.expert.format(layer=layer, expert=e)
             self.w_gate_up[i, : self.inter].copy_(reader.read(f"{p}.{gate}.weight", dim=0, start=lo, end=hi))
             self.w_gate_up[i, self.inter :].copy_(reader.read(f"{p}.{up}.weight", dim=0, start=lo, end=hi))
             self.w_down[i].copy_(reader.read(f"{p}.{down}.weight", dim=1, start=lo, end=hi))
@@ -127,7 +126,7 @@ class SparseMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.normalize = config.norm_topk_prob
-        self.prefix = f"model.layers.{layer}." + ("block_sparse_moe" if config.family == "mixtral" else "mlp")
+        self.names = config.tensors
         self.gate = ReplicatedLinear(config.hidden_size, config.num_experts)
         self.local = LocalExperts(config, list(range(config.num_experts)), tp) if experts is None else None
         self.remote = experts
@@ -138,12 +137,13 @@ class SparseMoE(nn.Module):
             self.shared_gate = ReplicatedLinear(config.hidden_size, 1)
 
     def load(self, reader: CheckpointReader) -> None:
-        self.gate.load(reader, f"{self.prefix}.gate")
+        i, names = self.layer, self.names
+        self.gate.load(reader, names.router.format(layer=i))
         if self.local is not None:
-            self.local.load(reader, self.layer)
+            self.local.load(reader, i)
         if self.shared is not None:
-            self.shared.load(reader, f"{self.prefix}.shared_expert")
-            self.shared_gate.load(reader, f"{self.prefix}.shared_expert_gate")
+            self.shared.load(reader, names.shared_expert.format(layer=i), names.mlp_proj)
+            self.shared_gate.load(reader, names.shared_expert_gate.format(layer=i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize)  # [N, K] each

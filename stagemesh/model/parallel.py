@@ -127,13 +127,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         super().__init__(hidden, [q, kv, kv], bias, tp)
 
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
+    def load(self, reader: CheckpointReader, prefixes: list[str]) -> None:
+        """``prefixes``: the q, k and v projections' checkpoint names."""
         d = self.head_dim
         q0 = self.tp.rank * self.num_heads * d
         k0 = self.kv_head_start * d
         kv = self.num_kv_heads * d
-        names = [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"]
-        self.load_parts(reader, names, [(q0, q0 + self.num_heads * d), (k0, k0 + kv), (k0, k0 + kv)])
+        self.load_parts(reader, prefixes, [(q0, q0 + self.num_heads * d), (k0, k0 + kv), (k0, k0 + kv)])
 
 
 class RowParallelLinear(nn.Module):

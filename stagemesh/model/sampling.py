@@ -1,4 +1,4 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, each row with its own seeded stream.
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, each row with its own seeded stream.
 
 NOTE: random rows use the Gumbel-max trick (argmax of logits/T + Gumbel noise samples from
 softmax(logits/T)). The noise is a counter-based hash of (seed, token index, vocab id)
@@ -9,32 +9,37 @@ and after a failover re-prefill — and no per-row Python loop or torch.Generato
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from stagemesh.serving.params import SAMPLE_FIELDS, SampleSpec
 
 _M32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row sampling parameters as tensors ([B] each)."""
+    """Per-row sampling parameters as tensors ([B] each): one per ``SampleSpec`` field."""
 
+    seed: torch.Tensor  # int64
+    index: torch.Tensor  # int64, tokens generated so far
     temperature: torch.Tensor  # float32; 0 means greedy
     top_k: torch.Tensor  # int64; 0 means off
     top_p: torch.Tensor  # float32 in (0, 1]
-    seed: torch.Tensor  # int64
-    index: torch.Tensor  # int64, tokens generated so far
+    min_p: torch.Tensor  # float32 in [0, 1]; 0 means off
 
     @classmethod
-    def from_lists(cls, temperature, top_k, top_p, seed, index, device) -> "SamplingBatch":
-        return cls(
-            torch.tensor(temperature, dtype=torch.float32, device=device),
-            torch.tensor(top_k, dtype=torch.int64, device=device),
-            torch.tensor(top_p, dtype=torch.float32, device=device),
-            torch.tensor(seed, dtype=torch.int64, device=device),
-            torch.tensor(index, dtype=torch.int64, device=device),
-        )
+    def of(cls, specs: Sequence[SampleSpec], device: torch.device | str) -> "SamplingBatch":
+        """The batch of ``specs`` (one row each), built field by field from ``SAMPLE_FIELDS``."""
+        return cls(**{
+            name: torch.tensor([getattr(s, name) for s in specs], dtype=_DTYPES[kind], device=device)
+            for name, kind in SAMPLE_FIELDS.items()
+        })
+
+
+_DTYPES = {int: torch.int64, float: torch.float32}
 
 
 def sample(logits: torch.Tensor, p: SamplingBatch) -> torch.Tensor:
@@ -44,7 +49,7 @@ def sample(logits: torch.Tensor, p: SamplingBatch) -> torch.Tensor:
     if not bool(random_rows.any()):
         return greedy
     temp = torch.where(random_rows, p.temperature, torch.ones_like(p.temperature))
-    scaled = _filter_top_k_top_p(logits / temp[:, None], p.top_k, p.top_p)
+    scaled = _filter_min_p(_filter_top_k_top_p(logits / temp[:, None], p.top_k, p.top_p), p.min_p)
     drawn = (scaled + _gumbel(p.seed, p.index, logits.shape[1])).argmax(dim=-1)
     return torch.where(random_rows, drawn, greedy)
 
@@ -60,6 +65,18 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     keep &= (probs.cumsum(dim=-1) - probs) < top_p[:, None]  # mass before this token < p: the first always stays
     filtered = sorted_logits.masked_fill(~keep, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, filtered)
+
+
+def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens whose probability is below ``min_p`` times the row's largest (vLLM's min-p).
+
+    p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p), so no softmax is needed;
+    log(0) = -inf keeps every token of a row with min_p = 0.
+    """
+    if not bool((min_p > 0).any()):
+        return logits
+    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None]  # [B, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

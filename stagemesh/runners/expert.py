@@ -13,12 +13,12 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from stagemesh.config import ModelConfig
 from stagemesh.errors import InvalidArgument
+from stagemesh.mesh.figures import ExpertFigures
 from stagemesh.model.loader import CheckpointReader
 from stagemesh.model.moe import LocalExperts
 from stagemesh.model.parallel import TPGroup
@@ -47,7 +47,7 @@ class ExpertRunner:
                 local = LocalExperts(self.config, sorted(ids), TPGroup()).to(self.dtype)
             local.load(reader, layer)
             self.layers[layer] = local.eval()
-        self.figures = ExpertFigures()
+        self.figures = ExpertCounters()
 
     @property
     def weight_bytes(self) -> int:
@@ -85,8 +85,8 @@ class ExpertRunner:
         return local
 
 
-class ExpertFigures:
-    """Counters the heartbeat publishes: the compute thread writes them, the event loop reads them."""
+class ExpertCounters:
+    """What the heartbeat's figures count: the compute thread writes them, the event loop reads them."""
 
     def __init__(self) -> None:
         self.batches = 0
@@ -105,18 +105,19 @@ class ExpertFigures:
             for e, n in zip(expert_ids, counts):
                 self.expert_tokens[f"{layer}:{e}"] += n
 
-    def report(self) -> dict[str, Any]:
-        """The figures as JSON values; ``busy_fraction`` covers the time since the previous report."""
+    def report(self) -> ExpertFigures:
+        """The figures; the busy fraction covers the time since the previous report."""
         now = time.time()
         with self._lock:
             busy_s, tokens = self.busy_s, dict(self.expert_tokens)
             batches, rows = self.batches, self.rows
         last_time, last_busy = self._last_report
         self._last_report = (now, busy_s)
-        return {
-            "batches": batches,
-            "tokens_processed": rows,
-            "busy_s": busy_s,
-            "busy_fraction": min(1.0, (busy_s - last_busy) / max(now - last_time, 1e-6)),
-            "expert_tokens": tokens,
-        }
+        return ExpertFigures(
+            time=now,
+            batches=batches,
+            tokens_processed=rows,
+            busy_s=busy_s,
+            busy_fraction=min(1.0, (busy_s - last_busy) / max(now - last_time, 1e-6)),
+            expert_tokens=tokens,
+        )

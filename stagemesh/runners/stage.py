@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from stagemesh.model.moe import Experts
 from stagemesh.model.parallel import TPGroup
 from stagemesh.model.sampling import SamplingBatch, sample
 from stagemesh.serving.blocks import blocks_needed
-from stagemesh.serving.types import PENDING_TOKEN, SeqChunk, StepPlan, StepResult
+from stagemesh.serving.types import PENDING_TOKEN, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,20 @@ class StageRunner:
 
     def step(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
         """Free what the plan frees, run its chunks; returns hidden states [N, H] for the next
-        stage, or — on the last stage — the sampled tokens."""
+        stage, or — on the last stage — the sampled tokens. ``hidden`` (None on the first
+        stage) may be on any device in any dtype, e.g. as it came off the wire."""
         for seq_id in plan.free:
             self.cache.free(seq_id)
             self.sampled.pop(seq_id, None)
         if not plan.chunks:
             return StepResult(plan.step_id) if self.spec.is_last else self._empty_hidden()
-        chunks = plan.chunks
         if self.spec.is_first:  # before any KV is touched: a refused pending token changes nothing
-            hidden = torch.tensor(self._token_ids(plan), dtype=torch.int64, device=self.device)
+            plan = plan.fill_pending(partial(self._own_sample, plan.step_id))
+            ids = list(itertools.chain.from_iterable(c.token_ids for c in plan.chunks))
+            hidden = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        else:
+            hidden = self._input(plan, hidden)
+        chunks = plan.chunks
         tables = [self.cache.ensure(c.seq_id, c.end) for c in chunks]
         meta = AttnMetadata.build(
             [c.start for c in chunks],
@@ -119,30 +125,33 @@ class StageRunner:
             self.sampled.update(result.tokens)
         return result
 
-    def _token_ids(self, plan: StepPlan) -> list[int]:
-        """The plan's token ids back to back, each ``PENDING_TOKEN`` replaced by the token this
-        stage sampled last for that sequence."""
-        ids = list(itertools.chain.from_iterable(c.token_ids for c in plan.chunks))
-        if PENDING_TOKEN in ids:
-            ids = list(itertools.chain.from_iterable(self._resolve(plan.step_id, c) for c in plan.chunks))
-        return ids
-
-    def _resolve(self, step_id: int, chunk: SeqChunk) -> tuple[int, ...]:
-        if PENDING_TOKEN not in chunk.token_ids:
-            return chunk.token_ids
-        if not (self.spec.is_first and self.spec.is_last) or len(chunk.token_ids) != 1:
+    def _own_sample(self, step_id: int, seq_id: int) -> int:
+        """What a ``PENDING_TOKEN`` of ``seq_id`` stands for on a stage that samples itself."""
+        if not self.spec.is_last:
             raise InvalidArgument(
-                f"step {step_id}: sequence {chunk.seq_id} has a pending token ({PENDING_TOKEN}); only a "
-                "one-token chunk may have one, and only a stage that samples fills it in itself (on a "
-                "longer chain the first stage's worker fills it in: overlap scheduling)"
+                f"step {step_id}: sequence {seq_id} has a pending token ({PENDING_TOKEN}); only a stage "
+                "that samples fills it in itself (on a longer chain the first stage's worker fills it in: "
+                "overlap scheduling)"
             )
-        token = self.sampled.get(chunk.seq_id)
+        token = self.sampled.get(seq_id)
         if token is None:
             raise InvalidArgument(
-                f"step {step_id}: sequence {chunk.seq_id} asks for the token sampled for it before, "
+                f"step {step_id}: sequence {seq_id} asks for the token sampled for it before, "
                 "and this stage has sampled none for it"
             )
-        return (token,)
+        return token
+
+    def _input(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
+        """The previous stage's activations [N, H] on this stage's device and dtype; InvalidArgument
+        (before any collective, on every TP rank alike) when they do not fit the plan."""
+        want = [plan.num_tokens, self.config.hidden_size]
+        if hidden is None or list(hidden.shape) != want:
+            got = "none" if hidden is None else f"shape {list(hidden.shape)}"
+            raise InvalidArgument(
+                f"step {plan.step_id}: stage of layers {self.spec.label} got hidden states of {got}; it needs {want} "
+                "(tokens, hidden_size)"
+            )
+        return hidden.to(self.device, self.dtype)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult:
         ends = list(itertools.accumulate(len(c.token_ids) for c in plan.chunks))
@@ -150,15 +159,7 @@ class StageRunner:
         if not picked:
             return StepResult(plan.step_id)
         rows = torch.tensor([row for _, row in picked], device=self.device)
-        specs = [c.sample for c, _ in picked]
-        params = SamplingBatch.from_lists(
-            [s.temperature for s in specs],
-            [s.top_k for s in specs],
-            [s.top_p for s in specs],
-            [s.seed for s in specs],
-            [s.index for s in specs],
-            self.device,
-        )
+        params = SamplingBatch.of([c.sample for c, _ in picked], self.device)
         tokens = sample(self.model.logits(hidden[rows]), params).tolist()
         return StepResult(plan.step_id, {c.seq_id: t for (c, _), t in zip(picked, tokens)})
 

@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.store import Store
+from stagemesh.mesh.topology import Topology
 
 Place = TypeVar("Place")
 
@@ -31,23 +32,30 @@ async def connect_store(url: str, deployment: str, deadline: float) -> Store:
             await asyncio.sleep(0.5)
 
 
-async def find_place(store: Store, deployment: str, wait_s: float, deadline: float, find: Callable[[dict], Place]) -> Place:
-    """``find(topology)`` once the topology is in Redis; StartupError when it never comes or has no such place."""
-    while (doc := await store.get_topology()) is None:
-        if time.monotonic() > deadline:
-            raise StartupError(
-                f"no topology in Redis at {store.url} (deployment {deployment!r}) after "
-                f"{wait_s:.0f} s; `stagemesh up` writes it (Store.set_topology)"
-            )
-        await asyncio.sleep(0.2)
+async def find_place(
+    store: Store, deployment: str, wait_s: float, deadline: float, find: Callable[[Topology], Place]
+) -> Place:
+    """``find(topology)`` once the topology is in Redis; StartupError when it never comes, is
+    malformed or has no such place."""
     try:
-        return find(doc)
+        while (topology := await store.get_topology()) is None:
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"no topology in Redis at {store.url} (deployment {deployment!r}) after "
+                    f"{wait_s:.0f} s; `stagemesh up` writes it (Store.set_topology)"
+                )
+            await asyncio.sleep(0.2)
+        return find(topology)
     except ValueError as err:
         raise StartupError(f"the topology in Redis at {store.url}: {err}") from err
 
 
 async def start_worker(
-    url: str, deployment: str, wait_s: float, find: Callable[[dict], Place], serve: Callable[[Place, Store], Awaitable[int]]
+    url: str,
+    deployment: str,
+    wait_s: float,
+    find: Callable[[Topology], Place],
+    serve: Callable[[Place, Store], Awaitable[int]],
 ) -> int:
     """Reach Redis and this worker's place (both within ``wait_s``), then ``serve(place, store)``;
     its exit code. The store is closed after."""

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
-from stagemesh.serving.types import PENDING_TOKEN, Request, SampleSpec, SeqChunk, StepPlan, StepResult, TokenEvent
+from stagemesh.serving.params import sample_spec
+from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +252,7 @@ class Scheduler:
         tokens = tuple(seq.token_ids[start : start + n]) or (PENDING_TOKEN,)
         sample = None
         if start + n == len(seq.token_ids) + seq.pending:
-            p = seq.request.params
-            sample = SampleSpec(p.temperature, p.top_k, p.top_p, seq.seed, index=seq.num_generated + seq.pending)
+            sample = sample_spec(seq.request.params, seq.seed, index=seq.num_generated + seq.pending)
             seq.pending += 1
         seq.num_scheduled += n
         seq.in_flight += 1

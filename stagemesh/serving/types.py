@@ -1,32 +1,21 @@
 """Data that flows between the scheduler, the step loop and a chain of stages.
 
 Plain frozen dataclasses, torch-free: the gateway builds them, the codec puts them on the
-wire, stage runners read them.
+wire, stage runners read them. ``SamplingParams`` and ``SampleSpec`` are declared in
+``serving.params`` (everything about a sampling parameter is derived there) and re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
+from stagemesh.errors import InvalidArgument
+from stagemesh.serving.params import SampleSpec, SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks its tokens and when it stops."""
-
-    max_new_tokens: int = 16
-    """Tokens to generate at most (fewer when the model's context ends first)."""
-    temperature: float = 0.0
-    """0 picks the most likely token (greedy); above 0 samples from softmax(logits / T)."""
-    top_k: int = 0
-    """Sample only among the k most likely tokens; 0 turns it off."""
-    top_p: float = 1.0
-    """Sample only among the most likely tokens whose probabilities add up to p; in (0, 1]."""
-    seed: int | None = None
-    """Seed of the request's random stream; the same seed gives the same tokens on any layout."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Generation stops after emitting one of these (as well as the model's EOS ids)."""
-    ignore_eos: bool = False
-    """Do not stop at the model's EOS ids (benchmarks use this for fixed output lengths)."""
+__all__ = [
+    "SamplingParams", "Request", "SampleSpec", "PENDING_TOKEN", "SeqChunk", "StepPlan", "StepResult", "TokenEvent",
+]
 
 
 @dataclass(frozen=True)
@@ -39,18 +28,6 @@ class Request:
     arrival_time: float = 0.0
     resume_token_ids: tuple[int, ...] = ()
     """Tokens already generated (and streamed) before a failover; they are re-prefilled, not re-emitted."""
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What the last stage needs to sample one sequence's next token."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    index: int
-    """Tokens the sequence has generated so far: the counter into its seeded random stream."""
 
 
 PENDING_TOKEN = -1
@@ -73,6 +50,17 @@ class SeqChunk:
     def end(self) -> int:
         return self.start + len(self.token_ids)
 
+    def filled(self, step_id: int, token_of: Callable[[int], int]) -> SeqChunk:
+        """This chunk with its ``PENDING_TOKEN`` replaced by ``token_of(seq_id)``, if it has one."""
+        if PENDING_TOKEN not in self.token_ids:
+            return self
+        if len(self.token_ids) != 1:
+            raise InvalidArgument(
+                f"step {step_id}: sequence {self.seq_id} has a pending token ({PENDING_TOKEN}) in a chunk of "
+                f"{len(self.token_ids)}; only a one-token chunk may have one (overlap scheduling)"
+            )
+        return replace(self, token_ids=(token_of(self.seq_id),))
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -86,6 +74,14 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+    def fill_pending(self, token_of: Callable[[int], int]) -> StepPlan:
+        """This plan with each ``PENDING_TOKEN`` replaced by ``token_of(seq_id)``: the token
+        sampled for that sequence in an older step (overlap scheduling). The plan itself when
+        it has none; InvalidArgument when one is in a chunk of several tokens."""
+        if not any(PENDING_TOKEN in c.token_ids for c in self.chunks):
+            return self
+        return replace(self, chunks=tuple(c.filled(self.step_id, token_of) for c in self.chunks))
 
 
 @dataclass(frozen=True)

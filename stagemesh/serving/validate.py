@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from stagemesh.errors import InvalidArgument
-from stagemesh.serving.types import SamplingParams
-
-MAX_SEED = 2**63
+from stagemesh.serving.params import DEFAULTS, KINDS, PARAMS, Bounds, SamplingParams, param_of
 
 
 def validate_request(
@@ -38,19 +37,36 @@ def _validate_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: i
 
 
 def _validate_params(p: SamplingParams, *, vocab_size: int) -> None:
-    if p.max_new_tokens <= 0:
-        raise InvalidArgument(f"max_new_tokens={p.max_new_tokens} must be > 0")
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise InvalidArgument(f"temperature={p.temperature} must be a finite number >= 0 (0 is greedy)")
-    if p.top_k < 0:
-        raise InvalidArgument(f"top_k={p.top_k} must be >= 0 (0 turns it off)")
-    if not 0 < p.top_p <= 1:  # also refuses nan: every comparison with nan is False
-        raise InvalidArgument(f"top_p={p.top_p} must be in (0, 1] (1 turns it off)")
-    if p.seed is not None and not 0 <= p.seed < MAX_SEED:
-        raise InvalidArgument(f"seed={p.seed} must be in [0, 2**63)")
+    for f in PARAMS:
+        _validate_value(f.name, getattr(p, f.name), param_of(f).bounds)
     for tok in p.stop_token_ids:
-        if not isinstance(tok, int) or not 0 <= tok < vocab_size:
+        if not 0 <= tok < vocab_size:
             raise InvalidArgument(f"stop token id {tok!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def _validate_value(name: str, value: Any, bounds: Bounds | None) -> None:
+    """One field: its type (None only where the default is None), then its bounds."""
+    kind = KINDS[name]
+    if value is None and DEFAULTS[name] is None:
+        return
+    if not _is_a(value, kind):
+        raise InvalidArgument(f"{name}={value!r} must be {_KIND_NAMES[kind]}")
+    finite = kind is float and bounds is not None and bounds.high is None
+    if bounds is None or (value in bounds and (not finite or math.isfinite(value))):
+        return
+    note = f" ({bounds.note})" if bounds.note else ""
+    raise InvalidArgument(f"{name}={value} must be {'a finite number ' if finite else ''}{bounds}{note}")
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is tuple:
+        return isinstance(value, tuple) and all(_is_a(v, int) for v in value)
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", tuple: "a list of integers"}
 
 
 def validate_text_prompt(text: str) -> None:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageRequest(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "free", "hidden")
+    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "min_p", "free", "hidden")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     STARTS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class StageRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     step_id: int
@@ -33,9 +34,10 @@ class StageRequest(_message.Message):
     top_p: _containers.RepeatedScalarFieldContainer[float]
     seed: _containers.RepeatedScalarFieldContainer[int]
     index: _containers.RepeatedScalarFieldContainer[int]
+    min_p: _containers.RepeatedScalarFieldContainer[float]
     free: _containers.RepeatedScalarFieldContainer[int]
     hidden: _tensor_pb2.Tensor
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., min_p: _Optional[_Iterable[float]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class StageResponse(_message.Message):
     __slots__ = ("step_id", "seq_ids", "tokens", "error")

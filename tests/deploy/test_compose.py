@@ -25,10 +25,12 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expert_worker.place import find_expert_worker
-from stage_worker.topology import default_host, find_stage
+from stage_worker.topology import find_stage
 from stagemesh.deploy.compose import Render, compose_document
 from stagemesh.deploy.compose_plan import Host, Layout, plan
 from stagemesh.mesh.store import Store
+from stagemesh.mesh.topology import Chain, Topology
+from stagemesh.runtime.net import default_host
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,7 +224,7 @@ def test_two_hosts_share_one_redis_and_each_file_holds_its_own_workers(model, tm
     # host-local GPU numbers, and a published port per worker (the one its address names)
     assert [device_ids(b["services"][n]) for n in ("stage-c1-s0", "stage-c1-s1", "expert-c1-e0")] == [["0"], ["1"], ["2"]]
     assert [p["published"] for p in b["services"]["stage-c1-s1"]["ports"]] == ["50101"]
-    addresses = {w: s["address"] for c in plan(_layout(model, hosts=True))["chains"] for w, s in _entries(c)}
+    addresses = {w: s.address for c in plan(_layout(model, hosts=True)).chains for w, s in _entries(c)}
     assert addresses["stage-c1-s1"] == "host-b:50101" and addresses["stage-c0-s1"] == "host-a:50101"
 
 
@@ -241,11 +243,11 @@ def _layout(model: Path, hosts: bool = False) -> Layout:
     return Layout(model=model, pp=2, ep=2, dp=2 if hosts else 1, **where)
 
 
-def _entries(chain: dict):
-    for s in chain["stages"]:
-        yield f"stage-c{chain['chain']}-s{s['stage']}", s
-    for e in chain["experts"]:
-        yield f"expert-c{chain['chain']}-e{e['worker']}", e
+def _entries(chain: Chain):
+    for s in chain.stages:
+        yield f"stage-c{chain.index}-s{s.index}", s
+    for e in chain.expert_workers:
+        yield f"expert-c{chain.index}-e{e.index}", e
 
 
 # --- the planner service and the health check --------------------------------------------------
@@ -260,7 +262,7 @@ def test_the_planner_writes_container_devices_and_service_addresses_the_workers_
     assert (stage.devices, stage.address, stage.next_address) == (("cuda:0", "cuda:1"), "stage-c1-s1:50106", None)
     assert find_stage(doc, 1, 0).next_address == "stage-c1-s1:50106"
     assert default_host(stage.address) == "[::]"  # not loopback: it listens on every interface
-    assert doc["model"] == str(model.resolve())
+    assert doc.model == str(model.resolve())
 
 
 def test_the_planner_gives_every_expert_worker_its_first_container_gpu(model, redis_url):
@@ -272,7 +274,7 @@ def test_the_planner_gives_every_expert_worker_its_first_container_gpu(model, re
     assert (place.device, place.address) == ("cuda:0", "expert-c0-e1:50103")
 
 
-async def _read_topology(url: str, deployment: str) -> dict:
+async def _read_topology(url: str, deployment: str) -> Topology:
     store = await Store.connect(url, deployment)
     try:
         return await store.get_topology()

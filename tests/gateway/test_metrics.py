@@ -13,8 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.mesh_collector import Snapshot
 from gateway.metrics import GatewayMetrics
 from gateway.stage_stats import bubble_fractions, percentile, step_latency_quantiles
+from gateway.status import worker_status
+from stagemesh.mesh.figures import StageFigures
 from stagemesh.mesh.store import WorkerInfo
 from stagemesh.runtime.histogram import LatencyHistogram
+from stagemesh.wire.codec.messages import status_from_pb, status_to_pb
 
 
 def test_percentile_is_nearest_rank():
@@ -113,3 +116,15 @@ def test_grafana_dashboard_repeats_a_row_per_stage_over_series_the_gateway_expor
     assert used and used <= exported, sorted(used - exported)
     scrape = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["metrics_path"] == "/metrics" and scrape["static_configs"][0]["targets"]
+
+
+def test_a_worker_s_status_load_comes_from_its_figures_and_travels_on_the_wire():
+    stage = WorkerInfo("stage-c0-s1", "stage", chain=0, stage=1, start_layer=3, end_layer=5, address="a:1")
+    figures = StageFigures(time=10.0, queue_depth=2, kv_blocks_total=64, busy_intervals=[[9.0, 9.1], [9.5, 9.8]])
+    entry = worker_status(stage, figures, now=11.0, bubble=0.5)
+    assert entry["heartbeat_age_s"] == 1.0
+    load = entry["load"]
+    assert (load["queue_depth"], load["kv_blocks_total"], load["kv_blocks_used"]) == (2, 64, 0)
+    assert load["bubble_fraction"] == 0.5
+    assert (load["step_latency_p50_s"], load["step_latency_p99_s"]) == pytest.approx((0.1, 0.3))
+    assert status_from_pb(status_to_pb({"workers": [entry]}))["workers"][0]["load"] == pytest.approx(load)

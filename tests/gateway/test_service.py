@@ -28,6 +28,7 @@ from stagemesh.cli.requests_io import InputLine
 from stagemesh.deploy.redis_server import free_port
 from stagemesh.errors import Cancelled, InvalidArgument, Unavailable
 from stagemesh.mesh.store import Store
+from stagemesh.mesh.topology import Topology
 from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
@@ -51,14 +52,14 @@ class Mesh:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
 
-def _topology(model_dir: Path, addresses: list[str]) -> dict:
+def _topology(model_dir: Path, addresses: list[str]) -> Topology:
     layers = [(0, 3), (3, 5)]
     stages = [
         {"stage": i, "start_layer": s, "end_layer": e, "address": a, "device": "cpu", "kv_blocks": KV_BLOCKS}
         for i, ((s, e), a) in enumerate(zip(layers, addresses))
     ]
-    return {"model": str(model_dir), "num_layers": 5, "block_size": 16, "dtype": None,
-            "chains": [{"chain": 0, "stages": stages}]}
+    return Topology.from_json(json.dumps({"model": str(model_dir), "num_layers": 5, "block_size": 16, "dtype": None,
+                                          "chains": [{"chain": 0, "stages": stages}]}))
 
 
 def _spawn(log_dir: Path, name: str, *args: str) -> subprocess.Popen:
@@ -169,6 +170,32 @@ def test_concurrent_requests_match_the_in_process_engine(mesh):
         assert have.token_ids == want.token_ids, f"line {n}"
         assert have.finish_reason == want.finish_reason, f"line {n}"
     assert got[3].text == expected[3].text  # text prompt: tokenized and detokenized by the gateway
+
+
+def test_min_p_from_the_sdk_the_cli_flags_and_jsonl_reaches_the_last_stage(mesh, tmp_path):
+    """min_p=1 keeps only the most likely token: a hot seeded request then comes out greedy."""
+    from stagemesh.cli.commands import build_parser
+    from stagemesh.cli.remote import run_remote
+    from stagemesh.cli.requests_io import read_inputs, sampling_from_args
+
+    prompt, hot = [0, 11, 12, 13], dict(max_new_tokens=8, ignore_eos=True, temperature=50.0, seed=5)
+
+    async def main():
+        async with AsyncClient(mesh.addr, timeout=30) as client:
+            return await asyncio.gather(client.generate(prompt, max_new_tokens=8, ignore_eos=True),
+                                        client.generate(prompt, **hot), client.generate(prompt, min_p=1.0, **hot))
+
+    greedy, hot_off, hot_min_p = run(main())
+    assert hot_off.token_ids != greedy.token_ids  # hot enough to leave greedy without min_p
+    assert hot_min_p.token_ids == greedy.token_ids  # the SDK keyword
+    (tmp_path / "in.jsonl").write_text(json.dumps({"token_ids": prompt, "min_p": 1.0}) + "\n")
+    hot_flags = ["--temperature", "50", "--seed", "5", "--max-new-tokens", "8", "--ignore-eos"]
+    lines = []
+    for where in (["--input", str(tmp_path / "in.jsonl")], ["--token-ids", "0,11,12,13", "--min-p", "1"]):
+        args = build_parser().parse_args(["generate", "--addr", mesh.addr, *where, *hot_flags])
+        lines += read_inputs(args.prompt, args.token_ids, args.input, sampling_from_args(args))
+    got = run(run_remote(mesh.addr, lines))
+    assert [o.token_ids for o in got] == [list(greedy.token_ids)] * 2  # the JSONL key; the flag
 
 
 def test_bad_requests_are_invalid_argument_while_another_completes(mesh):
@@ -301,7 +328,7 @@ class FlakyStage(stage_pb2_grpc.StageServicer):
 
 
 def _plan(step_id: int) -> StepPlan:
-    return StepPlan(step_id, (SeqChunk(0, 0, (1, 2, 3), SampleSpec(0.0, 0, 1.0, 0, 0)),))
+    return StepPlan(step_id, (SeqChunk(0, 0, (1, 2, 3), SampleSpec(seed=0, index=0)),))
 
 
 def test_remote_chain_fails_pending_steps_when_the_stream_breaks_and_then_reconnects():
@@ -328,7 +355,7 @@ def test_remote_chain_fails_pending_steps_when_the_stream_breaks_and_then_reconn
 def test_the_gateway_does_not_import_torch():
     code = (
         "import sys\n"
-        "import gateway.__main__, gateway.main, stagemesh.cli.remote\n"
+        "import gateway.main, gateway.gateway, stagemesh.cli.remote\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('stage_worker')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -98,7 +98,7 @@ def _stage(client: Client, stage: int) -> dict:
 
 def _forward_one(address: str) -> stage_pb2.StageResponse:
     """One decode step sent straight to a stage worker's Forward stream."""
-    plan = StepPlan(7, (SeqChunk(99, 0, (5, 6, 7), SampleSpec(0.0, 0, 1.0, 0, 0)),))
+    plan = StepPlan(7, (SeqChunk(99, 0, (5, 6, 7), SampleSpec(seed=0, index=0)),))
     with grpc.insecure_channel(address) as channel:
         return next(stage_pb2_grpc.StageStub(channel).Forward(iter([plan_to_pb(plan)]), timeout=5))
 

@@ -15,6 +15,7 @@ from stagemesh.config import ModelConfig, StageSpec
 from stagemesh.deploy.launch import UpOptions, plan_topology
 from stagemesh.mesh.layout import place_experts, split_layers, stage_devices, validate_layout
 from stagemesh.mesh.placement import chain_replicas
+from stagemesh.mesh.topology import Topology
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
@@ -122,7 +123,7 @@ def _model_dir(tmp_path: Path, raw: dict) -> Path:
 
 def test_the_topology_gives_each_stage_its_tp_and_devices_and_the_worker_reads_them(tmp_path):
     doc = plan_topology(UpOptions(model=_model_dir(tmp_path, LLAMA), pp=2, tp=2, tp_backend="gloo"))
-    entries = doc["chains"][0]["stages"]
+    entries = json.loads(doc.to_json())["chains"][0]["stages"]
     assert [(e["tp"], e["devices"], e["tp_backend"]) for e in entries] == [(2, ["cpu", "cpu"], "gloo")] * 2
     place = find_stage(doc, 0, 1)
     assert (place.tp, place.devices, place.device, place.tp_backend) == (2, ("cpu", "cpu"), "cpu", "gloo")
@@ -136,11 +137,11 @@ def test_plan_topology_refuses_a_bad_tp_before_anything_starts(tmp_path):
 def test_an_entry_without_tp_is_one_rank_and_a_devices_mismatch_is_refused():
     doc = {"model": "/m", "num_layers": 4, "chains": [{"chain": 0, "stages": [
         {"stage": 0, "start_layer": 0, "end_layer": 4, "address": "h:1", "device": "cuda:3"}]}]}
-    place = find_stage(doc, 0, 0)
+    place = find_stage(Topology.from_json(json.dumps(doc)), 0, 0)
     assert (place.tp, place.devices) == (1, ("cuda:3",))
     doc["chains"][0]["stages"][0].update(tp=2, devices=["cuda:0"])
     with pytest.raises(ValueError, match=r"tp=2 but 1 devices \['cuda:0'\]"):
-        find_stage(doc, 0, 0)
+        Topology.from_json(json.dumps(doc))
 
 
 # --- expert parallelism ------------------------------------------------------------------------
@@ -202,15 +203,15 @@ def test_ep_is_validated_with_the_layout():
 def test_the_topology_gives_each_chain_its_expert_workers_on_their_own_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr("stagemesh.deploy.launch._visible_gpus", lambda: 8)
     doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, expert_replicas=2, device="cuda"))
-    experts = doc["chains"][0]["experts"]
+    experts = json.loads(doc.to_json())["chains"][0]["experts"]
     assert [(e["worker"], e["device"]) for e in experts] == [(0, "cuda:2"), (1, "cuda:3"), (2, "cuda:4")]
     assert all(set(e["experts"]) == {"0", "1", "2", "3"} for e in experts)  # JSON keys: layers as strings
     assert len({e["address"] for e in experts}) == 3
     place = find_expert_worker(doc, 0, 1)
     assert (place.worker_id, place.device, place.experts) == ("expert-c0-e1", "cuda:3", {
         int(layer): ids for layer, ids in experts[1]["experts"].items()})
-    assert [r.worker_id for r in chain_replicas(doc, 0)] == ["expert-c0-e0", "expert-c0-e1", "expert-c0-e2"]
-    assert plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL)))["chains"][0]["experts"] == []
+    assert [r.worker_id for r in chain_replicas(doc.chain(0))] == ["expert-c0-e0", "expert-c0-e1", "expert-c0-e2"]
+    assert plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL))).chain(0).expert_workers == ()
 
 
 def test_replicas_without_expert_workers_are_refused(tmp_path):
@@ -224,16 +225,16 @@ def test_replicas_without_expert_workers_are_refused(tmp_path):
 def test_dp_chains_are_complete_replicas_on_their_own_ports_and_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr("stagemesh.deploy.launch._visible_gpus", lambda: 10)
     doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, dp=2, device="cuda"))
-    assert [c["chain"] for c in doc["chains"]] == [0, 1]
-    devices = [[s["device"] for s in c["stages"]] + [e["device"] for e in c["experts"]] for c in doc["chains"]]
+    assert [c.index for c in doc.chains] == [0, 1]
+    devices = [[s.device for s in c.stages] + [e.device for e in c.expert_workers] for c in doc.chains]
     assert devices == [[f"cuda:{g}" for g in range(5)], [f"cuda:{g}" for g in range(5, 10)]]  # none booked twice
-    addresses = [a for c in doc["chains"] for a in [s["address"] for s in c["stages"]] + [e["address"] for e in c["experts"]]]
+    addresses = [a for c in doc.chains for a in [s.address for s in c.stages] + [e.address for e in c.expert_workers]]
     assert len(set(addresses)) == 10
-    first, second = (c["stages"] for c in doc["chains"])
-    assert [(s["start_layer"], s["end_layer"]) for s in first] == [(s["start_layer"], s["end_layer"]) for s in second]
+    first, second = (c.stages for c in doc.chains)
+    assert [(s.start_layer, s.end_layer) for s in first] == [(s.start_layer, s.end_layer) for s in second]
     assert (find_stage(doc, 1, 1).next_address, find_stage(doc, 1, 1).device) == (None, "cuda:6")
-    assert find_stage(doc, 1, 0).next_address == second[1]["address"]
-    assert [r.worker_id for r in chain_replicas(doc, 1)] == ["expert-c1-e0", "expert-c1-e1", "expert-c1-e2"]
+    assert find_stage(doc, 1, 0).next_address == second[1].address
+    assert [r.worker_id for r in chain_replicas(doc.chain(1))] == ["expert-c1-e0", "expert-c1-e1", "expert-c1-e2"]
 
 
 def test_dp_counts_every_chain_s_gpus_and_must_be_positive():

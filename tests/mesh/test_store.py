@@ -10,6 +10,7 @@ import pytest
 from stagemesh.deploy.redis_server import free_port
 from stagemesh.errors import Unavailable
 from stagemesh.mesh.store import JournalEntry, Store, WorkerInfo
+from stagemesh.mesh.topology import Chain, ExpertWorker, Stage, Topology
 
 
 def _deployment() -> str:
@@ -84,8 +85,13 @@ def test_heartbeat_figures_become_metrics(redis_url):
     assert _run(redis_url, body) == {"chain0-stage0": {"kv_used": 0.25, "steps": 7}}
 
 
+def _topology(model: str) -> Topology:
+    stages = (Stage(0, 0, 2, "h:1"), Stage(1, 2, 4, "h:2", devices=("cuda:0", "cuda:1")))
+    return Topology(model, num_layers=4, chains=(Chain(0, stages, (ExpertWorker(0, "h:3", experts={1: (0, 2)}),)),))
+
+
 def test_topology_round_trip(redis_url):
-    doc = {"model": "/models/tiny", "pp": 2, "tp": 1, "chains": [{"stages": [[0, 2], [2, 4]]}]}
+    doc = _topology("/models/tiny")
 
     async def body(store: Store):
         assert await store.get_topology() is None
@@ -180,7 +186,7 @@ def test_metrics_round_trip_and_expiry(redis_url):
 def test_deployments_do_not_see_each_other(redis_url):
     async def fill(store: Store):
         await store.register_worker(_stage(), ttl_s=30)
-        await store.set_topology({"name": store.deployment})
+        await store.set_topology(_topology(store.deployment))
         await store.journal_open("r1", [1], {}, chain=0)
         await store.put_metrics("chain0-stage0", {"name": store.deployment})
 
@@ -197,7 +203,7 @@ def test_deployments_do_not_see_each_other(redis_url):
     assert _run(redis_url, read, b) == ([], None, [], {})
     _run(redis_url, fill, b)
     assert _run(redis_url, read, a) == (
-        ["chain0-stage0"], {"name": a}, ["r1"], {"chain0-stage0": {"name": a}},
+        ["chain0-stage0"], _topology(a), ["r1"], {"chain0-stage0": {"name": a}},
     )
 
 

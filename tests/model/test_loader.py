@@ -47,7 +47,7 @@ def test_a_stage_loads_from_a_checkpoint_holding_only_its_tensors(tmp_path):
     assert from_full.reader.names_read == mine  # the full checkpoint: still only our tensors read
 
     hidden = torch.randn(6, 64)
-    plan = StepPlan(0, (SeqChunk(0, 0, tuple(range(6)), SampleSpec(0.0, 0, 1.0, 0, 0)),))
+    plan = StepPlan(0, (SeqChunk(0, 0, tuple(range(6)), SampleSpec(seed=0, index=0)),))
     assert from_partial.step(plan, hidden) == from_full.step(plan, hidden)
 
 
@@ -101,7 +101,7 @@ def test_a_layer_cut_between_attention_and_mlp_runs_as_the_whole_layer_would(tmp
     assert "model.layers.1.mlp.up_proj.weight" in last.reader.names_read
     assert (first.cache.kv.shape[0], last.cache.kv.shape[0]) == (2, 1)  # layers 0-1 | layer 2 hold KV
 
-    greedy, seeded = SampleSpec(0.0, 0, 1.0, 0, 0), SampleSpec(1.0, 0, 1.0, 11, 0)
+    greedy, seeded = SampleSpec(seed=0, index=0), SampleSpec(temperature=1.0, seed=11, index=0)
     prompts = [tuple(range(5, 14)), tuple(range(40, 46))]
     plan = StepPlan(0, (SeqChunk(0, 0, prompts[0], greedy), SeqChunk(1, 0, prompts[1], seeded)))
     for step in range(1, 6):
@@ -109,6 +109,6 @@ def test_a_layer_cut_between_attention_and_mlp_runs_as_the_whole_layer_would(tmp
         assert last.step(plan, first.step(plan, None)) == expected
         plan = StepPlan(step, tuple(
             SeqChunk(c.seq_id, c.start + len(c.token_ids), (expected.tokens[c.seq_id],),
-                     SampleSpec(c.sample.temperature, 0, 1.0, c.sample.seed, step))
+                     SampleSpec(temperature=c.sample.temperature, seed=c.sample.seed, index=step))
             for c in plan.chunks
         ))

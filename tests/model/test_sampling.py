@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from stagemesh.model.sampling import SamplingBatch, sample
+from stagemesh.serving.params import SampleSpec
 
 
-def _batch(n, temperature=1.0, top_k=0, top_p=1.0, seed=7, index=0):
-    as_list = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731
-    return SamplingBatch.from_lists(
-        as_list(temperature), as_list(top_k), as_list(top_p), as_list(seed), as_list(index), "cpu"
-    )
+def _batch(n, temperature=1.0, seed=7, index=0, **row):
+    """``n`` rows; a list gives each row its own value, anything else is every row's."""
+    columns = dict(temperature=temperature, seed=seed, index=index, **row)
+    as_list = {name: v if isinstance(v, list) else [v] * n for name, v in columns.items()}
+    return SamplingBatch.of([SampleSpec(**dict(zip(as_list, values))) for values in zip(*as_list.values())], "cpu")
 
 
 def test_greedy_is_argmax():
@@ -63,3 +64,24 @@ def test_mixed_rows_greedy_and_random():
     logits = torch.randn(2, 30)
     out = sample(logits, _batch(2, temperature=[0.0, 1.0], seed=[1, 2]))
     assert out[0] == logits[0].argmax()
+
+
+def test_min_p_keeps_the_tokens_at_least_that_fraction_as_likely_as_the_top_one():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    n = 2000
+    seeds = list(range(n))
+    # min_p=0.5: a token needs p >= 0.25, so 0 (0.5) and 1 (0.3) stay, 2 (0.15) and 3 (0.05) go
+    assert set(sample(logits.expand(n, 4), _batch(n, min_p=0.5, seed=seeds)).tolist()) == {0, 1}
+    assert set(sample(logits.expand(n, 4), _batch(n, min_p=0.0, seed=seeds)).tolist()) == {0, 1, 2, 3}
+    # per row: min_p=1 keeps only the most likely token, whatever the temperature
+    mixed = sample(logits.expand(2, 4), _batch(2, temperature=5.0, min_p=[1.0, 0.0], seed=[3, 3]))
+    assert mixed[0] == 0
+
+
+def test_min_p_off_leaves_the_seeded_stream_bit_identical():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 100)
+    seeds, index = list(range(8)), list(range(8))
+    default = sample(logits, _batch(8, temperature=0.8, top_k=20, top_p=0.9, seed=seeds, index=index))
+    off = sample(logits, _batch(8, temperature=0.8, top_k=20, top_p=0.9, min_p=0.0, seed=seeds, index=index))
+    assert torch.equal(default, off)

@@ -11,6 +11,7 @@ load balancer reads as not serving too), while calls already open, like the watc
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh.deploy.redis_server import free_port
+from stagemesh.mesh.topology import Topology
 from stagemesh.serving.types import StepResult
 from stagemesh.v1 import stage_pb2_grpc
 from stagemesh.wire.codec.messages import plan_to_pb, result_to_pb
@@ -77,7 +79,7 @@ def _mesh(redis_url: str, model_dir, log_dir, addresses: list[str]):
     ]
     topology = {"model": str(model_dir), "num_layers": NUM_LAYERS, "block_size": BLOCK_SIZE, "dtype": None,
                 "chains": [{"chain": 0, "stages": stages}]}
-    _store_call(redis_url, mesh.deployment, lambda store: store.set_topology(topology))
+    _store_call(redis_url, mesh.deployment, lambda store: store.set_topology(Topology.from_json(json.dumps(topology))))
     try:
         yield mesh
     finally:

@@ -8,73 +8,66 @@ import pytest
 
 from stage_worker.feedback import SampledTokens
 from stagemesh.errors import InvalidArgument, Unavailable
-from stagemesh.serving.types import PENDING_TOKEN
-from stagemesh.v1 import stage_pb2
-from stagemesh.wire.codec.messages import failed_step_to_pb, pack_int64, unpack_int64
+from stagemesh.serving.types import PENDING_TOKEN, SampleSpec, SeqChunk, StepPlan
+
+GREEDY = SampleSpec(seed=0, index=0)
 
 
-def request(step_id: int, chunks: list[tuple[int, list[int], bool]], free: tuple[int, ...] = ()) -> stage_pb2.StageRequest:
-    """A StageRequest of (seq id, token ids, samples) chunks."""
-    return stage_pb2.StageRequest(
-        step_id=step_id,
-        seq_ids=[seq for seq, _, _ in chunks],
-        starts=[0] * len(chunks),
-        lengths=[len(tokens) for _, tokens, _ in chunks],
-        token_ids=pack_int64(t for _, tokens, _ in chunks for t in tokens),
-        sample=[sample for _, _, sample in chunks],
-        free=free,
-    )
+def request(step_id: int, chunks: list[tuple[int, list[int], bool]], free: tuple[int, ...] = ()) -> StepPlan:
+    """A step of (seq id, token ids, samples) chunks."""
+    chunks = tuple(SeqChunk(seq, 0, tuple(tokens), GREEDY if sample else None) for seq, tokens, sample in chunks)
+    return StepPlan(step_id, chunks, free)
 
 
-def answer(step_id: int, tokens: dict[int, int]) -> stage_pb2.StageResponse:
-    return stage_pb2.StageResponse(step_id=step_id, seq_ids=list(tokens), tokens=list(tokens.values()))
-
-
-def ran(sampled: SampledTokens, req: stage_pb2.StageRequest) -> stage_pb2.StageRequest:
+def ran(sampled: SampledTokens, plan: StepPlan) -> StepPlan:
     """What the pipeline does with a step before it runs: fill in, then expect its tokens."""
-    sampled.fill(req)
-    sampled.expect(req)
-    return req
+    plan = sampled.fill(plan)
+    sampled.expect(plan)
+    return plan
+
+
+def token_ids(plan: StepPlan) -> list[int]:
+    return [t for c in plan.chunks for t in c.token_ids]
 
 
 def test_a_pending_token_is_filled_in_from_the_relayed_answer():
     sampled = SampledTokens("c0-s0")
     ran(sampled, request(0, [(1, [5, 6, 7], True), (2, [8, 9], False)]))
-    sampled.land(answer(0, {1: 42}))
+    sampled.land(0, {1: 42})
     lookahead = ran(sampled, request(1, [(1, [PENDING_TOKEN], True), (2, [10], True)]))
-    assert list(unpack_int64(lookahead.token_ids)) == [42, 10]
+    assert token_ids(lookahead) == [42, 10]
 
 
 def test_the_step_waits_for_a_token_still_coming():
     sampled = SampledTokens("c0-s0")
     ran(sampled, request(0, [(1, [5], True)]))
-    lookahead = request(1, [(1, [PENDING_TOKEN], True)])
-    filled = threading.Thread(target=sampled.fill, args=(lookahead,))
+    got = []
+    filled = threading.Thread(target=lambda: got.append(sampled.fill(request(1, [(1, [PENDING_TOKEN], True)]))))
     filled.start()
     filled.join(0.2)
     assert filled.is_alive()  # the answer to step 0 has not come back
-    sampled.land(answer(0, {1: 77}))
+    sampled.land(0, {1: 77})
     filled.join(5)
-    assert not filled.is_alive() and list(unpack_int64(lookahead.token_ids)) == [77]
+    assert not filled.is_alive() and token_ids(got[0]) == [77]
 
 
 def test_each_pending_token_takes_the_latest_answer():
     sampled = SampledTokens("c0-s0")
     ran(sampled, request(0, [(1, [5], True)]))
-    sampled.land(answer(0, {1: 11}))
+    sampled.land(0, {1: 11})
     ran(sampled, request(1, [(1, [PENDING_TOKEN], True)]))  # takes 11; 12 is now coming
-    sampled.land(answer(1, {1: 12}))
-    assert list(unpack_int64(ran(sampled, request(2, [(1, [PENDING_TOKEN], True)])).token_ids)) == [12]
+    sampled.land(1, {1: 12})
+    assert token_ids(ran(sampled, request(2, [(1, [PENDING_TOKEN], True)]))) == [12]
 
 
 def test_a_failed_step_fills_in_a_placeholder_for_its_already_failed_sequences():
     sampled = SampledTokens("c0-s0")
     ran(sampled, request(0, [(1, [5], True)]))
-    sampled.land(failed_step_to_pb(0, Unavailable("stage c0-s1 at 127.0.0.1:1 is unreachable")))
-    assert list(unpack_int64(ran(sampled, request(1, [(1, [PENDING_TOKEN], True)])).token_ids)) == [0]
+    sampled.land(0, None)  # it failed, e.g. stage c0-s1 was unreachable
+    assert token_ids(ran(sampled, request(1, [(1, [PENDING_TOKEN], True)]))) == [0]
     failed_here = request(2, [(3, [4, 4], True)])
     sampled.fail(failed_here)  # failed on this stage before or after expect: its token never comes
-    assert list(unpack_int64(ran(sampled, request(3, [(3, [PENDING_TOKEN], True)])).token_ids)) == [0]
+    assert token_ids(ran(sampled, request(3, [(3, [PENDING_TOKEN], True)]))) == [0]
 
 
 def test_a_pending_token_nothing_backs_is_refused():
@@ -82,7 +75,7 @@ def test_a_pending_token_nothing_backs_is_refused():
     with pytest.raises(InvalidArgument, match="no step through stage c0-s0 has sampled one"):
         sampled.fill(request(0, [(9, [PENDING_TOKEN], True)]))
     ran(sampled, request(1, [(1, [5], True)]))
-    sampled.land(answer(1, {1: 6}))
+    sampled.land(1, {1: 6})
     ran(sampled, request(2, [], free=(1,)))
     with pytest.raises(InvalidArgument, match="sequence 1 asks"):  # freed: forgotten
         sampled.fill(request(3, [(1, [PENDING_TOKEN], True)]))
@@ -94,7 +87,7 @@ def test_an_answer_for_a_freed_sequence_is_not_kept():
     sampled = SampledTokens("c0-s0")
     ran(sampled, request(0, [(1, [5], True)]))
     ran(sampled, request(1, [], free=(1,)))
-    sampled.land(answer(0, {1: 6}))
+    sampled.land(0, {1: 6})
     with pytest.raises(InvalidArgument, match="sequence 1 asks"):
         sampled.fill(request(2, [(1, [PENDING_TOKEN], True)]))
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from stage_worker.decode import StageStep
 from stage_worker.pipeline import StagePipeline
 from stage_worker.topology import StagePlace
 from stagemesh.config import StageSpec
 from stagemesh.errors import Unavailable
-from stagemesh.v1 import stage_pb2
+from stagemesh.serving.types import StepPlan
 
 PLACE = StagePlace(
     chain=0, stage=0, num_stages=1, spec=StageSpec(0, 2, 2), address="127.0.0.1:1", device="cpu",
@@ -37,7 +38,7 @@ class HungStage(StubStage):
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def step(self, request):
+    def step(self, step):
         self.release.wait()
         raise RuntimeError("the collective finally failed")
 
@@ -46,13 +47,13 @@ def test_fail_answers_the_steps_stuck_behind_a_hung_collective_and_every_later_o
     async def scenario():
         pipeline = StagePipeline(PLACE)
         stage = await pipeline.load(HungStage)
-        answers = [pipeline.submit(stage_pb2.StageRequest(step_id=i)) for i in range(3)]
+        answers = [pipeline.submit(StageStep(StepPlan(i, ()))) for i in range(3)]
         await asyncio.sleep(0.1)
         assert not any(a.done() for a in answers)  # one step runs (blocked), two wait behind it
 
         pipeline.fail(Unavailable("tp rank 1 of stage c0-s0 died (exit code -9)"))
         got = [(a.result().step_id, a.result().error.code, a.result().error.message) for a in answers]
-        later = pipeline.submit(stage_pb2.StageRequest(step_id=9))
+        later = pipeline.submit(StageStep(StepPlan(9, ())))
         assert later.done() and later.result().error.code == "UNAVAILABLE"
 
         stage.release.set()
@@ -70,7 +71,7 @@ class ThreadRecordingStage(StubStage):
         self.built_on = threading.get_ident()
         self.stepped_on: list[int] = []
 
-    def step(self, request):
+    def step(self, step):
         self.stepped_on.append(threading.get_ident())
         raise RuntimeError("no model here")  # answered as a failed step; only the thread matters
 
@@ -80,7 +81,7 @@ def test_the_stage_is_built_on_the_thread_that_steps_it():
     async def scenario():
         pipeline = StagePipeline(PLACE)
         stage = await pipeline.load(ThreadRecordingStage)
-        answers = [pipeline.submit(stage_pb2.StageRequest(step_id=i)) for i in range(3)]
+        answers = [pipeline.submit(StageStep(StepPlan(i, ()))) for i in range(3)]
         await asyncio.gather(*answers)
         await pipeline.close()
         return stage

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import queue
 import random
 import signal
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stagemesh.config import StageSpec
 from stagemesh.deploy.redis_server import free_port
 from stagemesh.mesh.store import Store
+from stagemesh.mesh.topology import Topology
 from stagemesh.runners.local import LocalChain
 from stagemesh.runners.stage import StageRunner
 from stagemesh.runtime import cpus
@@ -131,7 +133,7 @@ def running_mesh(redis_url: str, model_dir: Path, log_dir: Path):
         "model": str(model_dir), "num_layers": NUM_LAYERS, "block_size": BLOCK_SIZE, "dtype": None,
         "chains": [{"chain": 0, "stages": stages}],
     }
-    _store_call(redis_url, mesh.deployment, lambda store: store.set_topology(topology))
+    _store_call(redis_url, mesh.deployment, lambda store: store.set_topology(Topology.from_json(json.dumps(topology))))
     try:
         for stage in (0, 1):
             mesh.start(stage)

@@ -109,9 +109,10 @@ def _plan() -> StepPlan:
     return StepPlan(
         step_id=41,
         chunks=(
-            SeqChunk(seq_id=7, start=0, token_ids=(1, 15043, 29892), sample=SampleSpec(0.8, 50, 0.95, 1234, 0)),
+            SeqChunk(seq_id=7, start=0, token_ids=(1, 15043, 29892), sample=SampleSpec(
+                temperature=0.8, top_k=50, top_p=0.95, seed=1234, index=0)),
             SeqChunk(seq_id=9, start=128, token_ids=tuple(range(300, 364))),  # mid-prompt prefill chunk
-            SeqChunk(seq_id=3, start=17, token_ids=(2,), sample=SampleSpec(0.0, 0, 1.0, 2**62, 5)),
+            SeqChunk(seq_id=3, start=17, token_ids=(2,), sample=SampleSpec(seed=2**62, index=5)),
         ),
         free=(1, 4),
     )

@@ -22,8 +22,9 @@ from typing import Iterator
 
 from stagemesh.cli.bench.workload import BenchRequest, LoadShape, SystemRun, Trace, arrival_offsets
 from stagemesh.client import AsyncClient
-from stagemesh.deploy.redis_server import free_port
+from stagemesh.mesh.figures import StageFigures
 from stagemesh.mesh.store import Store
+from stagemesh.runtime.net import free_port
 
 HEARTBEAT_WAIT_S = 1.5
 """Longer than a worker's heartbeat interval (1 s): after it, Redis holds figures newer than the run."""
@@ -123,13 +124,13 @@ def stage_figures(before: dict[str, dict], after: dict[str, dict], t0: float, t1
     window = max(t1 - t0, 1e-9)
     out = []
     for wid in sorted(after, key=_natural):
-        now, then = after[wid], before.get(wid, {})
-        steps = now.get("steps", 0) - then.get("steps", 0)
-        inside = [(max(a, t0), min(b, t1)) for a, b in now.get("busy_intervals", []) if b > t0 and a < t1]
+        now, then = StageFigures.from_json(after[wid]), StageFigures.from_json(before.get(wid, {}))
+        steps = (now.steps or 0) - (then.steps or 0)
+        inside = [(max(a, t0), min(b, t1)) for a, b in now.intervals if b > t0 and a < t1]
         if steps <= len(inside):
             busy, source = sum(b - a for a, b in inside), "busy_intervals"
         else:
-            busy, source = now.get("busy_s", 0.0) - then.get("busy_s", 0.0), "busy_s"
+            busy, source = (now.busy_s or 0.0) - (then.busy_s or 0.0), "busy_s"
         out.append({"worker": wid, "steps": steps, "busy_s": busy, "busy_fraction": min(1.0, busy / window), "source": source})
     return out
 

@@ -11,16 +11,22 @@ their domain form, and the status document is a plain dict (what ``Client.status
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
 from array import array
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Iterable
+
+from google.protobuf.message import Message
 
 from stagemesh.config import layer_bounds
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
-from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan, StepResult
+from stagemesh.mesh.figures import LOAD_NUMBERS, WorkerLoad
+from stagemesh.serving.params import NAMES, PARAMS, SAMPLE_FIELDS, SampleSpec, SamplingParams
+from stagemesh.serving.types import SeqChunk, StepPlan, StepResult
 from stagemesh.v1 import gateway_pb2, sampling_pb2, stage_pb2, tensor_pb2
 
 __all__ = [
@@ -61,37 +67,32 @@ def unpack_int64(msg: tensor_pb2.Tensor) -> array:
 
 
 def sampling_to_pb(params: SamplingParams) -> sampling_pb2.SamplingParams:
-    msg = sampling_pb2.SamplingParams(
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        stop_token_ids=params.stop_token_ids,
-        ignore_eos=params.ignore_eos,
-    )
-    if params.seed is not None:
-        msg.seed = params.seed
-    return msg
+    """Every field by its name (a None, i.e. an unset ``seed``, stays unset)."""
+    values = {name: getattr(params, name) for name in NAMES}
+    return sampling_pb2.SamplingParams(**{name: v for name, v in values.items() if v is not None})
 
 
 def sampling_from_pb(msg: sampling_pb2.SamplingParams) -> SamplingParams:
     """Unset optional fields take the dataclass defaults (``seed`` stays None)."""
-    return SamplingParams(
-        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else _DEFAULTS.max_new_tokens,
-        temperature=msg.temperature,
-        top_k=msg.top_k,
-        top_p=msg.top_p if msg.HasField("top_p") else _DEFAULTS.top_p,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        ignore_eos=msg.ignore_eos,
-    )
+    return SamplingParams(**{f.name: _field_from_pb(msg, f.name, f.default) for f in PARAMS})
+
+
+def _field_from_pb(msg: Message, name: str, default: object) -> object:
+    field = msg.DESCRIPTOR.fields_by_name[name]
+    if field.is_repeated:
+        return tuple(getattr(msg, name))
+    if field.has_presence and not msg.HasField(name):
+        return default
+    return getattr(msg, name)
 
 
 # --- StepPlan <-> StageRequest -------------------------------------------------------------
 
-_NO_SAMPLE = SampleSpec(temperature=0.0, top_k=0, top_p=0.0, seed=0, index=0)
+_SAMPLE_COLUMNS = tuple(SAMPLE_FIELDS)
+"""The StageRequest column of each SampleSpec field, in its order; read where ``sample`` is set."""
+_NO_SAMPLE = SampleSpec(**dict.fromkeys(_SAMPLE_COLUMNS, 0))
 """The zeros written into the sampling columns of a chunk that does not sample."""
-_PLAN_COLUMNS = ("starts", "lengths", "sample", "temperature", "top_k", "top_p", "seed", "index")
+_PLAN_COLUMNS = ("starts", "lengths", "sample", *_SAMPLE_COLUMNS)
 
 
 def plan_to_pb(plan: StepPlan, hidden: tensor_pb2.Tensor | None = None) -> stage_pb2.StageRequest:
@@ -103,14 +104,10 @@ def plan_to_pb(plan: StepPlan, hidden: tensor_pb2.Tensor | None = None) -> stage
         seq_ids=[c.seq_id for c in chunks],
         starts=[c.start for c in chunks],
         lengths=[len(c.token_ids) for c in chunks],
-        token_ids=pack_int64(t for c in chunks for t in c.token_ids),
+        token_ids=pack_int64(itertools.chain.from_iterable(c.token_ids for c in chunks)),
         sample=[c.sample is not None for c in chunks],
-        temperature=[s.temperature for s in specs],
-        top_k=[s.top_k for s in specs],
-        top_p=[s.top_p for s in specs],
-        seed=[s.seed for s in specs],
-        index=[s.index for s in specs],
         free=plan.free,
+        **{name: [getattr(s, name) for s in specs] for name in _SAMPLE_COLUMNS},
     )
     if hidden is not None:
         msg.hidden.CopyFrom(hidden)
@@ -128,18 +125,17 @@ def plan_from_pb(msg: stage_pb2.StageRequest) -> StepPlan:
     tokens = unpack_int64(msg.token_ids) if msg.HasField("token_ids") else array("q")
     if len(tokens) != sum(msg.lengths):
         raise ValueError(f"StageRequest token_ids has {len(tokens)} ids, lengths add up to {sum(msg.lengths)}")
-    chunks, offset = [], 0
-    for i in range(n):
-        end = offset + msg.lengths[i]
-        chunks.append(SeqChunk(msg.seq_ids[i], msg.starts[i], tuple(tokens[offset:end]), _sample_spec(msg, i)))
-        offset = end
-    return StepPlan(step_id=msg.step_id, chunks=tuple(chunks), free=tuple(msg.free))
+    ends = itertools.accumulate(msg.lengths)
+    specs = zip(*(getattr(msg, name) for name in _SAMPLE_COLUMNS))
+    chunks = tuple(
+        SeqChunk(seq, start, tuple(tokens[end - length : end]), _spec(spec) if sample else None)
+        for seq, start, length, end, sample, spec in zip(msg.seq_ids, msg.starts, msg.lengths, ends, msg.sample, specs)
+    )
+    return StepPlan(step_id=msg.step_id, chunks=chunks, free=tuple(msg.free))
 
 
-def _sample_spec(msg: stage_pb2.StageRequest, i: int) -> SampleSpec | None:
-    if not msg.sample[i]:
-        return None
-    return SampleSpec(msg.temperature[i], msg.top_k[i], msg.top_p[i], msg.seed[i], msg.index[i])
+def _spec(values: tuple) -> SampleSpec:
+    return SampleSpec(**dict(zip(_SAMPLE_COLUMNS, values)))
 
 
 # --- StepResult <-> StageResponse, errors --------------------------------------------------
@@ -252,10 +248,8 @@ def chunk_from_pb(msg: gateway_pb2.GenerateResponse) -> GenerateChunk:
 
 _CHAIN_KEYS = ("id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting")
 _WORKER_KEYS = ("role", "chain", "stage", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s")
-_LOAD_KEYS = (
-    "queue_depth", "running_sequences", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed",
-    "step_latency_p50_s", "step_latency_p99_s", "micro_batches_per_s", "tokens_per_s", "bubble_fraction", "bytes_sent",
-)
+_LOAD_KEYS = tuple(f.name for f in dataclass_fields(WorkerLoad))
+"""The load's keys (``stagemesh.mesh.figures.WorkerLoad``), one WorkerLoad proto field each."""
 
 
 def status_to_pb(doc: dict) -> gateway_pb2.StatusResponse:
@@ -278,7 +272,7 @@ def _worker_to_pb(worker: dict) -> gateway_pb2.WorkerStatus:
     workers only) is ``{"<layer>:<expert>": rows}``."""
     fields = dict(_known(worker, (*_WORKER_KEYS, "layers", "experts", "load"), "worker"))
     start, end = fields.pop("layers", (0, 0))  # x.5: the boundary cuts layer x (StageSpec.bounds)
-    load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), (*_LOAD_KEYS, "expert_tokens"), "worker load"))
+    load = gateway_pb2.WorkerLoad(**_known(fields.pop("load", {}), _LOAD_KEYS, "worker load"))
     held = {int(layer): gateway_pb2.ExpertIds(ids=ids) for layer, ids in fields.pop("experts", {}).items()}
     union = sorted({e for ids in held.values() for e in ids.ids})
     return gateway_pb2.WorkerStatus(
@@ -310,7 +304,6 @@ def _worker_from_pb(msg: gateway_pb2.WorkerStatus) -> dict:
     worker = {k: getattr(msg, k) for k in _WORKER_KEYS}
     worker["layers"] = list(layer_bounds(msg.layer_start, msg.layer_end, msg.mlp_only_start, msg.attn_only_end))
     worker["experts"] = {str(layer): list(msg.layer_experts[layer].ids) for layer in sorted(msg.layer_experts)}
-    worker["load"] = {k: getattr(msg.load, k) for k in _LOAD_KEYS}
-    if msg.load.expert_tokens:  # expert workers only
-        worker["load"]["expert_tokens"] = dict(msg.load.expert_tokens)
+    numbers = {k: getattr(msg.load, k) for k in LOAD_NUMBERS}
+    worker["load"] = WorkerLoad(**numbers, expert_tokens=dict(msg.load.expert_tokens)).to_json()
     return worker

@@ -1,0 +1,258 @@
+"""Gateway startup and shutdown.
+
+Startup: connect to Redis and read the topology (both retried until present), start the gRPC
+server with health NOT_SERVING, wait until every stage of every chain answers its health
+check SERVING and its ``Info``, build one engine per chain, then turn health SERVING. From then
+on ``gateway.chain_health`` takes chains whose workers stop answering out of service and puts
+them back when they answer again, and requests of a failed chain resume on another
+(``gateway.failover``).
+SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
+``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
+
+The lifecycle itself is ``stagemesh.runtime.server.run``, shared with the workers; ``Gateway``
+is the gateway's part in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from gateway.chain_client import RemoteChain
+from gateway.chain_health import ChainWatch
+from gateway.experts import ExpertWatch
+from gateway.http import start_http
+from gateway.journal import JournalWriter
+from gateway.metrics import GatewayMetrics
+from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
+from gateway.servicer import GatewayServicer
+from gateway.status import StatusReporter
+from stagemesh.config import ModelConfig
+from stagemesh.errors import StagemeshError
+from stagemesh.mesh.store import Store, stage_worker_id
+from stagemesh.mesh.topology import Chain, Topology
+from stagemesh.runtime import health
+from stagemesh.runtime.health import HealthProbe
+from stagemesh.runtime.server import Role, WorkerServer, run
+from stagemesh.serving.engine import Engine
+from stagemesh.serving.scheduler import SchedulerConfig
+from stagemesh.tokenizer import Tokenizer, eos_token_ids
+from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+POLL_S = 0.5
+LOG_EVERY_S = 10.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """How one gateway process runs."""
+
+    redis_url: str
+    deployment: str = "default"
+    """Names the mesh's keys in Redis; the same as its workers'."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int | None = None
+    """Serve the dashboard (``/``), ``/api/status``, ``/metrics`` and ``/healthz`` over HTTP on this
+    port; None: no HTTP."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one micro-batch."""
+    max_num_seqs: int = 256
+    """Sequences in one micro-batch at most."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM, running calls get this long to finish before they are cancelled."""
+    failover_wait_s: float = FAILOVER_WAIT_S
+    """A running request whose chain failed waits this long for a healthy chain, then fails UNAVAILABLE."""
+    overlap: bool = True
+    """Overlap scheduling: one step more than the chain has stages goes out while they run,
+    its decodes taking the tokens still being sampled (``stagemesh.serving.scheduler``)."""
+
+
+async def serve(opts: GatewayOptions) -> None:
+    """Run the gateway until SIGTERM / SIGINT.
+
+    NOTE: its server keeps gRPC's default options (not the workers' ``SERVER_OPTIONS``): its
+    callers send prompts, not activations, and it always has.
+    """
+    await run(WorkerServer(GATEWAY_SERVICE, opts.shutdown_grace_s, options=()), Gateway(opts))
+
+
+class Gateway(Role):
+    """The gateway's parts, built by ``load`` and torn down (whatever exists) by ``drain`` and ``close``."""
+
+    def __init__(self, opts: GatewayOptions):
+        self.opts = opts
+        self.router = Router(failover_wait_s=opts.failover_wait_s)
+        self.store: Store | None = None
+        self.journal: JournalWriter | None = None
+        self.status: StatusReporter | None = None
+        self.metrics = GatewayMetrics()
+        self.probe = HealthProbe()
+        """One health client for every watched worker (chains and expert placement share it)."""
+        self._http = None
+        self._watch: asyncio.Task | None = None
+        self.chain_watch: ChainWatch | None = None
+        self.experts: ExpertWatch | None = None
+        """The chains' expert workers and their placement in Redis (None when the experts live in the stages)."""
+
+    async def load(self, server: WorkerServer) -> None:
+        """Redis and the topology (waited for), the server, every chain's workers serving, one engine per chain."""
+        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment))
+        topology = await _retry("read the topology", self._topology)
+        config = ModelConfig.from_dir(topology.model)
+        tokenizer = Tokenizer.from_dir(topology.model)
+        self.journal = JournalWriter(self.store)
+        self.journal.start()
+        self.status = StatusReporter(self.store, self.router, topology)
+        await self._start_server(server, GatewayServicer(self.router, self.journal, tokenizer, self.status, self.metrics))
+        experts = ExpertWatch(self.store, topology, self.probe)
+        if experts.replicas:
+            self.experts = experts
+            await experts.start()  # the placement in Redis; returns once every expert worker serves
+        for chain in topology.chains:
+            self.router.add(await build_chain(chain, config, tokenizer, self.store, self.opts))
+        self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe, self.experts)
+        self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
+
+    async def serve(self, server: WorkerServer) -> None:
+        await server.set_serving(True)
+        self.status.ready = True
+        logger.info("gateway ready on %s:%d with %d chain(s)", self.opts.host, self.opts.port, len(self.router.chains))
+
+    async def _topology(self) -> Topology:
+        topology = await self.store.get_topology()
+        if topology is None:
+            raise LookupError(f"no topology in Redis for deployment {self.opts.deployment!r} yet")
+        return topology
+
+    async def _start_server(self, server: WorkerServer, servicer: GatewayServicer) -> None:
+        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
+        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
+        if self.opts.http_port is not None:
+            self._http = await start_http(self.status, self.opts.host, self.opts.http_port, self.metrics)
+
+    async def drain(self) -> None:
+        logger.info("gateway stopping")
+        if self.status is not None:
+            self.status.ready = False
+
+    async def close(self) -> None:
+        """After ``server.stop(grace)``: the chain watch, the engines, the journal, HTTP, Redis."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self.probe.close()
+        for handle in self.router.chains:
+            await handle.engine.stop()
+            await handle.remote.close()
+        if self.journal is not None:
+            await self.journal.stop()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.store is not None:
+            await self.store.close()
+
+
+# --- chains ------------------------------------------------------------------------------
+
+
+async def build_chain(
+    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions
+) -> ChainHandle:
+    """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
+    chain_id, stages = chain.index, chain.stages
+    addresses = tuple(s.address for s in stages)
+    infos = await asyncio.gather(*(wait_for_stage(a) for a in addresses))
+    for stage, info in zip(stages, infos):
+        if (info.chain, info.stage) != (chain_id, stage.index):
+            raise ValueError(
+                f"the worker at {stage.address} serves chain {info.chain} stage {info.stage}, "
+                f"but the topology puts chain {chain_id} stage {stage.index} there"
+            )
+    await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
+    sched = scheduler_config(infos, config, tokenizer, opts)
+
+    def renew() -> tuple[RemoteChain, Engine]:
+        remote = RemoteChain(chain_id, addresses[0])
+        return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
+
+    remote, engine = renew()
+    engine.start()
+    logger.info("chain %d: %d stages, %d KV blocks of %d tokens", chain_id, len(stages), sched.num_blocks, sched.block_size)
+    return ChainHandle(chain_id, remote, engine, addresses, renew)
+
+
+def scheduler_config(
+    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
+) -> SchedulerConfig:
+    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage
+    (plus a lookahead one with overlap scheduling)."""
+    block_sizes = {info.block_size for info in infos}
+    if len(block_sizes) != 1:
+        raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
+    return SchedulerConfig(
+        block_size=block_sizes.pop(),
+        num_blocks=min(info.num_kv_blocks for info in infos),
+        max_num_seqs=opts.max_num_seqs,
+        max_num_batched_tokens=opts.max_num_batched_tokens,
+        num_slots=len(infos),
+        max_model_len=config.max_position_embeddings,
+        eos_token_ids=eos_token_ids(config, tokenizer),
+        overlap=opts.overlap,
+    )
+
+
+async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
+    """The stage's Info, once its health check answers SERVING (retried until it does)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stage = stage_pb2_grpc.StageStub(channel)
+
+        async def ready() -> stage_pb2.StageInfo:
+            status = await health.status(channel, timeout_s=2.0)
+            if status != health.SERVING:
+                raise LookupError(f"its health is {health.status_name(status)}")
+            return await stage.Info(tensor_pb2.InfoRequest(), timeout=5.0)
+
+        return await _retry(f"reach the stage worker at {address}", ready)
+
+
+async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
+    alive = {w.worker_id for w in await store.list_workers() if w.alive}
+    ids = (stage_worker_id(chain_id, stage) for stage in range(num_stages))
+    missing = [worker_id for worker_id in ids if worker_id not in alive]
+    if missing:
+        raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
+
+
+# --- waiting -----------------------------------------------------------------------------
+
+
+async def _retry(what: str, attempt) -> T:
+    """``await attempt()`` until it succeeds, logging why not every LOG_EVERY_S seconds."""
+    loop = asyncio.get_running_loop()
+    next_log = loop.time() + LOG_EVERY_S
+    while True:
+        try:
+            return await attempt()
+        except (StagemeshError, LookupError, grpc.RpcError) as err:
+            if loop.time() >= next_log:
+                logger.info("still waiting to %s: %s", what, _reason(err))
+                next_log = loop.time() + LOG_EVERY_S
+        await asyncio.sleep(POLL_S)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)

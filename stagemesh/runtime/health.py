@@ -1,0 +1,77 @@
+"""The mesh's one ``grpc.health.v1`` client: does the server at an address answer SERVING?
+
+``serving`` (async) and ``serving_sync`` (blocking: the launcher, ``stagemesh health``) open a
+channel per check; ``HealthProbe`` keeps one per address for a watcher that checks the same
+workers every second (the gateway); ``status`` is the bare call on a channel the caller holds.
+Every check has a deadline: a server that does not answer in time is not serving.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CHECK_TIMEOUT_S = 1.0
+
+
+def _check(channel: grpc.Channel | grpc.aio.Channel, service: str, timeout_s: float):
+    """The ``Health.Check`` call: its reply on a blocking channel, an awaitable of it on an aio one."""
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+
+
+def status_name(status: int) -> str:
+    """``SERVING``, ``NOT_SERVING``, ... for a ``HealthCheckResponse.ServingStatus``."""
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+async def status(channel: grpc.aio.Channel, *, service: str = "", timeout_s: float = CHECK_TIMEOUT_S) -> int:
+    """The ``ServingStatus`` the server behind ``channel`` reports for ``service`` ("" = the whole
+    server); ``grpc.RpcError`` when it does not answer within ``timeout_s``."""
+    return (await _check(channel, service, timeout_s)).status
+
+
+async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
+    """Whether the server at ``address`` answers SERVING (service "") within ``timeout_s``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            return await status(channel, timeout_s=timeout_s) == SERVING
+        except grpc.RpcError:
+            return False
+
+
+def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
+    """``serving``, blocking."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return _check(channel, "", timeout_s).status == SERVING
+        except grpc.RpcError:
+            return False
+
+
+class HealthProbe:
+    """Checks workers' health over one cached channel per address."""
+
+    def __init__(self, timeout_s: float = CHECK_TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def serving(self, address: str) -> bool:
+        """Whether the worker at ``address`` answers SERVING within the timeout."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        try:
+            return await status(channel, timeout_s=self.timeout_s) == SERVING
+        except grpc.RpcError:
+            # NOTE: a fresh channel next time: this one may sit in reconnect backoff long after the worker is back.
+            del self._channels[address]
+            await channel.close()
+            return False
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,38 @@
+"""Addresses and ports of the mesh's processes: which port is free, where a worker binds.
+
+Standard library only, so the launcher and the CLI import it without gRPC.
+"""
+
+from __future__ import annotations
+
+import socket
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_of(address: str) -> int:
+    """The port of ``host:port`` (``[v6]:port`` included)."""
+    _, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return int(port)
+
+
+def default_host(address: str) -> str:
+    """Bind where the topology says peers reach us: loopback stays loopback, else every interface."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host not in LOOPBACK_HOSTS:
+        return "[::]"
+    return f"[{host}]" if ":" in host else host
+
+
+def bind_address(host: str | None, address: str) -> str:
+    """Where a worker listens: ``host`` (its ``--host``) or ``default_host``, on its topology address's port."""
+    return f"{host or default_host(address)}:{port_of(address)}"
