@@ -1,28 +1,29 @@
 """One request's token stream across chains: from the chain it was admitted to, and on from
 where it was on another chain when that one fails.
 
-NOTE: exactly once, in order. Tokens reach the client only through ``resumable_events``,
-which records each one (``emitted`` and the journal) as it passes. When the engine raises
-UNAVAILABLE (a step of the request failed, or its chain left service and its engine stopped),
-the tokens the client has seen are exactly ``emitted``. The request is then re-admitted to a
-healthy chain (``Router.fail_over``) as ``Request(resume_token_ids=emitted)``, read back from
-the journal (prompt, parameters with the seed, tokens so far): the scheduler re-prefills prompt
-+ emitted and samples on from index ``len(emitted)`` with the same seed, so the next token is
-the one the failed chain would have given next (greedy or seeded), and none is repeated. The
-engine stays unaware of all this: it only ever sees new requests. A Cancel that arrives while
-the request is between chains (``Router.abort``) ends it there with CANCELLED.
+NOTE: exactly once, in order. Tokens reach the request's consumer only through ``Follower``,
+which records each one (``emitted`` and the journal) as it passes. When the engine ends the
+request with UNAVAILABLE (a step of it failed, or its chain left service and its engine
+stopped), the tokens the consumer has seen are exactly ``emitted``. The request is then
+re-admitted to a healthy chain (``Router.fail_over``) as ``Request(resume_token_ids=emitted)``,
+read back from the journal (prompt, parameters with the seed, tokens so far): the scheduler
+re-prefills prompt + emitted and samples on from index ``len(emitted)`` with the same seed, so
+the next token is the one the failed chain would have given next (greedy or seeded), and none
+is repeated. The engines stay unaware of all this: they only ever see new requests. A Cancel
+that arrives while the request is between chains (``Router.abort``) ends it there with
+CANCELLED.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from gateway.journal import JournalWriter, params_doc, params_from_doc
-from gateway.router import Router
-from stagemesh.errors import Unavailable
+from gateway.router import ChainHandle, Router
+from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.serving.types import Request, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -31,43 +32,99 @@ MAX_RESUMES = 8
 """Chains one request may fail over to before it fails UNAVAILABLE for good."""
 
 
-async def resumable_events(
-    router: Router, journal: JournalWriter, request: Request, admitted: Callable[[int], None] = lambda chain: None
-) -> AsyncIterator[TokenEvent]:
-    """The request's token events, failing over between chains (see the module NOTE).
+class Follower:
+    """Follows one request across chains; ``emit`` gets its token events, each once and in order,
+    then ``end`` is called once: with None when it finished, else with the error that ended it."""
 
-    ``admitted(chain)`` is called once the first chain is chosen. Unavailable when no chain
-    is healthy (at once for a new request, after ``Router.failover_wait_s`` for a running one).
-    """
-    rid = request.request_id
-    chain = router.admit(rid)
-    admitted(chain.chain_id)
-    # NOTE: the engine validates at the first __anext__, synchronously, so a refused request's
-    # open and close land in the same journal window and cancel out: it never reaches Redis.
-    journal.open(rid, list(request.prompt_token_ids), params_doc(request.params), chain.chain_id)
-    emitted: list[int] = []
-    try:
-        for resumes in range(MAX_RESUMES + 1):
-            engine = chain.engine
-            try:
-                async with contextlib.aclosing(engine.generate(request)) as events:
-                    async for event in events:
-                        if event.token_id is not None:
-                            emitted.append(event.token_id)
-                            journal.append(rid, event.token_id)
-                        yield event
+    def __init__(
+        self,
+        router: Router,
+        journal: JournalWriter,
+        request: Request,
+        emit: Callable[[TokenEvent], None],
+        end: Callable[[StagemeshError | None], None],
+        admitted: Callable[[int], None] = lambda chain: None,
+    ):
+        self.router, self.journal, self.request = router, journal, request
+        self.emit, self.end, self.admitted = emit, end, admitted
+        self.emitted: list[int] = []
+        self.chain: ChainHandle | None = None
+        self._engine = None
+        self._resumes = 0
+        self._moving: asyncio.Task | None = None
+        self._ended = False
+
+    def start(self) -> None:
+        """Admit the request to a chain and queue it there; a refusal (no healthy chain, a bad
+        request, a running id) raises here and nothing is left behind."""
+        rid = self.request.request_id
+        chain = self.router.admit(rid)
+        # NOTE: the engine validates in ``add``, so a refused request's open and close land in the
+        # same journal window and cancel out: it never reaches Redis.
+        self.journal.open(rid, list(self.request.prompt_token_ids), params_doc(self.request.params), chain.chain_id)
+        try:
+            self._run_on(chain, self.request)
+        except BaseException:
+            self.journal.close(rid)
+            self.router.release(rid)
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the request wherever it is (running, waiting, or between chains)."""
+        if not self._ended:
+            self.router.abort(self.request.request_id)
+
+    def _run_on(self, chain: ChainHandle, request: Request) -> None:
+        self.chain, self._engine = chain, chain.engine
+        chain.engine.add(request, self._consume)
+        self.admitted(chain.chain_id)
+
+    def _consume(self, item: TokenEvent | StagemeshError) -> None:
+        if isinstance(item, TokenEvent):
+            if item.token_id is not None:
+                self.emitted.append(item.token_id)
+                self.journal.append(self.request.request_id, item.token_id)
+            self.emit(item)
+            if item.finish_reason is not None:
+                self._finish(None)
+        elif isinstance(item, Unavailable):
+            self._moving = asyncio.get_running_loop().create_task(self._fail_over(item))
+        else:
+            self._finish(item)
+
+    async def _fail_over(self, err: Unavailable) -> None:
+        """Move the request to another chain (again, if the next one fails it at once)."""
+        rid = self.request.request_id
+        while True:
+            if self._resumes == MAX_RESUMES:
+                self._finish(Unavailable(f"request {rid!r} failed on {self._resumes + 1} chains; the last: {err.message}"))
                 return
-            except Unavailable as err:
-                if resumes == MAX_RESUMES:
-                    raise Unavailable(f"request {rid!r} failed on {resumes + 1} chains; the last: {err.message}") from err
-                logger.warning("request %s: chain %d failed after %d tokens (%s); resuming it on another chain",
-                               rid, chain.chain_id, len(emitted), err.message)
-                chain = await router.fail_over(rid, chain, engine, err.message)
-                request = await resumed(journal, request, emitted, chain.chain_id)
-                router.raise_if_cancelled(rid)
-    finally:
-        journal.close(rid)
-        router.release(rid)
+            self._resumes += 1
+            logger.warning("request %s: chain %d failed after %d tokens (%s); resuming it on another chain",
+                           rid, self.chain.chain_id, len(self.emitted), err.message)
+            try:
+                chain = await self.router.fail_over(rid, self.chain, self._engine, err.message)
+                request = await resumed(self.journal, self.request, self.emitted, chain.chain_id)
+                self.router.raise_if_cancelled(rid)
+            except StagemeshError as failure:  # no healthy chain in time, or cancelled meanwhile
+                self._finish(failure)
+                return
+            try:
+                self._run_on(chain, request)
+                return
+            except Unavailable as again:  # that chain's engine stopped meanwhile: on to the next
+                err = again
+            except StagemeshError as failure:
+                self._finish(failure)
+                return
+
+    def _finish(self, err: StagemeshError | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.journal.close(self.request.request_id)
+        self.router.release(self.request.request_id)
+        self.end(err)
 
 
 async def resumed(journal: JournalWriter, request: Request, emitted: list[int], chain: int) -> Request:

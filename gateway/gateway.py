@@ -1,4 +1,6 @@
-"""Gateway startup and shutdown.
+"""Gateway startup and shutdown. The gateway schedules: its callers are the frontends
+(``frontend/``), which own the client-facing APIs, over the ``Scheduling`` service
+(``gateway.scheduling``, ``gateway.hub``).
 
 Startup: connect to Redis and read the topology (both retried until present), start the gRPC
 server with health NOT_SERVING, wait until every stage of every chain answers its health
@@ -28,10 +30,11 @@ from gateway.chain_client import RemoteChain
 from gateway.chain_health import ChainWatch
 from gateway.experts import ExpertWatch
 from gateway.http import start_http
+from gateway.hub import FrontendHub
 from gateway.journal import JournalWriter
 from gateway.metrics import GatewayMetrics
 from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
-from gateway.servicer import GatewayServicer
+from gateway.scheduling import SchedulingServicer
 from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
@@ -43,11 +46,14 @@ from stagemesh.runtime.server import Role, WorkerServer, run
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
 from stagemesh.tokenizer import Tokenizer, eos_token_ids
-from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+from stagemesh.v1 import scheduling_pb2, scheduling_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].full_name
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+"""gRPC's defaults (its callers send token ids, not activations), but a port another process holds is
+an error here, never a port shared with it."""
 POLL_S = 0.5
 LOG_EVERY_S = 10.0
 
@@ -63,6 +69,7 @@ class GatewayOptions:
     """Names the mesh's keys in Redis; the same as its workers'."""
     host: str = "127.0.0.1"
     port: int = 50051
+    """gRPC port of the ``Scheduling`` service, which the frontends connect to."""
     http_port: int | None = None
     """Serve the dashboard (``/``), ``/api/status``, ``/metrics`` and ``/healthz`` over HTTP on this
     port; None: no HTTP."""
@@ -80,12 +87,8 @@ class GatewayOptions:
 
 
 async def serve(opts: GatewayOptions) -> None:
-    """Run the gateway until SIGTERM / SIGINT.
-
-    NOTE: its server keeps gRPC's default options (not the workers' ``SERVER_OPTIONS``): its
-    callers send prompts, not activations, and it always has.
-    """
-    await run(WorkerServer(GATEWAY_SERVICE, opts.shutdown_grace_s, options=()), Gateway(opts))
+    """Run the gateway until SIGTERM / SIGINT."""
+    await run(WorkerServer(SCHEDULING_SERVICE, opts.shutdown_grace_s, options=SERVER_OPTIONS), Gateway(opts))
 
 
 class Gateway(Role):
@@ -115,7 +118,8 @@ class Gateway(Role):
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
-        await self._start_server(server, GatewayServicer(self.router, self.journal, tokenizer, self.status, self.metrics))
+        hub = FrontendHub(self.router, self.journal, self.metrics)
+        await self._start_server(server, SchedulingServicer(hub, self.status))
         experts = ExpertWatch(self.store, topology, self.probe)
         if experts.replicas:
             self.experts = experts
@@ -136,8 +140,8 @@ class Gateway(Role):
             raise LookupError(f"no topology in Redis for deployment {self.opts.deployment!r} yet")
         return topology
 
-    async def _start_server(self, server: WorkerServer, servicer: GatewayServicer) -> None:
-        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
+    async def _start_server(self, server: WorkerServer, servicer: SchedulingServicer) -> None:
+        add_servicer = partial(scheduling_pb2_grpc.add_SchedulingServicer_to_server, servicer)
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
         if self.opts.http_port is not None:
             self._http = await start_http(self.status, self.opts.host, self.opts.http_port, self.metrics)

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", required=True, help="redis://host:port/db holding the mesh's topology and registry")
     p.add_argument("--deployment", default="default", help="the mesh's name in Redis (same as its workers')")
     p.add_argument("--host", default="127.0.0.1", help="interface the gRPC (and HTTP) server binds")
-    p.add_argument("--port", type=int, required=True, help="gRPC port of the Gateway service")
+    p.add_argument("--port", type=int, required=True, help="gRPC port of the Scheduling service (the frontends connect)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the dashboard (/), /api/status, /metrics and /healthz over HTTP here")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")

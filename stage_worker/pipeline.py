@@ -25,6 +25,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Callable
 
+import torch
+
 from stage_worker.decode import StageStep, encode_step
 from stage_worker.downstream import DownstreamLink
 from stage_worker.feedback import SampledTokens
@@ -198,6 +200,7 @@ class StagePipeline:
             self._sampled.expect(step.plan)
         t_start = time.time()
         out = self.stage.step(step)
+        wait_computed(out)
         t_end = time.time()
         self.figures.record(t_start, t_end, step.plan.num_tokens)
         if self.place.spec.is_last:
@@ -228,6 +231,14 @@ class StagePipeline:
             return
         if self._sampled is not None:
             reply.add_done_callback(lambda done: self._sampled.land(plan.step_id, _tokens(done.result())))
+
+
+def wait_computed(out) -> None:
+    """Returns once a step's output is computed. NOTE: CUDA kernels run after the call that
+    launched them returns; without this wait a GPU stage's busy time would be its launch time
+    (the copy to the wire waits for them anyway, a moment later)."""
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        torch.cuda.synchronize(out.device)
 
 
 def _tokens(response: stage_pb2.StageResponse) -> dict[int, int] | None:

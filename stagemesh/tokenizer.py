@@ -1,12 +1,13 @@
 """Text <-> token ids for a checkpoint's ``tokenizer.json``, and streaming detokenization.
 
-Torch-free: the gateway tokenizes prompts and detokenizes the tokens it streams back.
+Torch-free: the frontends tokenize prompts and detokenize the tokens they stream back.
 Built on the ``tokenizers`` library (the Rust tokenizer that ``tokenizer.json`` belongs to).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
@@ -67,10 +68,16 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with BOS when the tokenizer asks for it (see the class doc)."""
-        if self.add_bos_token is False:
-            return self._backend.encode(text, add_special_tokens=False).ids
-        ids = self._backend.encode(text, add_special_tokens=True).ids
+        """Token ids of ``text``, with BOS when the tokenizer asks for it (see the class doc).
+
+        NOTE: through ``encode_batch``, which releases the GIL while the Rust side works (plain
+        ``encode`` holds it): called on a worker thread, a 3 MB prompt (2.9 s to encode) then
+        stalls the event loop for ~55 ms (converting 1.35 M ids to a list), not 2.8 s.
+        """
+        special = self.add_bos_token is not False
+        ids = self._backend.encode_batch([text], add_special_tokens=special)[0].ids
+        if not special:
+            return ids
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
         return ids
@@ -123,7 +130,11 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes ("" while a character is unfinished)."""
-        self._ids.append(token_id)
+        return self.push_many((token_id,))
+
+    def push_many(self, token_ids: Iterable[int]) -> str:
+        """Adds several tokens at once (two decodes, however many); returns the text they complete."""
+        self._ids.extend(token_ids)
         shown = self._decode(self._ids[self._prefix : self._read])
         text = self._decode(self._ids[self._prefix :])
         if len(text) <= len(shown) or text.endswith(REPLACEMENT_CHAR):

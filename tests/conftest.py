@@ -16,3 +16,26 @@ def redis_url():
     """
     with start_local_redis() as server:
         yield server.url
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips every ``gpu``-marked test, saying why, where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = _no_cuda_reason()
+    if reason is None:
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _no_cuda_reason() -> str | None:
+    """Why the CUDA tests cannot run here, or None when they can."""
+    import torch  # only when gpu tests were collected: the torch-free test packages stay torch-free
+
+    if torch.version.cuda is None:
+        return f"needs a CUDA device: this torch ({torch.__version__}) is a CPU-only build; see scripts/gpu_check.sh"
+    if not torch.cuda.is_available():
+        return f"needs a CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+    return None

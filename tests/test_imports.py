@@ -25,7 +25,7 @@ def _loaded_after_import(modules: list[str]) -> set[str]:
     return {name.split(".")[0] for name in out.split()}
 
 
-TORCH_FREE = ["stagemesh", "stagemesh.client", "stagemesh.serving", "gateway"]
+TORCH_FREE = ["stagemesh", "stagemesh.client", "stagemesh.serving", "gateway", "frontend"]
 
 
 @pytest.mark.parametrize("package", TORCH_FREE)
@@ -49,7 +49,7 @@ def test_only_the_store_imports_redis():
     assert offenders == []
 
 
-ROLES = ("gateway", "stage_worker", "expert_worker")
+ROLES = ("gateway", "frontend", "stage_worker", "expert_worker")
 """The role packages: each imports the library, never the reverse."""
 
 
@@ -79,3 +79,7 @@ def test_the_library_imports_no_role_package():
 
 def test_the_expert_worker_does_not_import_the_stage_worker():
     assert _importers("expert_worker", ("stage_worker",)) == []
+
+
+def test_the_gateway_and_its_frontends_talk_only_over_the_wire():
+    assert _importers("gateway", ("frontend",)) + _importers("frontend", ("gateway", "stage_worker", "expert_worker")) == []

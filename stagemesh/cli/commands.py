@@ -23,6 +23,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per input line, in input order")
     local = p.add_argument_group("in-process engine (--model)")
     local.add_argument("--pp", type=int, default=1, help="pipeline stages, run in this process")
+    local.add_argument("--device", default="cpu", help="torch device of every stage, e.g. cpu, cuda, cuda:1")
     local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     local.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
     local.add_argument("--block-size", type=int, default=16)
@@ -39,6 +40,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         engine = InProcessEngine(
             args.model,
             pp=args.pp,
+            device=args.device,
             dtype=args.dtype,
             num_kv_blocks=args.kv_blocks,
             block_size=args.block_size,
@@ -71,7 +73,9 @@ def _up_args(p: argparse.ArgumentParser) -> None:
                    help="leave the worker processes unbound (by default each gets cores of its own when there are enough)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
-    p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--port", type=int, default=50051, help="client gRPC port, shared by the frontends")
+    p.add_argument("--frontends", type=int, default=None,
+                   help="frontend processes serving clients on --port (default: one per 8 cores, 1 to 4)")
     p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port: dashboard (/), /api/status, /metrics")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
@@ -96,6 +100,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         http_port=args.http_port,
+        frontends=args.frontends,
         redis_url=args.redis_url,
         deployment=args.deployment,
         dtype=args.dtype,

@@ -27,6 +27,7 @@ class InProcessEngine:
         model_dir: str | Path,
         *,
         pp: int = 1,
+        device: str = "cpu",
         dtype: str | None = None,
         num_kv_blocks: int | None = None,
         block_size: int = 16,
@@ -38,7 +39,9 @@ class InProcessEngine:
 
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.chain = LocalChain.load(model_dir, pp, dtype=dtype, num_kv_blocks=num_kv_blocks, block_size=block_size)
+        self.chain = LocalChain.load(
+            model_dir, pp, device=device, dtype=dtype, num_kv_blocks=num_kv_blocks, block_size=block_size
+        )
         self.scheduler_config = SchedulerConfig(
             block_size=block_size,
             num_blocks=self.chain.num_kv_blocks,

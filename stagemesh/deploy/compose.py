@@ -14,6 +14,9 @@ from typing import Any
 from stagemesh.deploy.compose_plan import DEFAULT_GPUS, Host, Layout, Worker, in_container, plan, workers
 
 GATEWAY_PORT = 50051
+"""The client port (``stagemesh.v1.Gateway``) inside a frontend's container."""
+SCHEDULING_PORT = 50052
+"""The gateway's ``Scheduling`` port, which the frontends reach (not published)."""
 HTTP_PORT = 8080
 """The gateway's HTTP port inside its container (``deploy/prometheus.yml`` scrapes ``gateway:8080``)."""
 REDIS_PORT = 6379
@@ -41,7 +44,10 @@ class Render:
     for_host: str | None = None
     """With ``hosts``: render this host's file (default: the first host's)."""
     port: int = GATEWAY_PORT
-    """Host port of the gateway's gRPC."""
+    """Host port of the client gRPC (the first frontend's; replica ``i`` publishes ``port + i``)."""
+    frontends: int = 1
+    """Replicas of the frontend service (``docker compose up --scale frontend=N`` changes it later,
+    within the published port range)."""
     http_port: int = HTTP_PORT
     """Host port of the gateway's HTTP (dashboard, /metrics)."""
 
@@ -83,6 +89,7 @@ def compose_document(layout: Layout, how: Render) -> dict[str, Any]:
         services[worker.name] = _worker(worker, layout, how, redis_url, local=here == first)
     if here == first:
         services["gateway"] = _gateway(layout, how, [w.name for w in mine])
+        services["frontend"] = _frontend(layout, how)
         services["prometheus"] = _prometheus()
         services["grafana"] = _grafana()
     doc: dict[str, Any] = {"name": "stagemesh", "services": services}
@@ -149,12 +156,29 @@ def _gateway(layout: Layout, how: Render, local_workers: list[str]) -> dict[str,
     return {
         "image": how.image,
         "command": ["python", "-m", "gateway", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
-                    "--deployment", layout.deployment, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+                    "--deployment", layout.deployment, "--host", "0.0.0.0", "--port", str(SCHEDULING_PORT),
                     "--http-port", str(HTTP_PORT)],
-        "ports": [f"{how.port}:{GATEWAY_PORT}", f"{how.http_port}:{HTTP_PORT}"],
+        "ports": [f"{how.http_port}:{HTTP_PORT}"],
         "volumes": [_model_volume(how)],
-        "healthcheck": _health(f"127.0.0.1:{GATEWAY_PORT}"),
+        "healthcheck": _health(f"127.0.0.1:{SCHEDULING_PORT}"),
         "depends_on": depends,
+        "restart": "unless-stopped",
+    }
+
+
+def _frontend(layout: Layout, how: Render) -> dict[str, Any]:
+    """The client-facing service: ``how.frontends`` replicas, each on its own host port of a range."""
+    published = str(how.port) if how.frontends == 1 else f"{how.port}-{how.port + how.frontends - 1}"
+    return {
+        "image": how.image,
+        "command": ["python", "-m", "frontend", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
+                    "--deployment", layout.deployment, "--gateway", f"gateway:{SCHEDULING_PORT}",
+                    "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--topology-wait-s", TOPOLOGY_WAIT_S],
+        "ports": [f"{published}:{GATEWAY_PORT}"],
+        "volumes": [_model_volume(how)],
+        "deploy": {"replicas": how.frontends},
+        "healthcheck": _health(f"127.0.0.1:{GATEWAY_PORT}"),
+        "depends_on": {"gateway": {"condition": "service_healthy"}},
         "restart": "unless-stopped",
     }
 
@@ -252,7 +276,9 @@ def add_compose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=Render.image, help="the stagemesh image every service runs")
     p.add_argument("--model-mount", default=None, help="host directory mounted at /model (default: --model)")
     p.add_argument("--for-host", default=None, help="with --hosts: print this host's file (its workers only)")
-    p.add_argument("--port", type=int, default=GATEWAY_PORT, help="host port of the gateway's gRPC")
+    p.add_argument("--port", type=int, default=GATEWAY_PORT,
+                   help="host port of the client gRPC (frontend replica i publishes --port + i)")
+    p.add_argument("--frontends", type=int, default=Render.frontends, help="replicas of the frontend service")
     p.add_argument("--http-port", type=int, default=HTTP_PORT, help="host port of the gateway's dashboard and /metrics")
 
 
@@ -283,7 +309,7 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
 def run_compose(args: argparse.Namespace) -> int:
     """`stagemesh compose`: print the compose file."""
     how = Render(image=args.image, model_mount=_relative(args.model_mount or args.model), for_host=args.for_host,
-                 port=args.port, http_port=args.http_port)
+                 port=args.port, frontends=args.frontends, http_port=args.http_port)
     print(render(layout_from_args(args), how), end="")
     return 0
 

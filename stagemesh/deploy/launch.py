@@ -1,13 +1,16 @@
-"""`stagemesh up`: plan a layout, start Redis, the stage workers and the gateway, stop them all.
+"""`stagemesh up`: plan a layout, start Redis, the stage workers, the gateway and the frontends,
+stop them all.
 
-NOTE: every worker is a separate local process (`python -m stage_worker`, `python -m gateway`)
+NOTE: every worker is a separate local process (`python -m stage_worker`, `python -m gateway`,
+`python -m frontend`)
 exactly as compose would run them, so `up` exercises the real mesh. The launcher writes the
 planned topology to Redis; workers and the gateway read it from there. Children get
 PR_SET_PDEATHSIG so they die with the launcher even when it is SIGKILLed.
 
 Supervision: once the mesh is ready, a stage or expert worker that exits is started again
 with the same arguments (so on the same port), after a backoff (``stagemesh.deploy.supervise``); it
-registers again and the gateway puts its chain back in service. The gateway is not restarted:
+registers again and the gateway puts its chain back in service. A frontend that exits is
+started again the same way (its clients retry on the others meanwhile). The gateway is not restarted:
 its exit stops the whole mesh. ``restart=False`` (``--no-restart``) stops the mesh when a
 worker exits instead, except an expert worker whose experts all have other replicas.
 """
@@ -40,7 +43,7 @@ from stagemesh.mesh.store import Store, expert_worker_id, stage_worker_id
 from stagemesh.mesh.topology import Chain, ExpertWorker, Stage, Topology
 from stagemesh.runtime import cpus
 from stagemesh.runtime.health import serving_sync
-from stagemesh.runtime.net import free_port
+from stagemesh.runtime.net import free_port, port_in_use
 from stagemesh.runtime.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,11 @@ class UpOptions:
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 50051
+    """The client port, served by every frontend (``stagemesh.v1.Gateway``)."""
     http_port: int | None = None
+    """The gateway's HTTP port (dashboard, ``/api/status``, ``/metrics``); None: none."""
+    frontends: int | None = None
+    """Frontend processes sharing the client port; None: ``default_frontends()`` for this host."""
     redis_url: str | None = None
     deployment: str = "default"
     dtype: str | None = None
@@ -160,6 +167,12 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def default_frontends() -> int:
+    """One frontend per 8 cores this process may use, at least 1 and at most 4: a frontend
+    streams thousands of tokens per second per core, and the cores are the model's first."""
+    return max(1, min(4, len(cpus.available()) // 8))
+
+
 class Mesh:
     """The processes of one `stagemesh up`."""
 
@@ -177,12 +190,22 @@ class Mesh:
         """Children that exited for good (spare ones, and workers given up on)."""
         self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.frontends = opts.frontends if opts.frontends is not None else default_frontends()
+        if self.frontends < 1:
+            raise ValueError(f"frontends={self.frontends}: a mesh needs at least one frontend to serve clients")
 
     @property
     def gateway_address(self) -> str:
+        """Where clients reach the mesh: the frontends' shared port."""
         return f"{self.opts.host}:{self.opts.port}"
 
     def start(self) -> Topology:
+        for port in (self.opts.port, self.opts.http_port):
+            if port and port_in_use(self.opts.host, port):
+                raise RuntimeError(
+                    f"port {port} on {self.opts.host} is already in use (another stagemesh up?); "
+                    "stop that process or choose another --port / --http-port"
+                )
         topology = plan_topology(self.opts)
         if self.redis_url is None:
             self.redis = start_local_redis(data_dir=self.log_dir / "redis")
@@ -205,12 +228,17 @@ class Mesh:
             self._spawn(name, module, *args, "--threads", str(threads), *bound)
             if module == "expert_worker" and self.opts.expert_replicas > 1:
                 self.spare.add(name)
-        gateway_args = ["--host", self.opts.host, "--port", str(self.opts.port)]
+        scheduling = f"{self.opts.host}:{free_port()}"
+        gateway_args = ["--host", self.opts.host, "--port", scheduling.rpartition(":")[2]]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
         if not self.opts.overlap:
             gateway_args.append("--no-overlap")
         self._spawn("gateway", "gateway", *gateway_args)
+        for i in range(self.frontends):
+            name = f"frontend-{i}"
+            self._spawn(name, "frontend", "--gateway", scheduling, "--host", self.opts.host, "--port",
+                        str(self.opts.port), "--name", name)
         return topology
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
@@ -232,7 +260,8 @@ class Mesh:
         logfile.close()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        """Until the gateway's health answers SERVING; a child that exits first is an error."""
+        """Until the client port answers SERVING (a frontend linked to a ready gateway); a child
+        that exits first is an error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_children()
@@ -286,8 +315,8 @@ class Mesh:
             log.warning("restarted %s (pid %d, restart %d)", name, self.procs[name].pid, life.restarts)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the gateway, then the workers; SIGKILL what is left after ``grace``; stop Redis."""
-        order = ["gateway"] + [n for n in self.procs if n != "gateway"]
+        """SIGTERM the frontends, the gateway, then the workers; SIGKILL what is left after ``grace``; stop Redis."""
+        order = sorted(self.procs, key=lambda n: (not n.startswith("frontend"), n != "gateway"))
         for name in order:
             if name in self.procs and self.procs[name].poll() is None:
                 self.procs[name].send_signal(signal.SIGTERM)
@@ -345,7 +374,8 @@ def run_up(opts: UpOptions) -> int:
         stages = len(topology.chains[0].stages)
         experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
         print(
-            f"stagemesh ready: gateway {mesh.gateway_address} | {opts.dp} chain(s) of {stages} stage worker(s) "
+            f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s)) | {opts.dp} chain(s) of "
+            f"{stages} stage worker(s) "
             f"x tp {opts.tp}{experts} "
             f"on {opts.device} | redis {mesh.redis_url} | logs {mesh.log_dir}",
             flush=True,

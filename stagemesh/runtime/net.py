@@ -36,3 +36,16 @@ def default_host(address: str) -> str:
 def bind_address(host: str | None, address: str) -> str:
     """Where a worker listens: ``host`` (its ``--host``) or ``default_host``, on its topology address's port."""
     return f"{host or default_host(address)}:{port_of(address)}"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a process listens on ``host:port``, even one that lets others share the port
+    (SO_REUSEPORT, as gRPC servers do): a plain bind fails then."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError:
+            return True
+    return False

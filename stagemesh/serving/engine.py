@@ -2,9 +2,11 @@
 
 NOTE: the loop keeps up to ``num_slots`` plans in flight on a ``Chain`` (the in-process
 model, or the first stage of a gRPC chain), one more with overlap scheduling, applies each
-result to the pure scheduler in launch order as it comes back, and routes token events to
-one queue per request. A failed step fails only the requests in it; the loop itself never
-dies of a step.
+result to the pure scheduler in launch order as it comes back, and hands each token event to
+its request's consumer: a plain callable, called synchronously, so one step's events all
+reach their consumers in one run of the event loop (the gateway batches them per frontend;
+``generate`` puts them on a queue). A failed step fails only the requests in it; the loop
+itself never dies of a step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Chain(Protocol):
     async def step(self, plan: StepPlan) -> StepResult: ...
 
 
+Consumer = Callable[[TokenEvent | StagemeshError], None]
+"""Takes one request's token events in order, then possibly the error that ends it."""
+
+
 @dataclass
 class EngineCounters:
     """Running totals for status and metrics (plain ints: cheap to read)."""
@@ -44,7 +50,8 @@ class EngineCounters:
 
 
 class Engine:
-    """Drives a ``Scheduler`` over a ``Chain``; ``generate`` streams one request's tokens."""
+    """Drives a ``Scheduler`` over a ``Chain``; ``add`` hands one request's tokens to a consumer,
+    ``generate`` streams them."""
 
     def __init__(
         self,
@@ -65,7 +72,7 @@ class Engine:
         self._vocab_size = vocab_size
         self._max_model_len = max_model_len
         self._clock = clock
-        self._queues: dict[str, asyncio.Queue[TokenEvent | StagemeshError]] = {}
+        self._consumers: dict[str, Consumer] = {}
         self._steps: dict[asyncio.Task[StepResult], StepPlan] = {}
         self._wakeup = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
@@ -87,8 +94,9 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loop_task = self._wake_task = None
         self._steps.clear()
-        for queue in self._queues.values():
-            queue.put_nowait(Unavailable("the engine stopped before the request finished; retry it"))
+        consumers, self._consumers = self._consumers, {}
+        for consume in consumers.values():
+            consume(Unavailable("the engine stopped before the request finished; retry it"))
 
     async def __aenter__(self) -> "Engine":
         self.start()
@@ -99,24 +107,30 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------
 
-    async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
-        """Validate and queue ``request``, then yield its token events until it finishes.
-
-        Errors in the request raise at the first ``__anext__``, before any token. Leaving
-        the iteration early (``aclose``, cancellation) aborts the request and frees its KV cache.
-        """
-        rid = request.request_id
+    def add(self, request: Request, consume: Consumer) -> None:
+        """Validate and queue ``request``; ``consume`` then gets its token events in order, up to
+        the one with a ``finish_reason``, or an error that ends it (``Cancelled`` after ``abort``,
+        ``Unavailable`` when the engine stops or a step fails in the chain). A bad request raises
+        here (InvalidArgument, ResourceExhausted) and is not queued."""
         validate_request(
             request.prompt_token_ids, request.params, vocab_size=self._vocab_size, max_model_len=self._max_model_len
         )
         if self._loop_task is None:
             raise Unavailable("the engine is not running; call Engine.start() first")
         events = self.scheduler.add(request)
-        queue: asyncio.Queue[TokenEvent | StagemeshError] = asyncio.Queue()
-        self._queues[rid] = queue
+        self._consumers[request.request_id] = consume
         for event in events:
             self._deliver(event)
         self._wakeup.set()
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """``add`` ``request``, then yield its token events until it finishes.
+
+        Errors in the request raise at the first ``__anext__``, before any token. Leaving
+        the iteration early (``aclose``, cancellation) aborts the request and frees its KV cache.
+        """
+        queue: asyncio.Queue[TokenEvent | StagemeshError] = asyncio.Queue()
+        self.add(request, queue.put_nowait)
         done = False
         try:
             while not done:
@@ -127,20 +141,19 @@ class Engine:
                 done = item.finish_reason is not None
                 yield item
         finally:
-            self._queues.pop(rid, None)
-            if not done and self.scheduler.abort(rid):
-                self.counters.requests_aborted += 1
-                self._wakeup.set()
+            if not done:
+                self.abort(request.request_id, quietly=True)
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request; its consumer gets ``Cancelled``. False when it is not known."""
+    def abort(self, request_id: str, *, quietly: bool = False) -> bool:
+        """Cancel a request; its consumer gets ``Cancelled`` (nothing when ``quietly``: it left).
+        False when it is not known."""
+        consume = self._consumers.pop(request_id, None)
         if not self.scheduler.abort(request_id):
             return False
         self.counters.requests_aborted += 1
         self._wakeup.set()
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(Cancelled(f"request {request_id!r} was cancelled; its KV cache is freed"))
+        if consume is not None and not quietly:
+            consume(Cancelled(f"request {request_id!r} was cancelled; its KV cache is freed"))
         return True
 
     # --- the loop ------------------------------------------------------------------
@@ -190,15 +203,20 @@ class Engine:
         return events
 
     def _deliver(self, item: TokenEvent | _Failed) -> None:
-        """Hand a token event (or a request's failure) to its request's stream."""
+        """Hand a token event (or a request's failure) to its request's consumer; the last one
+        (a finish or an error) also lets the consumer go."""
+        rid = item.request_id
         if isinstance(item, TokenEvent):
             if item.token_id is not None:
                 self.counters.tokens_emitted += 1
-            if item.finish_reason is not None:
+            last = item.finish_reason is not None
+            if last:
                 self.counters.requests_finished += 1
-        queue = self._queues.get(item.request_id)
-        if queue is not None:
-            queue.put_nowait(item if isinstance(item, TokenEvent) else item.error)
+            consume = self._consumers.pop(rid, None) if last else self._consumers.get(rid)
+            if consume is not None:
+                consume(item)
+        elif (consume := self._consumers.pop(rid, None)) is not None:
+            consume(item.error)
 
     def _fail(self, plan: StepPlan, exc: BaseException) -> list[_Failed]:
         logger.error("step %d failed: %s: %s", plan.step_id, type(exc).__name__, exc)

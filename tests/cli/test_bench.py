@@ -8,7 +8,7 @@ import pytest
 
 from stagemesh.cli.bench import BenchSpec
 from stagemesh.cli.bench.local import _import_transformers
-from stagemesh.cli.bench.mesh import stage_figures
+from stagemesh.cli.bench.mesh import is_local, stage_figures, status_processes
 from stagemesh.cli.bench.roofline import flops_needed, model_cost, roofline_figures
 from stagemesh.cli.bench.workload import (
     BenchRequest,
@@ -81,6 +81,30 @@ def test_busy_fraction_clips_intervals_to_the_window_and_falls_back_to_busy_s():
     assert [s["worker"] for s in stages] == ["stage-c0-s0", "stage-c0-s2", "stage-c0-s10"]
     assert [s["busy_fraction"] for s in stages] == pytest.approx([0.4, 0.1, 0.5])
     assert [s["source"] for s in stages] == ["busy_intervals", "busy_intervals", "busy_s"]
+
+
+def test_step_overhead_is_the_chains_step_interval_less_each_stages_compute():
+    # a 2 s window. chain 0: s0 ran 100 steps (a step every 20 ms), busy 1.2 s (12 ms a step), s1 busy 0.8 s;
+    # chain 1: s0 ran 50 steps (every 40 ms), busy 1.0 s (20 ms a step); its s1 ran none
+    after = {"stage-c0-s0": {"steps": 100, "busy_s": 1.2}, "stage-c0-s1": {"steps": 100, "busy_s": 0.8},
+             "stage-c1-s0": {"steps": 50, "busy_s": 1.0}, "stage-c1-s1": {"steps": 0, "busy_s": 0.0}}
+    stages = stage_figures({}, after, 10.0, 12.0)
+    figures = [(s["step_interval_ms"], s["compute_ms"], s["overhead_ms"]) for s in stages]
+    assert figures[:3] == [pytest.approx((20, 12, 8)), pytest.approx((20, 8, 12)), pytest.approx((40, 20, 20))]
+    assert figures[3] == (pytest.approx(40), None, None)
+
+
+def test_a_running_meshs_processes_come_from_its_status_and_are_unknown_elsewhere():
+    workers = [{"role": "stage", "chain": 0, "stage": 1, "pid": 11, "address": "127.0.0.1:5001"},
+               {"role": "expert", "chain": 0, "stage": -1, "pid": 12, "address": "127.0.0.1:5002"}]
+    procs = status_processes({"workers": workers}, local=True)
+    assert [(p.name, p.role, p.pid) for p in procs[:-1]] == [
+        ("gateway", "gateway", None), ("redis", "redis", None),  # the status document gives neither pid
+        ("stage-c0-s1", "stages", 11), ("expert-127.0.0.1:5002", "experts", 12)]
+    assert procs[-1].role == "client" and not procs[-1].with_children
+    assert status_processes({"workers": workers, "gateway": {"pid": 9}}, local=True)[0].pid == 9
+    assert [p.pid for p in status_processes({"workers": workers}, local=False)[:-1]] == [None] * 4
+    assert [is_local(a) for a in ("127.0.0.1:5", "localhost:5", "[::1]:5", "10.1.2.3:5")] == [True, True, True, False]
 
 
 def test_flops_follow_the_documented_formula(tmp_path):

@@ -115,7 +115,7 @@ def test_docker_compose_reads_the_shipped_file(profiles):
 def test_the_shipped_file_pins_every_worker_to_its_own_gpus_with_health_and_dependencies():
     doc = compose_config(SHIPPED, "monitoring")
     services = doc["services"]
-    assert set(services) == {"redis", "planner", "gateway", "prometheus", "grafana",
+    assert set(services) == {"redis", "planner", "gateway", "frontend", "prometheus", "grafana",
                              "stage-c0-s0", "stage-c0-s1", "expert-c0-e0", "expert-c0-e1"}
     workers = workers_of(doc)
     assert {name: device_ids(s) for name, s in workers.items()} == {
@@ -130,9 +130,15 @@ def test_the_shipped_file_pins_every_worker_to_its_own_gpus_with_health_and_depe
     gateway = services["gateway"]
     assert {name: d["condition"] for name, d in gateway["depends_on"].items()} == {
         name: "service_healthy" for name in [*workers, "redis"]}
-    assert {(p["target"], p["published"]) for p in gateway["ports"]} == {(50051, "50051"), (8080, "8080")}
-    assert gateway["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50051"]
+    assert {(p["target"], p["published"]) for p in gateway["ports"]} == {(8080, "8080")}
+    assert gateway["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50052"]
     assert "deploy" not in gateway and "deploy" not in services["planner"]
+    frontend = services["frontend"]
+    assert frontend["command"][:3] == ["python", "-m", "frontend"] and "gateway:50052" in frontend["command"]
+    assert {(p["target"], p["published"]) for p in frontend["ports"]} == {(50051, "50051")}
+    assert frontend["depends_on"]["gateway"]["condition"] == "service_healthy"
+    assert frontend["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50051"]
+    assert frontend["deploy"]["replicas"] == 1 and frontend["restart"] == "unless-stopped"
 
 
 def test_redis_keeps_an_append_only_file_on_a_named_volume_and_monitoring_is_a_profile():

@@ -8,10 +8,10 @@ import contextlib
 
 import pytest
 
-from gateway.failover import resumable_events
+from gateway.failover import Follower
 from gateway.journal import JournalWriter
 from gateway.router import ChainHandle, Router
-from stagemesh.errors import Cancelled, Unavailable
+from stagemesh.errors import Cancelled, StagemeshError, Unavailable
 from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.types import Request, SamplingParams
@@ -84,13 +84,19 @@ async def gateway(n: int = 2, wait_s: float = 2.0):
 
 
 async def collect(router, journal, rid: str, prompt: tuple[int, ...], n: int, on_token=None) -> list:
+    """The request's token events through a ``Follower``, as the gateway's hub follows it; its error raised."""
     request = Request(rid, prompt, SamplingParams(max_new_tokens=n, ignore_eos=True, seed=1))
-    events = []
-    async with contextlib.aclosing(resumable_events(router, journal, request)) as stream:
-        async for event in stream:
-            events.append(event)
-            if on_token is not None:
-                on_token(event)
+    events, ended = [], asyncio.get_running_loop().create_future()
+
+    def emit(event):
+        events.append(event)
+        if on_token is not None:
+            on_token(event)
+
+    Follower(router, journal, request, emit, ended.set_result).start()
+    err: StagemeshError | None = await ended
+    if err is not None:
+        raise err
     return events
 
 

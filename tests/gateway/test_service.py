@@ -1,4 +1,5 @@
-"""The gateway against real processes: a redis-server, two stage workers and the gateway itself.
+"""The gateway against real processes: a redis-server, two stage workers, the gateway itself and
+a frontend (clients reach the gateway through it).
 
 One mesh (a tiny 5-layer Llama split 3 + 2 over two stage workers) serves every test in the
 module; each test leaves it idle (no request running, no KV block used) for the next.
@@ -99,7 +100,7 @@ def mesh(tmp_path_factory, redis_url):
     log_dir = root / "logs"
     log_dir.mkdir()
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    port, http_port = free_port(), free_port()
+    port, scheduling_port, http_port = free_port(), free_port(), free_port()
 
     async def write_topology():
         async with await Store.connect(redis_url, DEPLOYMENT) as store:
@@ -112,7 +113,11 @@ def mesh(tmp_path_factory, redis_url):
         for s in range(2):
             procs[f"stage{s}"] = _spawn(log_dir, f"stage{s}", "stage_worker", *common, "--chain", "0", "--stage", str(s), "--threads", "2")
         procs["gateway"] = _spawn(
-            log_dir, "gateway", "gateway", *common, "--port", str(port), "--http-port", str(http_port), "--log-level", "INFO"
+            log_dir, "gateway", "gateway", *common, "--port", str(scheduling_port), "--http-port", str(http_port),
+            "--log-level", "INFO",
+        )
+        procs["frontend"] = _spawn(
+            log_dir, "frontend", "frontend", *common, "--gateway", f"127.0.0.1:{scheduling_port}", "--port", str(port)
         )
         m = Mesh(f"127.0.0.1:{port}", http_port, addresses, model_dir, procs, log_dir)
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos" / "stagemesh" / "v1"
 STUB_DIR = ROOT / "stagemesh" / "v1"
 PROTOS = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
-SERVICES = {"gateway": ["Gateway"], "stage": ["Stage"], "expert": ["Expert"]}
+SERVICES = {"gateway": ["Gateway"], "scheduling": ["Scheduling"], "stage": ["Stage"], "expert": ["Expert"]}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def compiled(tmp_path_factory) -> dict[str, descriptor_pb2.FileDescriptorProto]:
 
 
 def test_every_proto_has_a_stub_and_every_stub_a_proto():
-    assert set(PROTOS) == {"tensor", "sampling", "gateway", "stage", "expert"}
+    assert set(PROTOS) == {"tensor", "sampling", "gateway", "scheduling", "stage", "expert"}
     stubs = {p.name.removesuffix("_pb2.py") for p in STUB_DIR.glob("*_pb2.py")}
     assert stubs == set(PROTOS), "run python scripts/gen_protos.py"
 
@@ -88,6 +88,7 @@ def test_streaming_shapes_of_the_rpcs(compiled):
 
     assert shape("gateway", "Gateway", "Generate") == (False, True)
     assert shape("gateway", "Gateway", "Status") == (False, False)
+    assert shape("scheduling", "Scheduling", "Connect") == (True, True)
     assert shape("stage", "Stage", "Forward") == (True, True)
     assert shape("expert", "Expert", "Run") == (True, True)
 

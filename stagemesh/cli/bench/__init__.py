@@ -1,10 +1,12 @@
 """`stagemesh bench`: the same seeded requests through a mesh and, to compare, through the
 in-process engine and Hugging Face ``transformers``; throughput, latency, stage busy time,
-pipeline bubble and the fraction of the machine's roofline, as a table or one JSON document.
+pipeline bubble, per-step overhead, where the CPU goes and the fraction of the machine's
+roofline, as a table or one JSON document.
 
 The modules: ``workload`` (requests, arrivals, latency statistics), ``mesh`` (bring-up,
-the SDK client load, stage figures from Redis), ``local`` (in-process engine and
-transformers), ``roofline`` (FLOPs and bytes needed, machine calibration), ``report``.
+the SDK client load, stage figures from Redis), ``cpu`` (CPU per process from ``/proc``),
+``local`` (in-process engine and transformers), ``roofline`` (FLOPs and bytes needed, machine
+calibration), ``report``.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
         spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap,
         cpu_bind=spec.cpu_bind,
     )
-    with up as (addr, redis_url):
-        return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar)
+    with up as (addr, redis_url, procs):
+        return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar, procs)
 
 
 def _bar(label: str, requests: list[BenchRequest]) -> Callable[[], tqdm]:

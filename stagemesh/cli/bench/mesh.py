@@ -9,17 +9,29 @@ divided by the window. When the stage ran more steps in the window than the 256 
 kept, the fraction falls back to the ``busy_s`` growth over the window (``source``
 says which). The pipeline bubble is ``1 - mean(busy fraction over the stages)``: the share of
 stage-time the pipeline left idle.
+
+NOTE: per-step overhead. The mesh's step interval is the run window divided by the steps
+the first stage of the chain ran in it; a stage's compute time per step is its busy time
+divided by its steps. Their difference, per stage, is what each step costs beyond that
+stage's own compute: the gateway's scheduling, the hops to and from the stage, the wait for
+the other stages (and, at the start and end of the window, the ramp-up and drain).
+
+Where the CPU goes is read from ``/proc`` (``cpu``): the pids come from the launcher for a
+mesh brought up here, from the status document for a running one (``--addr``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from stagemesh.cli.bench.cpu import CpuProbe, MeshProcess, cpu_figures
 from stagemesh.cli.bench.workload import BenchRequest, LoadShape, SystemRun, Trace, arrival_offsets
 from stagemesh.client import AsyncClient
 from stagemesh.mesh.figures import StageFigures
@@ -34,8 +46,9 @@ HEARTBEAT_WAIT_S = 1.5
 def mesh_up(
     model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True,
     cpu_bind: bool = True,
-) -> Iterator[tuple[str, str]]:
-    """Starts a whole mesh on this machine; yields (gateway address, Redis URL); stops it after."""
+) -> Iterator[tuple[str, str, list[MeshProcess]]]:
+    """Starts a whole mesh on this machine; yields (gateway address, Redis URL, its processes
+    and the bench client's); stops it after."""
     from stagemesh.deploy.launch import Mesh, UpOptions
 
     opts = UpOptions(
@@ -45,19 +58,25 @@ def mesh_up(
     try:
         mesh.start()
         mesh.wait_ready()
-        yield mesh.gateway_address, mesh.redis_url
+        procs = [MeshProcess(name, proc.pid) for name, proc in mesh.procs.items()]
+        redis = [MeshProcess("redis", mesh.redis.pid)] if mesh.redis is not None else []
+        yield mesh.gateway_address, mesh.redis_url, procs + redis + [CLIENT]
     finally:
         mesh.stop()
 
 
-async def drive(addr: str, requests: list[BenchRequest], shape: LoadShape, progress) -> list[Trace]:
-    """Sends every request (paced by ``shape``) and records when each token arrives."""
+async def drive(addr: str, requests: list[BenchRequest], shape: LoadShape, progress, probe: CpuProbe) -> list[Trace]:
+    """Sends every request (paced by ``shape``) and records when each token arrives; ``probe``
+    reads the CPU figures right before the first request and right after the last token."""
     limit = asyncio.Semaphore(shape.concurrency or len(requests))
     offsets = arrival_offsets(shape)
     async with AsyncClient(addr) as client:
+        probe.start()
         start = time.time()
         jobs = [_one(client, r, start + off, limit, progress) for r, off in zip(requests, offsets)]
-        return list(await asyncio.gather(*jobs))
+        traces = list(await asyncio.gather(*jobs))
+        probe.stop()
+        return traces
 
 
 async def _one(client: AsyncClient, req: BenchRequest, at: float, limit: asyncio.Semaphore, progress) -> Trace:
@@ -79,27 +98,62 @@ async def warm_up(addr: str, requests: list[BenchRequest]) -> None:
         await asyncio.gather(*(client.generate(token_ids=list(r.token_ids), max_new_tokens=2, ignore_eos=True) for r in requests[:4]))
 
 
-def run_mesh(name: str, addr: str, redis_url: str | None, requests: list[BenchRequest], shape: LoadShape, bar) -> SystemRun:
-    """The whole load through the mesh at ``addr``; stage figures when its Redis is known."""
+def run_mesh(name: str, addr: str, redis_url: str | None, requests: list[BenchRequest], shape: LoadShape, bar,
+             procs: list[MeshProcess] | None = None) -> SystemRun:
+    """The whole load through the mesh at ``addr``; stage figures when its Redis is known; the
+    CPU of ``procs`` (None: the processes its status document lists)."""
     asyncio.run(warm_up(addr, requests))
+    if procs is None:
+        procs = status_processes(asyncio.run(_status(addr)), local=is_local(addr))
     before = _stage_metrics(redis_url, wait=True)
+    probe = CpuProbe()
     with bar() as progress:
-        traces = asyncio.run(drive(addr, requests, shape, progress))
+        traces = asyncio.run(drive(addr, requests, shape, progress, probe))
     t0 = min(t.sent for t in traces)
     t1 = max(t.token_times[-1] for t in traces if t.token_times)
     after = _stage_metrics(redis_url, wait=True)
     stages = stage_figures(before, after, t0, t1) if redis_url else None
     steps = max((s["steps"] for s in stages), default=None) if stages else None
+    output_tokens = sum(len(t.token_ids) for t in traces)
     return SystemRun(
         name=name,
         wall_s=t1 - t0,
-        output_tokens=sum(len(t.token_ids) for t in traces),
+        output_tokens=output_tokens,
         token_ids=[t.token_ids for t in traces],
         steps=steps,
         traces=traces,
         stages=stages,
+        cpu=cpu_figures(procs, probe, output_tokens, t1 - t0),
         note=None if redis_url else "per-stage figures need the mesh's Redis (--redis-url with --addr)",
     )
+
+
+CLIENT = MeshProcess("client", os.getpid(), with_children=False)
+"""The bench client: this process alone (a mesh it brought up is its children)."""
+
+
+async def _status(addr: str) -> dict:
+    async with AsyncClient(addr) as client:
+        return await client.status()
+
+
+def status_processes(status: dict, *, local: bool) -> list[MeshProcess]:
+    """A running mesh's processes as its status document lists them, and the bench client.
+    The gateway's pid only where the document gives it, Redis's never; no pid at all when
+    the mesh runs on another machine (``local`` False): unknown, never guessed."""
+    procs = [MeshProcess("gateway", status.get("gateway", {}).get("pid")), MeshProcess("redis", None)]
+    for w in status.get("workers", []):
+        name = f"stage-c{w['chain']}-s{w['stage']}" if w["role"] == "stage" else f"{w['role']}-{w['address']}"
+        procs.append(MeshProcess(name, w.get("pid") or None))
+    if not local:
+        procs = [MeshProcess(p.name, None) for p in procs]
+    return procs + [CLIENT]
+
+
+def is_local(addr: str) -> bool:
+    """Whether ``host:port`` names this machine (a loopback or this host's name)."""
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    return host.startswith("127.") or host in {"localhost", "0.0.0.0", "::", "::1", socket.gethostname()}
 
 
 def _stage_metrics(redis_url: str | None, *, wait: bool) -> dict[str, dict]:
@@ -132,7 +186,25 @@ def stage_figures(before: dict[str, dict], after: dict[str, dict], t0: float, t1
         else:
             busy, source = (now.busy_s or 0.0) - (then.busy_s or 0.0), "busy_s"
         out.append({"worker": wid, "steps": steps, "busy_s": busy, "busy_fraction": min(1.0, busy / window), "source": source})
-    return out
+    first: dict[str, int] = {}
+    for s in out:  # in natural order: each chain's first stage comes first
+        first.setdefault(_chain(s["worker"]), s["steps"])
+    return [{**s, **step_overhead(s, first.get(_chain(s["worker"])), window)} for s in out]
+
+
+def step_overhead(stage: dict, first_steps: int | None, window_s: float) -> dict:
+    """The mesh's step interval (the window over the chain's first stage's steps), the stage's
+    compute time per step (busy time over its steps) and their difference, in ms; None
+    where there were no steps."""
+    interval = window_s / first_steps * 1e3 if first_steps else None
+    compute = stage["busy_s"] / stage["steps"] * 1e3 if stage["steps"] else None
+    overhead = interval - compute if interval is not None and compute is not None else None
+    return {"step_interval_ms": interval, "compute_ms": compute, "overhead_ms": overhead}
+
+
+def _chain(worker_id: str) -> str:
+    """``stage-c1-s2`` -> ``c1``."""
+    return worker_id.split("-")[1]
 
 
 def _natural(worker_id: str) -> list:

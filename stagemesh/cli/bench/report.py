@@ -22,6 +22,8 @@ def system_figures(run: SystemRun, flops: float, cost: ModelCost, machine: dict)
     if run.stages is not None:
         doc["stages"] = run.stages
         doc["bubble"] = 1.0 - sum(s["busy_fraction"] for s in run.stages) / len(run.stages) if run.stages else None
+    if run.cpu is not None:
+        doc["cpu"] = run.cpu
     if run.note:
         doc["note"] = run.note
     doc["token_ids"] = run.token_ids
@@ -84,6 +86,9 @@ def format_text(doc: dict) -> str:
     if mesh.get("stages"):
         busy = ", ".join(f"{st['worker']} {st['busy_fraction']:.0%}" for st in mesh["stages"])
         lines.append(f"stage busy: {busy}; pipeline bubble {_pct(mesh['bubble'])}")
+        lines += [_overhead_line(st) for st in mesh["stages"]]
+    if mesh.get("cpu"):
+        lines += _cpu_lines(mesh["cpu"])
     if doc["ratios"]:
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in doc["ratios"].items()))
     if doc["greedy_match"]:
@@ -107,3 +112,22 @@ def _pair(s: dict | None) -> str:
     if not s or s["p50"] is None:
         return "-"
     return f"{s['p50'] * 1e3:.0f}/{s['p99'] * 1e3:.0f}"
+
+
+def _overhead_line(stage: dict) -> str:
+    interval, compute, overhead = (_num(stage.get(k), ".2f") for k in ("step_interval_ms", "compute_ms", "overhead_ms"))
+    return f"step overhead {stage['worker']}: interval {interval} ms - compute {compute} ms = {overhead} ms"
+
+
+def _cpu_lines(cpu: dict) -> list[str]:
+    """Where the mesh's CPU went: one row per role group and the total (``-``: no pid known)."""
+    lines = [f"{'CPU over the run':<22}{'procs':>6}{'CPU s':>9}{'µs/out tok':>12}{'cores':>7}"]
+    for role, r in cpu["roles"].items():
+        label = role + (f" ({r['unknown']} unknown)" if r["unknown"] else "")
+        lines.append(f"{label:<22}{r['processes']:>6}{_num(r['cpu_s'], '.2f'):>9}"
+                     f"{_num(r['us_per_token'], '.1f'):>12}{_num(r['cores'], '.2f'):>7}")
+    return lines
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)

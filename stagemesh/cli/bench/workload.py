@@ -102,6 +102,8 @@ class SystemRun:
     """Per-token client timestamps (the mesh only)."""
     stages: list[dict] | None = None
     """Per-stage busy figures over the run window (the mesh only)."""
+    cpu: dict | None = None
+    """Where the CPU went over the run window (the mesh only; ``stagemesh.cli.bench.cpu``)."""
     note: str | None = None
 
 

@@ -1,0 +1,160 @@
+"""The frontend's one ``Scheduling.Connect`` stream to the gateway, and the requests it carries.
+
+Submissions and cancels go up batched (everything queued since the last message); each
+``EventBatch`` coming down is spread over the requests' streams in one pass. When the stream
+breaks (the gateway stopped or died), every open request fails UNAVAILABLE with a message that
+says so, the link reconnects with a backoff, and the frontend's health says NOT_SERVING until
+the gateway serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from array import array
+
+import grpc
+import grpc.aio
+
+from frontend.stream import RequestStream
+from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.runtime import health
+from stagemesh.serving.params import SamplingParams
+from stagemesh.v1 import gateway_pb2, scheduling_pb2, scheduling_pb2_grpc
+from stagemesh.wire.codec.scheduling import Events, Submission, events_from_pb, submission_to_pb
+from stagemesh.wire.streams import MESSAGE_OPTIONS
+
+log = logging.getLogger(__name__)
+
+SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].full_name
+RETRY_S = (0.05, 0.5)
+"""Backoff between attempts to reach the gateway: first, and the longest (doubling)."""
+UNARY_TIMEOUT_S = 10.0
+
+
+class GatewayLink:
+    """Carries this frontend's requests to the gateway at ``address`` and their tokens back."""
+
+    def __init__(self, address: str, name: str):
+        self.address, self.name = address, name
+        self.streams: dict[int, RequestStream] = {}
+        """Open requests by handle."""
+        self.connected = asyncio.Event()
+        """Set while the stream to a serving gateway is up."""
+        self._handles = itertools.count(1)
+        self._submit: list[scheduling_pb2.Submission] = []
+        self._cancel: list[int] = []
+        self._outbox = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway-link")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_all(Unavailable("this frontend is shutting down; retry on another"))
+
+    # --- requests ---------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt: array, params: SamplingParams) -> RequestStream:
+        """Send a request to the gateway; its stream fills as tokens come."""
+        if not self.connected.is_set():
+            raise Unavailable(f"this frontend has no connection to the gateway at {self.address}; retry shortly")
+        stream = RequestStream(next(self._handles), request_id)
+        self.streams[stream.handle] = stream
+        self._submit.append(submission_to_pb(Submission(stream.handle, request_id, prompt, params)))
+        self._outbox.set()
+        return stream
+
+    def cancel(self, stream: RequestStream) -> None:
+        """The client left or cancelled: the gateway stops the request and frees its KV cache."""
+        if self.streams.pop(stream.handle, None) is not None:
+            self._cancel.append(stream.handle)
+            self._outbox.set()
+
+    async def cancel_by_id(self, request_id: str) -> bool:
+        """``Cancel`` of a request by id, whichever frontend holds it."""
+        reply = await self._stub().Cancel(gateway_pb2.CancelRequest(request_id=request_id), timeout=UNARY_TIMEOUT_S)
+        return reply.cancelled
+
+    async def status(self) -> gateway_pb2.StatusResponse:
+        return await self._stub().Status(gateway_pb2.StatusRequest(), timeout=UNARY_TIMEOUT_S)
+
+    # --- the stream -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        for attempt in itertools.count():
+            try:
+                await self._connect_and_serve()
+                attempt = 0
+            except (grpc.RpcError, StagemeshError, LookupError) as err:
+                if attempt in (0, 10) or attempt % 50 == 0:
+                    log.warning("gateway at %s unreachable (%s); retrying", self.address, _reason(err))
+            finally:
+                self.connected.clear()
+                self._fail_all(Unavailable(f"the connection to the gateway at {self.address} broke; retry the request"))
+            await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt, 8)))
+
+    async def _connect_and_serve(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = grpc.aio.insecure_channel(self.address, options=MESSAGE_OPTIONS)
+        status = await health.status(self._channel, service=SCHEDULING_SERVICE, timeout_s=2.0)
+        if status != health.SERVING:
+            raise LookupError(f"its health is {health.status_name(status)}")
+        call = self._stub().Connect(self._outgoing())
+        self.connected.set()
+        log.info("connected to the gateway at %s", self.address)
+        async for batch in call:
+            self._dispatch(events_from_pb(batch))
+
+    async def _outgoing(self):
+        yield scheduling_pb2.FrontendBatch(frontend=self.name)
+        while True:
+            await self._outbox.wait()
+            self._outbox.clear()
+            submit, self._submit = self._submit, []
+            cancel, self._cancel = self._cancel, []
+            yield scheduling_pb2.FrontendBatch(submit=submit, cancel=cancel)
+
+    def _dispatch(self, events: Events) -> None:
+        """One EventBatch: tokens first (in order), then admissions, finishes and errors."""
+        streams, woken = self.streams, set()
+        for handle, token in zip(events.handles, events.token_ids):
+            stream = streams.get(handle)
+            if stream is not None:
+                stream.tokens.append(token)
+                woken.add(stream)
+        for handle, chain in events.admitted.items():
+            if (stream := streams.get(handle)) is not None:
+                stream.chain = chain
+        for handle, reason in events.finished.items():
+            if (stream := streams.pop(handle, None)) is not None:
+                stream.finish(reason)
+        for handle, err in events.errors.items():
+            if (stream := streams.pop(handle, None)) is not None:
+                stream.fail(err)
+        for stream in woken:
+            stream.wake.set()
+
+    def _fail_all(self, err: Unavailable) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.fail(err)
+        self._submit.clear()
+        self._cancel.clear()
+
+    def _stub(self) -> scheduling_pb2_grpc.SchedulingStub:
+        if self._channel is None:
+            raise Unavailable(f"this frontend has no connection to the gateway at {self.address}; retry shortly")
+        return scheduling_pb2_grpc.SchedulingStub(self._channel)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)

@@ -1,0 +1,45 @@
+"""``python -m frontend``: one client-facing frontend of a mesh. It reads the model's tokenizer
+and limits from the topology in Redis, serves ``stagemesh.v1.Gateway`` on the client port and
+hands every request to the gateway over one stream (``frontend.link``). A mesh runs several
+(``stagemesh up --frontends N``) on one port; each can be restarted on its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from frontend.frontend import CLIENT_SERVER_OPTIONS, GATEWAY_SERVICE, Frontend, FrontendOptions
+from stagemesh.runtime.server import WorkerServer, run
+from stagemesh.runtime.startup import StartupError, start_worker
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m frontend", description="A client-facing frontend of a stagemesh mesh.")
+    p.add_argument("--redis-url", required=True, help="Redis holding the topology, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
+    p.add_argument("--gateway", required=True, help="host:port of the gateway's Scheduling service")
+    p.add_argument("--host", default="127.0.0.1", help="interface the client port binds")
+    p.add_argument("--port", type=int, required=True, help="the client port (stagemesh.v1.Gateway), shared by the frontends")
+    p.add_argument("--name", default="frontend", help="how logs and the gateway name this frontend")
+    p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
+    p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running streams may finish")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s")
+    opts = FrontendOptions(gateway=args.gateway, host=args.host, port=args.port, name=args.name)
+    try:
+        return asyncio.run(start_worker(
+            args.redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,
+            lambda topology, store: run(WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS),
+                                        Frontend(opts, topology)),
+        ))
+    except (StartupError, ValueError, OSError) as err:  # no topology, a broken checkpoint dir, a port in use
+        log.error("%s cannot start: %s", args.name, err)
+        return 1
