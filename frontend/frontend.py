@@ -11,6 +11,7 @@ from functools import partial
 
 from frontend.link import GatewayLink
 from frontend.servicer import FrontendServicer
+from frontend.stream import MESSAGES_PER_S, Pacer
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime.server import SERVER_OPTIONS, Role, WorkerServer
@@ -36,6 +37,8 @@ class FrontendOptions:
     """The client port (``stagemesh.v1.Gateway``)."""
     name: str = "frontend"
     """How the gateway's logs name it."""
+    messages_per_s: float = MESSAGES_PER_S
+    """Its stream-message budget (``frontend.stream.Pacer``); 0 sends every step's tokens at once."""
 
 
 class Frontend(Role):
@@ -50,8 +53,10 @@ class Frontend(Role):
         """Tokenizer and limits of the model, the client port (NOT_SERVING), the link to the gateway."""
         config = ModelConfig.from_dir(self.topology.model)
         tokenizer = Tokenizer.from_dir(self.topology.model)
-        servicer = FrontendServicer(self.link, tokenizer, config)
-        await server.start(f"{self.opts.host}:{self.opts.port}", partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer))
+        pacer = Pacer(lambda: len(self.link.streams), self.opts.messages_per_s)
+        servicer = FrontendServicer(self.link, tokenizer, config, pacer)
+        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
+        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
         self.link.start()
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()

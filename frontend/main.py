@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from frontend.frontend import CLIENT_SERVER_OPTIONS, GATEWAY_SERVICE, Frontend, FrontendOptions
+from frontend.stream import MESSAGES_PER_S
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, start_worker
 
@@ -22,8 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
     p.add_argument("--gateway", required=True, help="host:port of the gateway's Scheduling service")
     p.add_argument("--host", default="127.0.0.1", help="interface the client port binds")
-    p.add_argument("--port", type=int, required=True, help="the client port (stagemesh.v1.Gateway), shared by the frontends")
+    p.add_argument("--port", type=int, required=True,
+                   help="the client port (stagemesh.v1.Gateway), shared by the frontends")
     p.add_argument("--name", default="frontend", help="how logs and the gateway name this frontend")
+    p.add_argument("--stream-messages-per-s", type=float, default=MESSAGES_PER_S,
+                   help="messages a second this frontend sends its clients in all; with many streams each message "
+                        "then carries several tokens (0: one message per step per stream)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running streams may finish")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -32,8 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s")
-    opts = FrontendOptions(gateway=args.gateway, host=args.host, port=args.port, name=args.name)
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s"
+    )
+    opts = FrontendOptions(gateway=args.gateway, host=args.host, port=args.port, name=args.name,
+                           messages_per_s=args.stream_messages_per_s)
     try:
         return asyncio.run(start_worker(
             args.redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,

@@ -1,24 +1,50 @@
 """One client's request as a frontend holds it: the tokens the gateway sent so far, and its end.
 
-NOTE: a stream interval that adapts. The link appends tokens as each step's ``EventBatch``
-arrives and wakes the client's writer; the writer sends everything that arrived since its last
-message in ONE ``GenerateResponse``. A client that keeps up gets one token per message; one
-that falls behind (a slow reader, a busy frontend) gets several per message, so the cost of a
-message is shared by more tokens exactly when it matters (vLLM's and SGLang's stream interval,
-without a fixed interval that would delay a lone stream).
+NOTE: a stream interval that adapts (vLLM's and SGLang's ``--stream-interval``, without a
+fixed interval that would delay a lone stream). The link appends tokens as each step's
+``EventBatch`` arrives and wakes the client's writer; the writer sends everything that arrived
+since its last message in ONE ``GenerateResponse``. A gRPC message costs the frontend ~40 µs of
+CPU whatever it carries (py-spy: most of it in gRPC's C core), so with many streams the writer
+then waits ``Pacer.gap()`` before it looks again: the frontend sends at most
+``messages_per_s`` messages a second in all, and each of N streams gets one message every
+N / messages_per_s seconds (capped), carrying every token of that time. One stream, or a few,
+wait for nothing. A finished or failed request is sent at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from stagemesh.errors import StagemeshError
+
+MESSAGES_PER_S = 4000.0
+"""The frontend's message budget: ~16% of a core at ~40 µs a message."""
+MAX_GAP_S = 0.05
+"""The longest a busy frontend holds a stream's tokens back."""
+MIN_GAP_S = 0.001
+"""Shorter gaps are not worth a timer: the next step's tokens come about as soon."""
+
+
+class Pacer:
+    """How long a stream's writer waits between messages, given the streams open on the frontend."""
+
+    def __init__(self, open_streams, messages_per_s: float = MESSAGES_PER_S, max_gap_s: float = MAX_GAP_S):
+        self._open = open_streams
+        """Returns how many streams the frontend has open."""
+        self.messages_per_s, self.max_gap_s = messages_per_s, max_gap_s
+
+    def gap(self) -> float:
+        if self.messages_per_s <= 0:
+            return 0.0
+        gap = min(self.max_gap_s, self._open() / self.messages_per_s)
+        return gap if gap >= MIN_GAP_S else 0.0
 
 
 class RequestStream:
     """Tokens in, chunks out; filled by ``frontend.link``, read by the client's handler."""
 
-    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake", "chain")
+    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake", "ended_future", "chain")
 
     def __init__(self, handle: int, request_id: str):
         self.handle = handle
@@ -32,6 +58,8 @@ class RequestStream:
         self.error: StagemeshError | None = None
         self.wake = asyncio.Event()
         """Set when tokens, the finish or an error came."""
+        self.ended_future: asyncio.Future = asyncio.get_running_loop().create_future()
+        """Done once the request finished or failed (a paced writer stops waiting then)."""
         self.chain: int | None = None
         """The chain it runs on (the gateway says on admission and after a failover)."""
 
@@ -40,13 +68,25 @@ class RequestStream:
         return self.finish_reason is not None or self.error is not None
 
     def finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        self.wake.set()
+        if not self.ended:
+            self.finish_reason = reason
+            self._end()
 
     def fail(self, err: StagemeshError) -> None:
         if not self.ended:
             self.error = err
-            self.wake.set()
+            self._end()
+
+    def _end(self) -> None:
+        self.wake.set()
+        if not self.ended_future.done():
+            self.ended_future.set_result(None)
+
+    async def pace(self, gap: float, sent_at: float) -> None:
+        """Hold the next message back until ``gap`` after ``sent_at`` (time.monotonic), or until the end."""
+        left = sent_at + gap - time.monotonic()
+        if left > 0 and not self.ended:
+            await asyncio.wait((self.ended_future,), timeout=left)
 
     async def next_tokens(self) -> tuple[int, list[int]]:
         """Waits for news; (index of the first new token, the new tokens). After the last

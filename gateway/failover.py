@@ -76,8 +76,8 @@ class Follower:
 
     def _run_on(self, chain: ChainHandle, request: Request) -> None:
         self.chain, self._engine = chain, chain.engine
-        chain.engine.add(request, self._consume)
         self.admitted(chain.chain_id)
+        chain.engine.add(request, self._consume)
 
     def _consume(self, item: TokenEvent | StagemeshError) -> None:
         if isinstance(item, TokenEvent):
@@ -97,7 +97,8 @@ class Follower:
         rid = self.request.request_id
         while True:
             if self._resumes == MAX_RESUMES:
-                self._finish(Unavailable(f"request {rid!r} failed on {self._resumes + 1} chains; the last: {err.message}"))
+                why = f"request {rid!r} failed on {self._resumes + 1} chains; the last: {err.message}"
+                self._finish(Unavailable(why))
                 return
             self._resumes += 1
             logger.warning("request %s: chain %d failed after %d tokens (%s); resuming it on another chain",

@@ -82,16 +82,21 @@ class RequestTracker:
         """Set by the servicer: "ok", or the failure's gRPC status name in lower case."""
         self._start = self._last = time.monotonic()
         self._tokens = 0
+        self._ttft = self._itl = None
+        """The chain's histogram children, looked up once per chain, not once per token."""
 
     def admitted(self, chain_id: int) -> None:
         self.chain = str(chain_id)
+        self._ttft = self._itl = None
 
     def token(self) -> None:
         now = time.monotonic()
+        if self._itl is None:
+            self._ttft, self._itl = self._metrics.ttft.labels(self.chain), self._metrics.itl.labels(self.chain)
         if self._tokens == 0:
-            self._metrics.ttft.labels(self.chain).observe(now - self._start)
+            self._ttft.observe(now - self._start)
         else:
-            self._metrics.itl.labels(self.chain).observe(now - self._last)
+            self._itl.observe(now - self._last)
         self._tokens += 1
         self._last = now
 

@@ -25,15 +25,16 @@ def validate_request(
 def _validate_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: int) -> None:
     if len(prompt) == 0:
         raise InvalidArgument("the prompt is empty; send at least one token (or non-empty text)")
+    # the length first: a huge prompt is refused without a pass over its ids
+    if len(prompt) >= max_model_len:
+        raise InvalidArgument(
+            f"prompt has {len(prompt)} tokens but the model's context is {max_model_len} tokens; shorten it"
+        )
     for pos, tok in enumerate(prompt):
         if not isinstance(tok, int) or not 0 <= tok < vocab_size:
             raise InvalidArgument(
                 f"prompt token id {tok!r} at position {pos} is outside the vocabulary [0, {vocab_size})"
             )
-    if len(prompt) >= max_model_len:
-        raise InvalidArgument(
-            f"prompt has {len(prompt)} tokens but the model's context is {max_model_len} tokens; shorten it"
-        )
 
 
 def _validate_params(p: SamplingParams, *, vocab_size: int) -> None:
