@@ -11,7 +11,7 @@ from functools import partial
 
 from frontend.link import GatewayLink
 from frontend.servicer import FrontendServicer
-from frontend.stream import MESSAGES_PER_S, Pacer
+from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime.server import SERVER_OPTIONS, Role, WorkerServer
@@ -46,15 +46,14 @@ class Frontend(Role):
 
     def __init__(self, opts: FrontendOptions, topology: Topology):
         self.opts, self.topology = opts, topology
-        self.link = GatewayLink(opts.gateway, opts.name)
+        self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s)
         self._health: asyncio.Task | None = None
 
     async def load(self, server: WorkerServer) -> None:
         """Tokenizer and limits of the model, the client port (NOT_SERVING), the link to the gateway."""
         config = ModelConfig.from_dir(self.topology.model)
         tokenizer = Tokenizer.from_dir(self.topology.model)
-        pacer = Pacer(lambda: len(self.link.streams), self.opts.messages_per_s)
-        servicer = FrontendServicer(self.link, tokenizer, config, pacer)
+        servicer = FrontendServicer(self.link, tokenizer, config)
         add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
         self.link.start()

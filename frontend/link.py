@@ -17,7 +17,7 @@ from array import array
 import grpc
 import grpc.aio
 
-from frontend.stream import RequestStream
+from frontend.stream import MESSAGES_PER_S, Pacer, RequestStream
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.runtime import health
 from stagemesh.serving.params import SamplingParams
@@ -36,10 +36,11 @@ UNARY_TIMEOUT_S = 10.0
 class GatewayLink:
     """Carries this frontend's requests to the gateway at ``address`` and their tokens back."""
 
-    def __init__(self, address: str, name: str):
+    def __init__(self, address: str, name: str, messages_per_s: float = MESSAGES_PER_S):
         self.address, self.name = address, name
         self.streams: dict[int, RequestStream] = {}
         """Open requests by handle."""
+        self.pacer = Pacer(lambda: len(self.streams), messages_per_s)
         self.connected = asyncio.Event()
         """Set while the stream to a serving gateway is up."""
         self._handles = itertools.count(1)
@@ -57,6 +58,7 @@ class GatewayLink:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all(Unavailable("this frontend is shutting down; retry on another"))
+        self.pacer.close()
 
     # --- requests ---------------------------------------------------------------------
 
@@ -138,8 +140,7 @@ class GatewayLink:
         for handle, err in events.errors.items():
             if (stream := streams.pop(handle, None)) is not None:
                 stream.fail(err)
-        for stream in woken:
-            stream.wake.set()
+        self.pacer.wake(woken)
 
     def _fail_all(self, err: Unavailable) -> None:
         streams, self.streams = self.streams, {}

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import grpc
 import grpc.aio
 
 from frontend.link import GatewayLink
-from frontend.stream import Pacer, RequestStream
+from frontend.stream import RequestStream
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.validate import validate_request
@@ -43,9 +42,8 @@ def _lower_priority() -> None:
 class FrontendServicer(gateway_pb2_grpc.GatewayServicer):
     """Generate / Cancel / Status for clients. Failures are gRPC statuses that say what to fix."""
 
-    def __init__(self, link: GatewayLink, tokenizer: Tokenizer | None, config: ModelConfig, pacer: Pacer | None = None):
+    def __init__(self, link: GatewayLink, tokenizer: Tokenizer | None, config: ModelConfig):
         self.link, self.tokenizer, self.config = link, tokenizer, config
-        self.pacer = pacer or Pacer(lambda: len(link.streams))
         self._tokenizing = ThreadPoolExecutor(2, thread_name_prefix="tokenize", initializer=_lower_priority)
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -64,8 +62,6 @@ class FrontendServicer(gateway_pb2_grpc.GatewayServicer):
                     yield _response(stream, index, tokens, decoder)
                 if ended:
                     break
-                if gap := self.pacer.gap():
-                    await stream.pace(gap, time.monotonic())
             if stream.error is not None:
                 await context.abort(_status_code(stream.error.code), stream.error.message)
         finally:

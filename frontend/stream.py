@@ -4,17 +4,16 @@ NOTE: a stream interval that adapts (vLLM's and SGLang's ``--stream-interval``, 
 fixed interval that would delay a lone stream). The link appends tokens as each step's
 ``EventBatch`` arrives and wakes the client's writer; the writer sends everything that arrived
 since its last message in ONE ``GenerateResponse``. A gRPC message costs the frontend ~40 µs of
-CPU whatever it carries (py-spy: most of it in gRPC's C core), so with many streams the writer
-then waits ``Pacer.gap()`` before it looks again: the frontend sends at most
+CPU whatever it carries (py-spy: most of it in gRPC's C core), so with many streams the
+``Pacer`` wakes writers on one timer instead of at every step: the frontend sends at most
 ``messages_per_s`` messages a second in all, and each of N streams gets one message every
 N / messages_per_s seconds (capped), carrying every token of that time. One stream, or a few,
-wait for nothing. A finished or failed request is sent at once.
+wait for nothing; a request's first token and its end are never held back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from stagemesh.errors import StagemeshError
 
@@ -26,25 +25,10 @@ MIN_GAP_S = 0.001
 """Shorter gaps are not worth a timer: the next step's tokens come about as soon."""
 
 
-class Pacer:
-    """How long a stream's writer waits between messages, given the streams open on the frontend."""
-
-    def __init__(self, open_streams, messages_per_s: float = MESSAGES_PER_S, max_gap_s: float = MAX_GAP_S):
-        self._open = open_streams
-        """Returns how many streams the frontend has open."""
-        self.messages_per_s, self.max_gap_s = messages_per_s, max_gap_s
-
-    def gap(self) -> float:
-        if self.messages_per_s <= 0:
-            return 0.0
-        gap = min(self.max_gap_s, self._open() / self.messages_per_s)
-        return gap if gap >= MIN_GAP_S else 0.0
-
-
 class RequestStream:
     """Tokens in, chunks out; filled by ``frontend.link``, read by the client's handler."""
 
-    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake", "ended_future", "chain")
+    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake", "chain")
 
     def __init__(self, handle: int, request_id: str):
         self.handle = handle
@@ -58,8 +42,6 @@ class RequestStream:
         self.error: StagemeshError | None = None
         self.wake = asyncio.Event()
         """Set when tokens, the finish or an error came."""
-        self.ended_future: asyncio.Future = asyncio.get_running_loop().create_future()
-        """Done once the request finished or failed (a paced writer stops waiting then)."""
         self.chain: int | None = None
         """The chain it runs on (the gateway says on admission and after a failover)."""
 
@@ -78,15 +60,7 @@ class RequestStream:
             self._end()
 
     def _end(self) -> None:
-        self.wake.set()
-        if not self.ended_future.done():
-            self.ended_future.set_result(None)
-
-    async def pace(self, gap: float, sent_at: float) -> None:
-        """Hold the next message back until ``gap`` after ``sent_at`` (time.monotonic), or until the end."""
-        left = sent_at + gap - time.monotonic()
-        if left > 0 and not self.ended:
-            await asyncio.wait((self.ended_future,), timeout=left)
+        self.wake.set()  # an end is never held back
 
     async def next_tokens(self) -> tuple[int, list[int]]:
         """Waits for news; (index of the first new token, the new tokens). After the last
@@ -95,3 +69,51 @@ class RequestStream:
         self.wake.clear()
         index, self.sent = self.sent, len(self.tokens)
         return index, self.tokens[index:]
+
+
+class Pacer:
+    """Wakes the writers of streams with new tokens: at once when the frontend has few streams,
+    else all together once per ``gap()`` (one timer for every stream, not one per message)."""
+
+    def __init__(self, open_streams, messages_per_s: float = MESSAGES_PER_S, max_gap_s: float = MAX_GAP_S):
+        self._open = open_streams
+        """Returns how many streams the frontend has open."""
+        self.messages_per_s, self.max_gap_s = messages_per_s, max_gap_s
+        self._held: set[RequestStream] = set()
+        self._holding = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def gap(self) -> float:
+        if self.messages_per_s <= 0:
+            return 0.0
+        gap = min(self.max_gap_s, self._open() / self.messages_per_s)
+        return gap if gap >= MIN_GAP_S else 0.0
+
+    def wake(self, streams: set[RequestStream]) -> None:
+        """These streams have new tokens: wake their writers now, or at the next tick."""
+        if not self.gap():
+            for stream in streams:
+                stream.wake.set()
+            return
+        for stream in streams:
+            if stream.sent == 0:  # a first token goes out at once (time to first token)
+                stream.wake.set()
+            else:
+                self._held.add(stream)
+        if self._held:
+            self._holding.set()
+            if self._task is None:
+                self._task = asyncio.create_task(self._tick(), name="stream-pacer")
+
+    async def _tick(self) -> None:
+        while True:
+            await self._holding.wait()
+            await asyncio.sleep(self.gap())
+            self._holding.clear()
+            held, self._held = self._held, set()
+            for stream in held:
+                stream.wake.set()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from frontend.servicer import FrontendServicer
-from frontend.stream import Pacer, RequestStream
+from frontend.stream import RequestStream
 from stagemesh.config import ModelConfig
 from stagemesh.v1 import gateway_pb2
 
@@ -39,7 +39,7 @@ def request(n: int) -> gateway_pb2.GenerateRequest:
 def test_tokens_and_the_finish_that_come_while_a_message_is_written_still_go_out():
     async def main():
         link = Link()
-        servicer = FrontendServicer(link, None, CONFIG, Pacer(lambda: 1, messages_per_s=0))
+        servicer = FrontendServicer(link, None, CONFIG)
         gen = servicer.Generate(request(5), context=None)
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0)

@@ -21,26 +21,34 @@ def test_a_few_streams_are_never_held_back_and_many_share_the_budget():
     assert 4000 * MIN_GAP_S > 1
 
 
-def test_tokens_that_came_while_the_writer_waited_go_out_together_and_the_end_cuts_the_wait_short():
+def test_a_busy_frontend_wakes_writers_on_one_tick_and_never_holds_a_first_token_or_an_end():
     async def main():
-        stream = RequestStream(1, "r")
-        stream.tokens += [5, 6]
-        stream.wake.set()
-        first = await stream.next_tokens()
+        a, b, c = RequestStream(1, "a"), RequestStream(2, "b"), RequestStream(3, "c")
+        pacer = Pacer(lambda: 100, messages_per_s=1000)  # a 100 ms gap
+        a.sent = b.sent = 1  # a and b already sent a message; c did not
+        pacer.wake({a, b, c})
+        first = (a.wake.is_set(), b.wake.is_set(), c.wake.is_set())
+        b.finish("stop")  # an end is never held
+        after_end = (a.wake.is_set(), b.wake.is_set())
         t0 = time.monotonic()
-        pacing = asyncio.ensure_future(stream.pace(5.0, t0))
-        stream.tokens += [7, 8, 9]
-        stream.wake.set()
-        await asyncio.sleep(0.01)
-        assert not pacing.done()  # held back: tokens gather
-        stream.finish("length")
-        await pacing
-        waited = time.monotonic() - t0
-        return first, await stream.next_tokens(), stream.finish_reason, waited
+        await a.wake.wait()
+        pacer.close()
+        return first, after_end, time.monotonic() - t0
 
-    first, second, reason, waited = asyncio.run(main())
-    assert first == (0, [5, 6]) and second == (2, [7, 8, 9]) and reason == "length"
-    assert waited < 1.0  # the finish ended the 5 s wait
+    first, after_end, waited = asyncio.run(main())
+    assert first == (False, False, True)
+    assert after_end == (False, True)
+    assert 0.05 < waited < 1.0  # a woke at the tick, ~100 ms later
+
+
+def test_a_quiet_frontend_wakes_at_once():
+    async def main():
+        stream = RequestStream(1, "a")
+        stream.sent = 3
+        Pacer(lambda: 2).wake({stream})
+        return stream.wake.is_set()
+
+    assert asyncio.run(main())
 
 
 def test_a_failure_ends_the_stream_once():
