@@ -22,7 +22,7 @@ from stagemesh.errors import StagemeshError
 from stagemesh.serving.validate import validate_request
 from stagemesh.tokenizer import IncrementalDecoder, Tokenizer, encode_prompt
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from stagemesh.wire.codec.messages import generate_request_from_pb
+from stagemesh.wire.codec.messages import GenerateChunk, chunk_to_pb, generate_request_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,11 @@ class FrontendServicer(gateway_pb2_grpc.GatewayServicer):
         return self.link.submit(inp.request_id or uuid.uuid4().hex, array("q", ids), inp.params)
 
     async def _encode(self, prompt: str) -> tuple[int, ...]:
+        limit = self.config.max_position_embeddings
         if len(prompt) <= INLINE_PROMPT_CHARS:
-            return encode_prompt(self.tokenizer, prompt)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode_prompt, self.tokenizer, prompt)
+            return encode_prompt(self.tokenizer, prompt, limit)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, encode_prompt, self.tokenizer, prompt, limit)
 
     async def Cancel(self, request: gateway_pb2.CancelRequest, context: grpc.aio.ServicerContext):
         try:
@@ -99,9 +101,7 @@ def _response(stream: RequestStream, index: int, tokens: list[int], decoder: Inc
         text = decoder.push_many(tokens)
         if stream.finish_reason is not None:
             text += decoder.flush()
-    return gateway_pb2.GenerateResponse(
-        request_id=stream.request_id, token_ids=tokens, index=index, text=text, finish_reason=stream.finish_reason or ""
-    )
+    return chunk_to_pb(GenerateChunk(stream.request_id, tuple(tokens), index, text, stream.finish_reason))
 
 
 def _status_code(name: str) -> grpc.StatusCode:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from stage_worker.decode import StageStep, encode_step
+from stage_worker.decode import StageStep, forward_step
 from stage_worker.downstream import DownstreamLink
 from stage_worker.feedback import SampledTokens
 from stage_worker.stage import LocalStage, TPStage
@@ -195,18 +195,19 @@ class StagePipeline:
         self._loop.call_soon_threadsafe(self._deliver, plan, outcome, answer)
 
     def _step(self, step: StageStep) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
+        plan = step.plan
         if self._sampled is not None:  # before the clock starts: waiting is not busy
-            step = replace(step, plan=self._sampled.fill(step.plan))
-            self._sampled.expect(step.plan)
+            plan = self._sampled.fill(step.plan)
+            self._sampled.expect(plan)
         t_start = time.time()
-        out = self.stage.step(step)
+        out = self.stage.step(step if plan is step.plan else replace(step, plan=plan))
         wait_computed(out)
         t_end = time.time()
-        self.figures.record(t_start, t_end, step.plan.num_tokens)
+        self.figures.record(t_start, t_end, plan.num_tokens)
         if self.place.spec.is_last:
             return result_to_pb(out)
-        # NOTE: encoded once, here: the plan as this stage ran it (pending tokens filled in), its output.
-        forward = encode_step(step.plan, out)
+        # the plan as this stage ran it (pending tokens filled in), on its output
+        forward = forward_step(step, plan, out)
         self.figures.bytes_sent += len(forward.hidden.data)
         return forward
 

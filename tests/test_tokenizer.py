@@ -108,3 +108,14 @@ def test_incremental_decoding_with_a_context_dependent_decoder():
     assert tok.decode(ids) == "Good bread at the café in Zürich"
     deltas, rest = stream(tok, ids)
     assert "".join(deltas) + rest == tok.decode(ids)
+
+
+def test_a_prompt_past_the_context_is_refused_before_its_ids_are_listed(tok):
+    from stagemesh.errors import InvalidArgument
+    from stagemesh.tokenizer import encode_prompt
+
+    text = "the mesh " * 400
+    assert len(encode_prompt(tok, text)) > 64
+    with pytest.raises(InvalidArgument, match=r"tokens but the model's context is 64 tokens; shorten it"):
+        encode_prompt(tok, text, 64)
+    assert encode_prompt(tok, "the mesh", 64) == tuple(tok.encode("the mesh"))

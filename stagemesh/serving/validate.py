@@ -26,15 +26,20 @@ def _validate_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: i
     if len(prompt) == 0:
         raise InvalidArgument("the prompt is empty; send at least one token (or non-empty text)")
     # the length first: a huge prompt is refused without a pass over its ids
-    if len(prompt) >= max_model_len:
-        raise InvalidArgument(
-            f"prompt has {len(prompt)} tokens but the model's context is {max_model_len} tokens; shorten it"
-        )
+    validate_prompt_length(len(prompt), max_model_len)
     for pos, tok in enumerate(prompt):
         if not isinstance(tok, int) or not 0 <= tok < vocab_size:
             raise InvalidArgument(
                 f"prompt token id {tok!r} at position {pos} is outside the vocabulary [0, {vocab_size})"
             )
+
+
+def validate_prompt_length(num_tokens: int, max_model_len: int) -> None:
+    """InvalidArgument when a prompt of ``num_tokens`` leaves no room in the context."""
+    if num_tokens >= max_model_len:
+        raise InvalidArgument(
+            f"prompt has {num_tokens} tokens but the model's context is {max_model_len} tokens; shorten it"
+        )
 
 
 def _validate_params(p: SamplingParams, *, vocab_size: int) -> None:

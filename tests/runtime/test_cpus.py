@@ -88,3 +88,32 @@ def test_bind_to_a_core_this_host_lacks_says_which_cores_it_has():
     assert out.returncode != 0
     allowed = cpus.format_list(cpus.available())
     assert "cannot bind to cores 100000" in out.stderr and f"this host allows {allowed}" in out.stderr, out.stderr
+
+
+def _python(code: str, **env: str) -> list[str]:
+    """The lines ``code`` prints in a fresh interpreter without OMP_WAIT_POLICY (plus ``env``)."""
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_idle_team_sleeps_sets_passive_unless_the_environment_says_otherwise():
+    code = "import os; from stagemesh.runtime import cpus; print(cpus.idle_team_sleeps(), os.environ['OMP_WAIT_POLICY'])"
+    assert _python(code) == ["True", "passive"]
+    assert _python(code, OMP_WAIT_POLICY="active") == ["True", "active"]
+
+
+def test_idle_team_sleeps_too_late_once_torch_is_loaded():
+    code = "import os, torch; from stagemesh.runtime import cpus; print(cpus.idle_team_sleeps(), 'OMP_WAIT_POLICY' in os.environ)"
+    assert _python(code) == ["False", "False"]
+
+
+def test_the_stage_worker_sets_the_policy_before_it_loads_torch():
+    code = (
+        "import os, runpy, sys\n"
+        "sys.argv = ['stage_worker', '--help']\n"
+        "try:\n    runpy.run_module('stage_worker', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('RESULT', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    assert _python(code)[-3:] == ["RESULT", "passive", "True"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage_worker.decode import decode_step, encode_step
+from stage_worker.decode import decode_step, encode_step, forward_step
 from stagemesh.errors import InvalidArgument
-from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
+from stagemesh.serving.types import PENDING_TOKEN, SampleSpec, SeqChunk, StepPlan
 
 PLAN = StepPlan(3, (SeqChunk(1, 4, (7, 8), SampleSpec(seed=5, index=2, temperature=0.5, min_p=0.2)),), free=(9,))
 
@@ -24,3 +24,18 @@ def test_a_malformed_request_names_the_stage_and_the_step():
     del msg.lengths[:]
     with pytest.raises(InvalidArgument, match="stage c0-s1: malformed StageRequest 3"):
         decode_step(msg, "c0-s1")
+
+
+def test_a_received_step_goes_on_with_this_stages_output_and_its_columns_untouched():
+    received = decode_step(encode_step(PLAN, torch.zeros(2, 6)), "c0-s1")
+    out = torch.randn(2, 6)
+    forward = decode_step(forward_step(received, received.plan, out), "c0-s2")
+    assert forward.plan == PLAN and torch.equal(forward.hidden, out)
+
+
+def test_pending_tokens_filled_in_by_the_first_stage_go_on_filled():
+    pending = StepPlan(4, (SeqChunk(1, 6, (PENDING_TOKEN,), SampleSpec(seed=5, index=3)), SeqChunk(2, 0, (3, 4))))
+    received = decode_step(encode_step(pending, None), "c0-s0")
+    filled = received.plan.fill_pending(lambda seq: 42)
+    forward = decode_step(forward_step(received, filled, torch.ones(3, 6)), "c0-s1")
+    assert forward.plan == filled and [c.token_ids for c in forward.plan.chunks] == [(42,), (3, 4)]
