@@ -21,6 +21,7 @@ Step latency p50/p99 and the pipeline bubble are derived from the stages' busy i
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -91,6 +92,7 @@ class StatusReporter:
     def _gateway(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
+            "pid": os.getpid(),
             "deployment": self.store.deployment,
             "chains": [_scheduler_view(h) for h in self.router.chains],
         }

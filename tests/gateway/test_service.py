@@ -307,6 +307,7 @@ def test_status_lists_both_stage_workers_healthy(mesh, capsys):
     ]
     assert all(w["healthy"] and w["load"]["kv_blocks_total"] == KV_BLOCKS for w in stages)
     assert doc["gateway"]["ready"] and doc["gateway"]["chains"][0]["kv_blocks_total"] == KV_BLOCKS
+    assert doc["gateway"]["pid"] == mesh.procs["gateway"].pid  # `stagemesh bench --addr` reads the gateway's CPU by it
 
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.http_port}/api/status", timeout=5) as reply:
         assert [w["address"] for w in json.load(reply)["workers"]] == [w["address"] for w in doc["workers"]]
