@@ -50,15 +50,19 @@ class Frontend(Role):
         self._health: asyncio.Task | None = None
 
     async def load(self, server: WorkerServer) -> None:
-        """Tokenizer and limits of the model, the client port (NOT_SERVING), the link to the gateway."""
+        """Tokenizer and limits of the model, the link to the gateway, then the client port.
+
+        NOTE: the port is bound only once the gateway answers: frontends share it
+        (SO_REUSEPORT), so the kernel hands connections to every process bound to it, and one
+        that is still starting would answer them UNAVAILABLE while its siblings serve."""
         config = ModelConfig.from_dir(self.topology.model)
         tokenizer = Tokenizer.from_dir(self.topology.model)
-        servicer = FrontendServicer(self.link, tokenizer, config)
-        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
-        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
         self.link.start()
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()
+        servicer = FrontendServicer(self.link, tokenizer, config)
+        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
+        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
 
     async def serve(self, server: WorkerServer) -> None:
         """SERVING while the link to the gateway is up, NOT_SERVING while it is down."""
