@@ -124,16 +124,13 @@ class GatewayLink:
             yield scheduling_pb2.FrontendBatch(submit=submit, cancel=cancel)
 
     def _dispatch(self, events: Events) -> None:
-        """One EventBatch: tokens first (in order), then admissions, finishes and errors."""
+        """One EventBatch: tokens first (in order), then finishes and errors."""
         streams, woken = self.streams, set()
         for handle, token in zip(events.handles, events.token_ids):
             stream = streams.get(handle)
             if stream is not None:
                 stream.tokens.append(token)
                 woken.add(stream)
-        for handle, chain in events.admitted.items():
-            if (stream := streams.get(handle)) is not None:
-                stream.chain = chain
         for handle, reason in events.finished.items():
             if (stream := streams.pop(handle, None)) is not None:
                 stream.finish(reason)

@@ -28,7 +28,7 @@ MIN_GAP_S = 0.001
 class RequestStream:
     """Tokens in, chunks out; filled by ``frontend.link``, read by the client's handler."""
 
-    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake", "chain")
+    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake")
 
     def __init__(self, handle: int, request_id: str):
         self.handle = handle
@@ -42,8 +42,6 @@ class RequestStream:
         self.error: StagemeshError | None = None
         self.wake = asyncio.Event()
         """Set when tokens, the finish or an error came."""
-        self.chain: int | None = None
-        """The chain it runs on (the gateway says on admission and after a failover)."""
 
     @property
     def ended(self) -> bool:

@@ -23,7 +23,7 @@ from gateway.failover import Follower
 from gateway.journal import JournalWriter
 from gateway.metrics import GatewayMetrics, RequestTracker
 from gateway.router import Router
-from stagemesh.errors import StagemeshError
+from stagemesh.errors import InvalidArgument, StagemeshError
 from stagemesh.serving.params import SamplingParams
 from stagemesh.serving.scheduler import SEED_RANGE
 from stagemesh.serving.types import Request, TokenEvent
@@ -68,14 +68,15 @@ class FrontendHub:
     def detach(self, link: FrontendLink) -> None:
         """The frontend's stream ended: its clients are gone with it, so its requests are cancelled."""
         self.links.discard(link)
-        for follower in list(link.followers.values()):
+        followers = list(link.followers.values())
+        for follower in followers:
             follower.cancel()
-        logger.info("frontend %s detached; %d request(s) cancelled", link.name, len(link.followers))
+        logger.info("frontend %s detached; %d request(s) cancelled", link.name, len(followers))
 
     def submit(self, link: FrontendLink, sub: Submission) -> None:
         """Admit a frontend's request; a refusal goes back to it as that request's error."""
         if sub.handle in link.followers:
-            link.pending.errors[sub.handle] = StagemeshError(f"handle {sub.handle} is already in use on this stream")
+            link.pending.errors[sub.handle] = InvalidArgument(f"handle {sub.handle} is already in use on this stream")
             link.ready.set()
             return
         request = Request(sub.request_id or uuid.uuid4().hex, tuple(sub.prompt_token_ids), self._seeded(sub.params),
@@ -85,7 +86,7 @@ class FrontendHub:
             self.router, self.journal, request,
             emit=partial(self._token, link, sub.handle, tracker),
             end=partial(self._end, link, sub.handle, tracker),
-            admitted=partial(self._admitted, link, sub.handle, tracker),
+            admitted=tracker.admitted,
         )
         link.followers[sub.handle] = follower
         try:
@@ -103,12 +104,6 @@ class FrontendHub:
         if params.seed is not None:
             return params
         return dataclasses.replace(params, seed=self._rng.randrange(SEED_RANGE))
-
-    @staticmethod
-    def _admitted(link: FrontendLink, handle: int, tracker: RequestTracker, chain: int) -> None:
-        tracker.admitted(chain)
-        link.pending.admitted[handle] = chain
-        link.ready.set()
 
     @staticmethod
     def _token(link: FrontendLink, handle: int, tracker: RequestTracker, event: TokenEvent) -> None:

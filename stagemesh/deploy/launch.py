@@ -228,8 +228,9 @@ class Mesh:
             self._spawn(name, module, *args, "--threads", str(threads), *bound)
             if module == "expert_worker" and self.opts.expert_replicas > 1:
                 self.spare.add(name)
-        scheduling = f"{self.opts.host}:{free_port()}"
-        gateway_args = ["--host", self.opts.host, "--port", scheduling.rpartition(":")[2]]
+        scheduling_port = free_port()
+        scheduling = f"{self.opts.host}:{scheduling_port}"
+        gateway_args = ["--host", self.opts.host, "--port", str(scheduling_port)]
         if self.opts.http_port:
             gateway_args += ["--http-port", str(self.opts.http_port)]
         if not self.opts.overlap:

@@ -40,7 +40,7 @@ class RequestError(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("handles", "token_ids", "finished", "errors", "admitted")
+    __slots__ = ("handles", "token_ids", "finished", "errors")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,21 +48,12 @@ class EventBatch(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
-    class AdmittedEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: int
-        value: int
-        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
-    ADMITTED_FIELD_NUMBER: _ClassVar[int]
     handles: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
     finished: _containers.ScalarMap[int, str]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
-    admitted: _containers.ScalarMap[int, int]
-    def __init__(self, handles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., finished: _Optional[_Mapping[int, str]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., admitted: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    def __init__(self, handles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., finished: _Optional[_Mapping[int, str]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...

@@ -9,7 +9,14 @@ import pytest
 from stagemesh.errors import Cancelled, Unavailable
 from stagemesh.serving.params import SamplingParams
 from stagemesh.v1 import scheduling_pb2, tensor_pb2
-from stagemesh.wire.codec.scheduling import Events, Submission, events_from_pb, events_to_pb, submission_from_pb, submission_to_pb
+from stagemesh.wire.codec.scheduling import (
+    Events,
+    Submission,
+    events_from_pb,
+    events_to_pb,
+    submission_from_pb,
+    submission_to_pb,
+)
 
 
 def test_a_submission_round_trips_with_its_parameters():
@@ -19,11 +26,11 @@ def test_a_submission_round_trips_with_its_parameters():
 
 
 def test_an_event_batch_round_trips_as_columns():
-    events = Events(array("q", [1, 2, 1]), array("q", [10, 20, 11]), {1: "length"}, {3: Cancelled("gone")}, {2: 0})
+    events = Events(array("q", [1, 2, 1]), array("q", [10, 20, 11]), {1: "length"}, {3: Cancelled("gone")})
     msg = events_to_pb(events)
     assert len(msg.handles.data) == 24 and len(msg.token_ids.data) == 24  # two int64 columns, nothing per token
     back = events_from_pb(scheduling_pb2.EventBatch.FromString(msg.SerializeToString()))
-    assert (back.handles, back.token_ids, back.finished, back.admitted) == (events.handles, events.token_ids, {1: "length"}, {2: 0})
+    assert (back.handles, back.token_ids, back.finished) == (events.handles, events.token_ids, {1: "length"})
     assert isinstance(back.errors[3], Cancelled) and back.errors[3].message == "gone"
     assert not Events() and Events(errors={1: Unavailable("x")})
 

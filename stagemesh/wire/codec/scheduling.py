@@ -65,18 +65,15 @@ class Events:
     """handle -> finish_reason, for requests whose last event is in this batch."""
     errors: dict[int, StagemeshError] = field(default_factory=dict)
     """handle -> the error that ended it."""
-    admitted: dict[int, int] = field(default_factory=dict)
-    """handle -> the chain it was admitted to (first admission or after a failover)."""
 
     def __bool__(self) -> bool:
-        return bool(self.handles or self.finished or self.errors or self.admitted)
+        return bool(self.handles or self.finished or self.errors)
 
 
 def events_to_pb(events: Events) -> scheduling_pb2.EventBatch:
     return scheduling_pb2.EventBatch(
         handles=pack_int64(events.handles), token_ids=pack_int64(events.token_ids), finished=events.finished,
         errors=[scheduling_pb2.RequestError(handle=h, error=error_to_pb(e)) for h, e in events.errors.items()],
-        admitted=events.admitted,
     )
 
 
@@ -88,4 +85,4 @@ def events_from_pb(msg: scheduling_pb2.EventBatch) -> Events:
     if len(handles) != len(token_ids):
         raise ValueError(f"EventBatch: {len(handles)} handles but {len(token_ids)} token ids")
     errors = {e.handle: error_from_pb(e.error) for e in msg.errors}
-    return Events(handles, token_ids, dict(msg.finished), errors, dict(msg.admitted))
+    return Events(handles, token_ids, dict(msg.finished), errors)
