@@ -23,7 +23,7 @@ import logging
 
 from expert_worker.place import find_expert_worker
 from expert_worker.worker import ExpertWorker
-from stagemesh.runtime import cpus
+from stagemesh.runtime import cpus, faults
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, start_worker
 from stagemesh.v1 import expert_pb2
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=1.0,
                    help="on SIGTERM, how long it keeps answering (UNAVAILABLE) while stages learn it is gone")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
+    p.add_argument("--enable-fault-injection", action="store_true", default=faults.enabled_by_env(),
+                   help=f"serve Admin.InjectFault (tests, drills; never in production); "
+                        f"also on with {faults.FAULT_INJECTION_ENV}=1")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p.parse_args(argv)
 

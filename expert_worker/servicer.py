@@ -13,11 +13,13 @@ import grpc
 from expert_worker.place import ExpertPlace
 from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
 from stagemesh.runners.expert import ExpertRunner
+from stagemesh.runtime.faults import FaultInjector, unless_dropped
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.wire.codec.experts import expert_output_to_pb, expert_request_from_pb, failed_expert_to_pb
 from stagemesh.wire.codec.tensors import dtype_name
 
 log = logging.getLogger(__name__)
+
 
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     """Serves one expert worker's ``Run`` streams (one per stage that routes to it) and ``Info``.
@@ -25,10 +27,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     NOTE: every batch, whichever stream it came on, runs on ONE compute thread, so the event
     loop stays free to receive, answer health checks and heartbeat. A stream's batches are
     taken one at a time, so its answers keep request order.
+
+    Faults injected through the Admin service act at the top of each batch on the compute
+    thread (``FaultSeam.before_step``: a stall, a failure) and on the open streams (a drop).
     """
 
-    def __init__(self, place: ExpertPlace):
+    def __init__(self, place: ExpertPlace, faults: FaultInjector | None = None):
         self.place = place
+        self.faults = faults if faults is not None else FaultInjector(place.worker_id, enabled=False)
         self.runner: ExpertRunner | None = None
         """Set once the weights are loaded; until then every batch is answered UNAVAILABLE."""
         self.draining = False
@@ -48,12 +54,17 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     async def Run(self, request_iterator, context):
         """One answer per request, in request order; a failed batch answers with ``error``."""
         loop = asyncio.get_running_loop()
-        async for request in request_iterator:
-            self.waiting += 1
-            try:
-                yield await loop.run_in_executor(self._thread, self._answer, request)
-            finally:
-                self.waiting -= 1
+        dropped = self.faults.streams.open()
+        try:
+            while (request := await unless_dropped(anext(request_iterator, None), dropped, context)) is not None:
+                self.waiting += 1
+                try:
+                    answer = loop.run_in_executor(self._thread, self._answer, request)
+                    yield await unless_dropped(answer, dropped, context)
+                finally:
+                    self.waiting -= 1
+        finally:
+            self.faults.streams.close(dropped)
 
     def _answer(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         """Decode, run, encode (on the compute thread)."""
@@ -61,6 +72,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             if self.draining or self.runner is None:
                 why = "is shutting down" if self.draining else "is still loading its weights"
                 raise Unavailable(f"expert worker {self.place.name} {why}")
+            self.faults.seam.before_step()
             try:
                 batch = expert_request_from_pb(request)
             except ValueError as err:

@@ -8,12 +8,12 @@ import argparse
 import asyncio
 import logging
 from dataclasses import replace
-from functools import partial
 
 from expert_worker.place import ExpertPlace
 from expert_worker.servicer import ExpertServicer
 from stagemesh.mesh.figures import ExpertFigures
 from stagemesh.mesh.store import Store, WorkerInfo
+from stagemesh.runtime.faults import FaultInjector, add_admin
 from stagemesh.runtime.heartbeat import Heartbeat
 from stagemesh.runtime.net import bind_address
 from stagemesh.runtime.server import Role, WorkerServer
@@ -23,15 +23,14 @@ from stagemesh.v1 import expert_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-
-
-
 class ExpertWorker(Role):
     """One expert worker's part in the lifecycle (``stagemesh.runtime.server.run``): its experts' weights."""
 
     def __init__(self, args: argparse.Namespace, place: ExpertPlace, store: Store):
         self.args, self.place, self.store = args, place, store
-        self.servicer = ExpertServicer(place)
+        self.faults = FaultInjector(place.worker_id, getattr(args, "enable_fault_injection", False))
+        """Fault injection through the Admin service (refused unless --enable-fault-injection)."""
+        self.servicer = ExpertServicer(place, self.faults)
         self.heartbeat: Heartbeat | None = None
 
     async def load(self, server: WorkerServer) -> None:
@@ -40,12 +39,19 @@ class ExpertWorker(Role):
         NOTE: shielded: a stop signal ends the wait, not the load on the compute thread (``close`` joins it).
         """
         bind = bind_address(self.args.host, self.place.address)
-        await server.start(bind, partial(expert_pb2_grpc.add_ExpertServicer_to_server, self.servicer))
+        await server.start(bind, self._add_services)
+        if self.faults.enabled:
+            log.warning("expert worker %s: fault injection is ON (Admin.InjectFault); never in production",
+                        self.place.name)
         log.info("loading experts %s", self.place.experts)
         try:
             await asyncio.shield(self.servicer.load())
         except Exception as err:  # noqa: BLE001 - reported as a startup failure
             raise StartupError(f"loading experts {self.place.experts} of {self.place.model} failed: {err}") from err
+
+    def _add_services(self, server) -> None:
+        expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, server)
+        add_admin(server, self.faults)
 
     async def serve(self, server: WorkerServer) -> None:
         """SERVING, then registration and heartbeats."""

@@ -1,6 +1,6 @@
 """A frontend's part in the server lifecycle (``stagemesh.runtime.server.run``): the model's
-tokenizer and limits, the client port (shared with the mesh's other frontends), the link to
-the gateway; health SERVING while the link is up."""
+tokenizer and limits, the client port and the HTTP port (each shared with the mesh's other
+frontends), the link to the gateway; health SERVING while the link is up."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
+from frontend.chat_template import ChatTemplate
+from frontend.gateway_proxy import GatewayProxy
+from frontend.http import HttpServer
+from frontend.kserve import KServeServicer, with_kserve
 from frontend.link import GatewayLink
+from frontend.openai_http import OpenAIApi
 from frontend.servicer import FrontendServicer
 from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
@@ -21,7 +27,17 @@ from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 log = logging.getLogger(__name__)
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-CLIENT_SERVER_OPTIONS = (*SERVER_OPTIONS, ("grpc.so_reuseport", 1))
+MAX_PENDING_CALLS = 1 << 16
+CLIENT_SERVER_OPTIONS = (
+    *SERVER_OPTIONS,
+    ("grpc.so_reuseport", 1),
+    # NOTE: gRPC's core cancels calls (a bare CANCELLED, which clients read as their own doing)
+    # once more than 1,000 have arrived that the server has not picked up yet: 2,000 streams
+    # opened at once got 203 of them. The limit goes up, and what the mesh cannot take is refused
+    # by the mesh itself: RESOURCE_EXHAUSTED with a retry hint (the gateway's queue limit).
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+)
 """Several frontends of one mesh listen on one client port (the kernel spreads the connections);
 ``stagemesh up`` checks that no other process holds the port before it starts them."""
 
@@ -39,6 +55,18 @@ class FrontendOptions:
     """How the gateway's logs name it."""
     messages_per_s: float = MESSAGES_PER_S
     """Its stream-message budget (``frontend.stream.Pacer``); 0 sends every step's tokens at once."""
+    own_port: int | None = None
+    """A port of this frontend alone, where the same services answer: the client port is shared,
+    so a probe of this process's health (the launcher's, an orchestrator's) goes here."""
+    http_port: int | None = None
+    """The HTTP port (OpenAI API), shared by the frontends like the client port; None: no HTTP."""
+    gateway_http: str | None = None
+    """``host:port`` of the gateway's HTTP side, whose pages (dashboard, ``/metrics``) the HTTP port
+    passes through (``frontend.gateway_proxy``); None: not passed."""
+    served_model_name: str | None = None
+    """The model's name in the OpenAI API; None: the checkpoint directory's name."""
+    grace_s: float = 5.0
+    """On stop, how long open HTTP calls may finish."""
 
 
 class Frontend(Role):
@@ -48,6 +76,8 @@ class Frontend(Role):
         self.opts, self.topology = opts, topology
         self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s)
         self._health: asyncio.Task | None = None
+        self._http: HttpServer | None = None
+        self._http_stopping: asyncio.Task | None = None
 
     async def load(self, server: WorkerServer) -> None:
         """Tokenizer and limits of the model, the link to the gateway, then the client port.
@@ -61,25 +91,45 @@ class Frontend(Role):
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()
         servicer = FrontendServicer(self.link, tokenizer, config)
-        add_servicer = partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
-        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
+        add_servicer = with_kserve(partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer), KServeServicer(
+            self.link, tokenizer, config, self.opts.served_model_name or Path(self.topology.model).name))
+        own = (f"{self.opts.host}:{self.opts.own_port}",) if self.opts.own_port else ()
+        if self.opts.http_port:  # before the client port: once a probe sees SERVING, both ports are up
+            await self._start_http(tokenizer, config)
+        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own)
+
+    async def _start_http(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
+        """The OpenAI API (and the gateway's pages) on the shared HTTP port."""
+        model = self.topology.model
+        api = OpenAIApi(self.link, tokenizer, config, self.opts.served_model_name or Path(model).name,
+                        ChatTemplate.from_dir(model))
+        proxy = GatewayProxy(self.opts.gateway_http) if self.opts.gateway_http else None
+        http = HttpServer(api, proxy, self.opts.grace_s)
+        await http.start(self.opts.host, self.opts.http_port)
+        self._http = http
 
     async def serve(self, server: WorkerServer) -> None:
-        """SERVING while the link to the gateway is up, NOT_SERVING while it is down."""
+        """SERVING while the link to the gateway is up and a chain serves, else NOT_SERVING."""
         self._health = asyncio.create_task(self._follow_link(server))
         log.info("%s serving clients on %s:%d", self.opts.name, self.opts.host, self.opts.port)
 
     async def _follow_link(self, server: WorkerServer) -> None:
+        """SERVING while linked to a gateway that can serve (a chain is in service)."""
+        serving = None
         while True:
-            await server.set_serving(True)
-            while self.link.connected.is_set():
-                await asyncio.sleep(0.1)
-            await server.set_serving(False)
-            await self.link.connected.wait()
+            now = self.link.connected.is_set() and self.link.can_serve
+            if now != serving:
+                serving = now
+                await server.set_serving(now)
+            await asyncio.sleep(0.1)
 
     async def drain(self) -> None:
         if self._health is not None:
             self._health.cancel()
+        if self._http is not None:  # stops listening now; its open calls finish beside the gRPC ones
+            self._http_stopping = asyncio.create_task(self._http.stop())
 
     async def close(self) -> None:
+        if self._http_stopping is not None:
+            await self._http_stopping
         await self.link.close()

@@ -1,10 +1,16 @@
 """The frontend's one ``Scheduling.Connect`` stream to the gateway, and the requests it carries.
 
 Submissions and cancels go up batched (everything queued since the last message); each
-``EventBatch`` coming down is spread over the requests' streams in one pass. When the stream
-breaks (the gateway stopped or died), every open request fails UNAVAILABLE with a message that
-says so, the link reconnects with a backoff, and the frontend's health says NOT_SERVING until
-the gateway serves again.
+``EventBatch`` coming down is spread over the requests' streams in one pass.
+
+NOTE: a gateway that dies or restarts costs the clients latency, not their requests. When the
+stream breaks, the open requests stay open (their clients wait); the link reconnects with a
+backoff, and its first message to the gateway (the same one restarted, or another) resubmits
+every open request as a *resume* with the prompt, the parameters (the seed included) and the
+tokens it has. The gateway takes each one up (it took them over from the journal, or starts it
+from those tokens) and sends every token again from index 0; each stream skips what its client
+has. Requests that wait longer than ``reattach_s`` for a gateway fail UNAVAILABLE. The
+frontend's health says NOT_SERVING while the link is down or the gateway cannot serve.
 """
 
 from __future__ import annotations
@@ -31,22 +37,29 @@ SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].fu
 RETRY_S = (0.05, 0.5)
 """Backoff between attempts to reach the gateway: first, and the longest (doubling)."""
 UNARY_TIMEOUT_S = 10.0
+REATTACH_S = 30.0
+"""How long open requests wait for the gateway to come back before they fail UNAVAILABLE."""
+HEALTH_POLL_S = 0.5
 
 
 class GatewayLink:
     """Carries this frontend's requests to the gateway at ``address`` and their tokens back."""
 
-    def __init__(self, address: str, name: str, messages_per_s: float = MESSAGES_PER_S):
-        self.address, self.name = address, name
+    def __init__(self, address: str, name: str, messages_per_s: float = MESSAGES_PER_S, reattach_s: float = REATTACH_S):
+        self.address, self.name, self.reattach_s = address, name, reattach_s
         self.streams: dict[int, RequestStream] = {}
         """Open requests by handle."""
         self.pacer = Pacer(lambda: len(self.streams), messages_per_s)
         self.connected = asyncio.Event()
         """Set while the stream to a serving gateway is up."""
+        self.can_serve = False
+        """The gateway's overall health, polled while connected: some chain can serve."""
         self._handles = itertools.count(1)
         self._submit: list[scheduling_pb2.Submission] = []
         self._cancel: list[int] = []
         self._outbox = asyncio.Event()
+        self._connection = 0
+        """Counts the Connect streams opened: the current one's number."""
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task | None = None
 
@@ -62,14 +75,15 @@ class GatewayLink:
 
     # --- requests ---------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt: array, params: SamplingParams) -> RequestStream:
-        """Send a request to the gateway; its stream fills as tokens come."""
-        if not self.connected.is_set():
-            raise Unavailable(f"this frontend has no connection to the gateway at {self.address}; retry shortly")
-        stream = RequestStream(next(self._handles), request_id)
+    def submit(self, request_id: str, prompt: array, params: SamplingParams, resume_from: int | None = None
+               ) -> RequestStream:
+        """Send a request to the gateway (once the link is up, if it is down); its stream fills as
+        tokens come. ``resume_from``: the client resumes it and has its tokens up to there."""
+        stream = RequestStream(next(self._handles), request_id, prompt, params, sent=resume_from or 0)
         self.streams[stream.handle] = stream
-        self._submit.append(submission_to_pb(Submission(stream.handle, request_id, prompt, params)))
-        self._outbox.set()
+        if self.connected.is_set():
+            self._submit.append(_submission(stream, resume=resume_from is not None))
+            self._outbox.set()
         return stream
 
     def cancel(self, stream: RequestStream) -> None:
@@ -89,6 +103,8 @@ class GatewayLink:
     # --- the stream -------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        down_since = loop.time()
         for attempt in itertools.count():
             try:
                 await self._connect_and_serve()
@@ -96,9 +112,14 @@ class GatewayLink:
             except (grpc.RpcError, StagemeshError, LookupError) as err:
                 if attempt in (0, 10) or attempt % 50 == 0:
                     log.warning("gateway at %s unreachable (%s); retrying", self.address, _reason(err))
-            finally:
+            if self.connected.is_set():
                 self.connected.clear()
-                self._fail_all(Unavailable(f"the connection to the gateway at {self.address} broke; retry the request"))
+                down_since = loop.time()
+                log.warning("the stream to the gateway at %s broke; %d open request(s) wait for it",
+                            self.address, len(self.streams))
+            if loop.time() - down_since > self.reattach_s:
+                self._fail_all(Unavailable(f"the gateway at {self.address} has been unreachable for "
+                                           f"{self.reattach_s:.0f} s; retry the request"))
             await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt, 8)))
 
     async def _connect_and_serve(self) -> None:
@@ -108,16 +129,43 @@ class GatewayLink:
         status = await health.status(self._channel, service=SCHEDULING_SERVICE, timeout_s=2.0)
         if status != health.SERVING:
             raise LookupError(f"its health is {health.status_name(status)}")
-        call = self._stub().Connect(self._outgoing())
+        self._connection += 1
+        call = self._stub().Connect(self._outgoing(self._connection))
         self.connected.set()
-        log.info("connected to the gateway at %s", self.address)
-        async for batch in call:
-            self._dispatch(events_from_pb(batch))
+        log.info("connected to the gateway at %s (%d open request(s) resubmitted)", self.address, len(self.streams))
+        poll = asyncio.create_task(self._poll_health(self._channel))
+        try:
+            async for batch in call:
+                self._dispatch(events_from_pb(batch))
+        finally:
+            poll.cancel()
+            call.cancel()
+            self.can_serve = False
 
-    async def _outgoing(self):
-        yield scheduling_pb2.FrontendBatch(frontend=self.name)
+    async def _poll_health(self, channel: grpc.aio.Channel) -> None:
+        """``can_serve``: the gateway's overall health, which is NOT_SERVING while no chain serves."""
+        while True:
+            try:
+                self.can_serve = await health.status(channel, timeout_s=2.0) == health.SERVING
+            except (grpc.RpcError, StagemeshError, LookupError):
+                self.can_serve = False
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def _outgoing(self, connection: int):
+        # NOTE: every open request goes (again) in the first message: after a break, the gateway
+        # on the other side may be a new one, and no request is lost or started twice either way.
+        # A broken connection's generator may still be waiting on the outbox: it must leave what
+        # it finds there to the current one (``connection``), or those submissions are lost.
+        self._submit.clear()
+        self._cancel.clear()
+        resubmit = [_submission(stream, resume=True) for stream in self.streams.values()]
+        for stream in self.streams.values():
+            stream.tokens = []  # the gateway sends them all again; the stream skips what its client has
+        yield scheduling_pb2.FrontendBatch(frontend=self.name, submit=resubmit)
         while True:
             await self._outbox.wait()
+            if connection != self._connection:
+                return
             self._outbox.clear()
             submit, self._submit = self._submit, []
             cancel, self._cancel = self._cancel, []
@@ -142,7 +190,7 @@ class GatewayLink:
     def _fail_all(self, err: Unavailable) -> None:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.fail(err)
+            stream.fail(err, final=False)  # this frontend's trouble: resuming on another may help
         self._submit.clear()
         self._cancel.clear()
 
@@ -150,6 +198,11 @@ class GatewayLink:
         if self._channel is None:
             raise Unavailable(f"this frontend has no connection to the gateway at {self.address}; retry shortly")
         return scheduling_pb2_grpc.SchedulingStub(self._channel)
+
+
+def _submission(stream: RequestStream, *, resume: bool) -> scheduling_pb2.Submission:
+    known = array("q", stream.tokens) if resume else array("q")
+    return submission_to_pb(Submission(stream.handle, stream.request_id, stream.prompt, stream.params, resume, known))
 
 
 def _reason(err: Exception) -> str:

@@ -1,6 +1,7 @@
 """``python -m frontend``: one client-facing frontend of a mesh. It reads the model's tokenizer
-and limits from the topology in Redis, serves ``stagemesh.v1.Gateway`` on the client port and
-hands every request to the gateway over one stream (``frontend.link``). A mesh runs several
+and limits from the topology in Redis, serves ``stagemesh.v1.Gateway`` on the client port (and,
+with ``--http-port``, the OpenAI-compatible HTTP API: ``frontend.http``) and hands every
+request to the gateway over one stream (``frontend.link``). A mesh runs several
 (``stagemesh up --frontends N``) on one port; each can be restarted on its own."""
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True,
                    help="the client port (stagemesh.v1.Gateway), shared by the frontends")
     p.add_argument("--name", default="frontend", help="how logs and the gateway name this frontend")
+    p.add_argument("--own-port", type=int, default=None,
+                   help="also serve on this port of its own (not shared): where probes reach this process's health")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API on this port, shared by the frontends (default: none)")
+    p.add_argument("--gateway-http", default=None, metavar="HOST:PORT",
+                   help="the gateway's HTTP side: its dashboard, /api/status, /metrics and /healthz are passed "
+                        "through on --http-port")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the OpenAI API (default: the checkpoint directory's name)")
     p.add_argument("--stream-messages-per-s", type=float, default=MESSAGES_PER_S,
                    help="messages a second this frontend sends its clients in all; with many streams each message "
                         "then carries several tokens (0: one message per step per stream)")
@@ -41,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s"
     )
     opts = FrontendOptions(gateway=args.gateway, host=args.host, port=args.port, name=args.name,
-                           messages_per_s=args.stream_messages_per_s)
+                           messages_per_s=args.stream_messages_per_s, own_port=args.own_port,
+                           http_port=args.http_port, gateway_http=args.gateway_http,
+                           served_model_name=args.served_model_name, grace_s=args.grace_s)
     try:
         return asyncio.run(start_worker(
             args.redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,

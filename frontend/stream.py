@@ -14,8 +14,10 @@ wait for nothing; a request's first token and its end are never held back.
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 from stagemesh.errors import StagemeshError
+from stagemesh.serving.params import SamplingParams
 
 MESSAGES_PER_S = 4000.0
 """The frontend's message budget: ~16% of a core at ~40 µs a message."""
@@ -28,18 +30,25 @@ MIN_GAP_S = 0.001
 class RequestStream:
     """Tokens in, chunks out; filled by ``frontend.link``, read by the client's handler."""
 
-    __slots__ = ("handle", "request_id", "tokens", "sent", "finish_reason", "error", "wake")
+    __slots__ = ("handle", "request_id", "prompt", "params", "tokens", "sent", "finish_reason", "error", "final",
+                 "wake")
 
-    def __init__(self, handle: int, request_id: str):
+    def __init__(self, handle: int, request_id: str, prompt: array | None = None, params: SamplingParams | None = None,
+                 sent: int = 0):
         self.handle = handle
         """The request's number on the link to the gateway."""
         self.request_id = request_id
+        self.prompt, self.params = prompt, params
+        """What the request was submitted with: a new gateway is sent them again (``link``)."""
         self.tokens: list[int] = []
-        """Every token received, in order."""
-        self.sent = 0
-        """Tokens already handed to the client."""
+        """Every token received, in order (from index 0, also after a resume)."""
+        self.sent = sent
+        """Tokens the client has: handed to it, or had before it resumed here."""
         self.finish_reason: str | None = None
         self.error: StagemeshError | None = None
+        self.final = True
+        """The error is the mesh's verdict on the request (its client should not resume it), not
+        this frontend's loss of the gateway or its shutdown (resuming elsewhere may help)."""
         self.wake = asyncio.Event()
         """Set when tokens, the finish or an error came."""
 
@@ -52,9 +61,9 @@ class RequestStream:
             self.finish_reason = reason
             self._end()
 
-    def fail(self, err: StagemeshError) -> None:
+    def fail(self, err: StagemeshError, *, final: bool = True) -> None:
         if not self.ended:
-            self.error = err
+            self.error, self.final = err, final
             self._end()
 
     def _end(self) -> None:
@@ -65,7 +74,10 @@ class RequestStream:
         tokens, ``ended`` says why the stream ends."""
         await self.wake.wait()
         self.wake.clear()
-        index, self.sent = self.sent, len(self.tokens)
+        index = self.sent
+        if len(self.tokens) <= index:  # a resume re-sends from index 0: the client has these
+            return index, []
+        self.sent = len(self.tokens)
         return index, self.tokens[index:]
 
 

@@ -9,8 +9,13 @@ about a second and a hung one (SIGSTOP: checks time out) within about three. A c
 healthy while all its stage workers are up and every expert of its MoE layers has an expert
 worker up that holds it. When a healthy chain has a worker down it is taken out of service
 (``Router.fence``); when an unhealthy one has every worker up again it is put back
-(``Router.revive``). The same checks keep the expert placement live (``ExpertWatch.update``),
-so no worker is checked twice.
+(``Router.revive``, on a task of its own per chain: a revive whose stages hang waits out its
+timeout without stopping the watch of the other chains). The same checks keep the expert
+placement live (``ExpertWatch.update``), so no worker is checked twice.
+
+A worker missing from the registry while its health check answers SERVING is given
+``UNREGISTERED_GRACE_S`` before it counts as down: that is Redis restarted empty, and the
+worker's next heartbeat registers it again (a dead or frozen worker fails its checks too).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 INTERVAL_S = 0.5
 MISSES = 2
 """Failed health checks in a row after which a worker counts as down."""
+UNREGISTERED_GRACE_S = 3.0
 
 
 class ChainWatch:
@@ -48,6 +54,9 @@ class ChainWatch:
         """chain -> (worker id, address) of each stage worker."""
         self.experts: dict[int, list[ExpertReplica]] = {c.index: chain_replicas(c) for c in topology.chains}
         self._misses: dict[str, int] = {}
+        self._unregistered: dict[str, float] = {}
+        """Since when each worker that answers its checks is missing from the registry."""
+        self._reviving: dict[int, asyncio.Task] = {}
 
     async def run(self) -> None:
         while True:
@@ -66,14 +75,39 @@ class ChainWatch:
             self._misses[wid] = 0 if ok else self._misses.get(wid, 0) + 1
         if self.expert_watch is not None:
             await self.expert_watch.update(alive, dict(zip(workers, answers)))
-        down = {wid: "no heartbeat" for wid in workers if wid not in alive}
+        down = {wid: "no heartbeat" for wid in self._unregistered_too_long(workers, alive, dict(zip(workers, answers)))}
         down.update({wid: "health check failing" for wid in workers if self._misses[wid] >= MISSES and wid not in down})
         for handle in self.router.chains:
             missing = self.missing(handle.chain_id, down)
             if handle.healthy and missing:
                 await self.router.fence(handle, handle.engine, "; ".join(f"{w}: {why}" for w, why in missing.items()))
-            elif not handle.healthy and not missing:
-                await self.router.revive(handle)
+            elif not handle.healthy and not missing and not self._revive_running(handle.chain_id):
+                task = asyncio.create_task(self.router.revive(handle), name=f"revive-chain-{handle.chain_id}")
+                self._reviving[handle.chain_id] = task
+
+    def _unregistered_too_long(self, workers: dict[str, str], alive: set[str], serving: dict[str, bool]) -> list[str]:
+        """Workers without a heartbeat, except those that answer SERVING and have been missing
+        for less than the grace (Redis lost the registry; they register again)."""
+        now = asyncio.get_running_loop().time()
+        gone = []
+        for wid in workers:
+            if wid in alive:
+                self._unregistered.pop(wid, None)
+                continue
+            since = self._unregistered.setdefault(wid, now)
+            if not serving[wid] or now - since >= UNREGISTERED_GRACE_S:
+                gone.append(wid)
+        return gone
+
+    def _revive_running(self, chain: int) -> bool:
+        task = self._reviving.get(chain)
+        return task is not None and not task.done()
+
+    async def stop(self) -> None:
+        """Cancel the revives still running."""
+        for task in self._reviving.values():
+            task.cancel()
+        await asyncio.gather(*self._reviving.values(), return_exceptions=True)
 
     def missing(self, chain: int, down: dict[str, str]) -> dict[str, str]:
         """The workers down that keep ``chain`` from serving (why, by worker id); empty when it can serve."""

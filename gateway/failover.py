@@ -47,7 +47,9 @@ class Follower:
     ):
         self.router, self.journal, self.request = router, journal, request
         self.emit, self.end, self.admitted = emit, end, admitted
-        self.emitted: list[int] = []
+        self.emitted: list[int] = list(request.resume_token_ids)
+        """Every token of the request so far (those it was resumed with first)."""
+        self.finish_reason: str | None = None
         self.chain: ChainHandle | None = None
         self._engine = None
         self._resumes = 0
@@ -61,7 +63,8 @@ class Follower:
         chain = self.router.admit(rid)
         # NOTE: the engine validates in ``add``, so a refused request's open and close land in the
         # same journal window and cancel out: it never reaches Redis.
-        self.journal.open(rid, list(self.request.prompt_token_ids), params_doc(self.request.params), chain.chain_id)
+        self.journal.open(rid, list(self.request.prompt_token_ids), params_doc(self.request.params), chain.chain_id,
+                          tokens=self.emitted)
         try:
             self._run_on(chain, self.request)
         except BaseException:
@@ -86,6 +89,7 @@ class Follower:
                 self.journal.append(self.request.request_id, item.token_id)
             self.emit(item)
             if item.finish_reason is not None:
+                self.finish_reason = item.finish_reason
                 self._finish(None)
         elif isinstance(item, Unavailable):
             self._moving = asyncio.get_running_loop().create_task(self._fail_over(item))

@@ -4,10 +4,17 @@
 
 Startup: connect to Redis and read the topology (both retried until present), start the gRPC
 server with health NOT_SERVING, wait until every stage of every chain answers its health
-check SERVING and its ``Info``, build one engine per chain, then turn health SERVING. From then
-on ``gateway.chain_health`` takes chains whose workers stop answering out of service and puts
-them back when they answer again, and requests of a failed chain resume on another
-(``gateway.failover``).
+check SERVING and its ``Info``, build one engine per chain, take over the open requests a
+previous gateway journaled (``FrontendHub.adopt``), then turn health SERVING: the frontends
+connect (again) and resubmit their clients' requests. From then on ``gateway.chain_health``
+takes chains whose workers stop answering out of service and puts them back when they answer
+again, requests of a failed chain resume on another (``gateway.failover``), and the overall
+health ("") says NOT_SERVING while no chain is in service (the ``Scheduling`` service stays
+SERVING, so the frontends stay connected and their requests wait for a chain).
+
+NOTE: each start is a new *epoch* (its start time in microseconds), stamped on every step: a
+stage worker that sees a newer one drops the sequences of the old gateway, whose KV cache it
+still holds, before running the step (``stagemesh.runners.stage``).
 SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
 ``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
 
@@ -18,7 +25,9 @@ is the gateway's part in it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -26,21 +35,23 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
-from gateway.chain_client import RemoteChain
+from gateway.chain_client import STEP_DEADLINE, RemoteChain
 from gateway.chain_health import ChainWatch
 from gateway.experts import ExpertWatch
 from gateway.http import start_http
-from gateway.hub import FrontendHub
+from gateway.hub import RESUME_WINDOW_S, FrontendHub
 from gateway.journal import JournalWriter
+from gateway.keeper import StoreKeeper
 from gateway.metrics import GatewayMetrics
 from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
 from gateway.scheduling import SchedulingServicer
 from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
-from stagemesh.mesh.store import Store, stage_worker_id
+from stagemesh.mesh.store import JournalEntry, Store, stage_worker_id
 from stagemesh.mesh.topology import Chain, Topology
 from stagemesh.runtime import health
+from stagemesh.runtime.deadline import Deadline
 from stagemesh.runtime.health import HealthProbe
 from stagemesh.runtime.server import Role, WorkerServer, run
 from stagemesh.serving.engine import Engine
@@ -56,6 +67,8 @@ SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 an error here, never a port shared with it."""
 POLL_S = 0.5
 LOG_EVERY_S = 10.0
+LATE_CHAIN_WAIT_S = 30.0
+"""Once one chain serves, how long the gateway waits for the others before it serves without them."""
 
 T = TypeVar("T")
 
@@ -77,6 +90,8 @@ class GatewayOptions:
     """Token budget of one micro-batch."""
     max_num_seqs: int = 256
     """Sequences in one micro-batch at most."""
+    max_waiting: int = 1024
+    """Requests one chain queues at most; past that a request is refused RESOURCE_EXHAUSTED."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM, running calls get this long to finish before they are cancelled."""
     failover_wait_s: float = FAILOVER_WAIT_S
@@ -84,6 +99,9 @@ class GatewayOptions:
     overlap: bool = True
     """Overlap scheduling: one step more than the chain has stages goes out while they run,
     its decodes taking the tokens still being sampled (``stagemesh.serving.scheduler``)."""
+    resume_window_s: float = RESUME_WINDOW_S
+    """A request whose frontend left runs on this long for a client to resume it (then it is
+    cancelled); a finished one's outcome is kept as long."""
 
 
 async def serve(opts: GatewayOptions) -> None:
@@ -97,14 +115,21 @@ class Gateway(Role):
     def __init__(self, opts: GatewayOptions):
         self.opts = opts
         self.router = Router(failover_wait_s=opts.failover_wait_s)
+        self.epoch = time.time_ns() // 1000
+        """This incarnation, stamped on every step (``StageRequest.epoch``)."""
         self.store: Store | None = None
         self.journal: JournalWriter | None = None
+        self.hub: FrontendHub | None = None
         self.status: StatusReporter | None = None
         self.metrics = GatewayMetrics()
         self.probe = HealthProbe()
         """One health client for every watched worker (chains and expert placement share it)."""
         self._http = None
         self._watch: asyncio.Task | None = None
+        self._serving: asyncio.Task | None = None
+        self._keeper: asyncio.Task | None = None
+        self._late_chains: set[asyncio.Task] = set()
+        """Chains still waiting for their workers when the gateway began to serve."""
         self.chain_watch: ChainWatch | None = None
         self.experts: ExpertWatch | None = None
         """The chains' expert workers and their placement in Redis (None when the experts live in the stages)."""
@@ -118,21 +143,90 @@ class Gateway(Role):
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
-        hub = FrontendHub(self.router, self.journal, self.metrics)
-        await self._start_server(server, SchedulingServicer(hub, self.status))
+        self.hub = FrontendHub(self.router, self.journal, self.metrics, self.opts.resume_window_s)
+        await self._start_server(server, SchedulingServicer(self.hub, self.status))
         experts = ExpertWatch(self.store, topology, self.probe)
         if experts.replicas:
             self.experts = experts
             await experts.start()  # the placement in Redis; returns once every expert worker serves
-        for chain in topology.chains:
-            self.router.add(await build_chain(chain, config, tokenizer, self.store, self.opts))
+        open_requests = await self._journaled(topology)
+        await self._build_chains(topology, config, tokenizer, late_wait_s=0.0 if open_requests else LATE_CHAIN_WAIT_S)
         self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe, self.experts)
         self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
+        self.hub.start()
+        self._take_over(open_requests)
+        keeper = StoreKeeper(self.store, topology, self._rewrite_placement if self.experts else None,
+                             self._journal_snapshot, journal_lock=self.journal.lock)
+        self._keeper = asyncio.create_task(keeper.run(), name="store-keeper")
+
+    def _journal_snapshot(self):
+        """Every open request's whole journal entry, for a Redis that lost them (``gateway.keeper``)."""
+        snapshot = self.hub.journal_snapshot()
+        self.journal.forget(snapshot)
+        return snapshot
+
+    async def _rewrite_placement(self) -> None:
+        """Every chain's expert placement again, each replica with its current liveness."""
+        for chain, replicas in self.experts.replicas.items():
+            live = [dataclasses.replace(r, live=self.experts.live[r.worker_id]) for r in replicas]
+            await self.store.set_placement(chain, live)
+
+    async def _build_chains(self, topology: Topology, config: ModelConfig, tokenizer: Tokenizer | None,
+                            late_wait_s: float) -> None:
+        """Every chain, built as its workers serve: returns once all are, or once one is and the
+        others have had ``late_wait_s`` more; those join the router when they serve.
+
+        NOTE: a gateway restarted while a chain's worker is dead (being restarted, or given up
+        on) must not hold the requests it takes over until that chain is back: with requests
+        to take over it serves as soon as one chain does."""
+        async def build(chain: Chain) -> None:
+            self.router.add(await build_chain(chain, config, tokenizer, self.store, self.opts, self.epoch))
+
+        tasks = [asyncio.create_task(build(chain), name=f"build-chain-{chain.index}") for chain in topology.chains]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pending and late_wait_s > 0:
+            more, pending = await asyncio.wait(pending, timeout=late_wait_s)
+            done |= more
+        for task in done:
+            task.result()  # a topology the workers contradict is an error here
+        if pending:
+            logger.warning("serving with %d of %d chain(s); the others join once their workers serve",
+                           len(done), len(tasks))
+        self._late_chains = pending
+
+    async def _journaled(self, topology: Topology) -> list[JournalEntry]:
+        """The requests a previous gateway left open in the journal (none when it cannot be read)."""
+        try:
+            ids = [rid for chain in topology.chains for rid in await self.store.journal_by_chain(chain.index)]
+            entries = await asyncio.gather(*(self.store.journal_get(rid) for rid in ids))
+        except StagemeshError as err:
+            logger.warning("could not read the journal to take over open requests: %s", err)
+            return []
+        return [e for e in entries if e is not None]
+
+    def _take_over(self, entries: list[JournalEntry]) -> None:
+        """Run on the requests a previous gateway left open."""
+        if entries:
+            adopted = self.hub.adopt(entries)
+            logger.warning("took over %d of %d open request(s) from the journal (epoch %d)", adopted, len(entries),
+                           self.epoch)
 
     async def serve(self, server: WorkerServer) -> None:
         await server.set_serving(True)
         self.status.ready = True
+        self._serving = asyncio.create_task(self._follow_chains(server), name="gateway-serving")
         logger.info("gateway ready on %s:%d with %d chain(s)", self.opts.host, self.opts.port, len(self.router.chains))
+
+    async def _follow_chains(self, server: WorkerServer) -> None:
+        """The overall health says whether a chain can serve; the Scheduling service stays SERVING."""
+        serving = True
+        while True:
+            await asyncio.sleep(POLL_S / 5)
+            if self.router.can_serve != serving:
+                serving = self.router.can_serve
+                await server.health.set("", health.SERVING if serving else health.NOT_SERVING)
+                logger.warning("the mesh %s", "can serve again" if serving else
+                               f"cannot serve: {self.router.why_unavailable()}")
 
     async def _topology(self) -> Topology:
         topology = await self.store.get_topology()
@@ -153,9 +247,14 @@ class Gateway(Role):
 
     async def close(self) -> None:
         """After ``server.stop(grace)``: the chain watch, the engines, the journal, HTTP, Redis."""
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._serving, self._keeper, *self._late_chains):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.chain_watch is not None:
+            await self.chain_watch.stop()
+        if self.hub is not None:
+            await self.hub.stop()
         await self.probe.close()
         for handle in self.router.chains:
             await handle.engine.stop()
@@ -172,7 +271,7 @@ class Gateway(Role):
 
 
 async def build_chain(
-    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions
+    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions, epoch: int = 0
 ) -> ChainHandle:
     """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
     chain_id, stages = chain.index, chain.stages
@@ -187,8 +286,10 @@ async def build_chain(
     await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
     sched = scheduler_config(infos, config, tokenizer, opts)
 
+    deadline = Deadline(STEP_DEADLINE)  # one per chain: a chain that comes back keeps what it measured
+
     def renew() -> tuple[RemoteChain, Engine]:
-        remote = RemoteChain(chain_id, addresses[0])
+        remote = RemoteChain(chain_id, addresses[0], epoch=epoch, deadline=deadline)
         return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
 
     remote, engine = renew()
@@ -210,6 +311,7 @@ def scheduler_config(
         num_blocks=min(info.num_kv_blocks for info in infos),
         max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens,
+        max_waiting=opts.max_waiting,
         num_slots=len(infos),
         max_model_len=config.max_position_embeddings,
         eos_token_ids=eos_token_ids(config, tokenizer),

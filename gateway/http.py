@@ -5,7 +5,8 @@
     GET /static/...   the dashboard's script and style sheet (no build step, nothing from a CDN)
     GET /api/status   the status document, the same one as ``stagemesh status --json``
     GET /metrics      Prometheus text (gateway.metrics)
-    GET /healthz      200 "ok" while the gateway serves, 503 while starting or draining
+    GET /healthz      200 "ok" while the gateway serves, 503 while starting, draining, or while no
+                      chain can serve (the body says why)
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def build_app(status: StatusReporter, metrics: GatewayMetrics | None = None) -> 
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(request: web.Request) -> web.Response:
-        if status.ready:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="starting or draining\n")
+        if not status.ready:
+            return web.Response(status=503, text="starting or draining\n")
+        if not status.router.can_serve:
+            return web.Response(status=503, text=f"{status.router.why_unavailable()}\n")
+        return web.Response(text="ok\n")
 
     app = web.Application()
     app.router.add_get("/", dashboard)

@@ -1,5 +1,5 @@
-"""The gateway's frontends: each one's requests, followed across chains, and each step's token
-events sent to each frontend as ONE message.
+"""The gateway's frontends: each one's requests, followed across chains, each step's token
+events sent to each frontend as ONE message, and requests that outlive their frontend.
 
 NOTE: the cost per streamed token. An engine hands a step's events to their requests' consumers
 synchronously, in one run of the event loop; here a consumer only appends the token to its
@@ -7,29 +7,46 @@ frontend's pending ``Events`` (two array appends) and sets that frontend's ``rea
 frontend's writer (``gateway.scheduling``) wakes once after the step and sends everything
 pending in one ``EventBatch``: one gRPC message per step per frontend, not one per token per
 client. A writer that falls behind sends several steps' events in its next message.
+
+NOTE: resume. A request is not its frontend's stream: each one has a ``Tap`` saying where its
+events go, and a frontend whose stream ends (it died, or its link broke) leaves its requests
+running as *orphans* for ``resume_window_s``. A ``resume`` submission of the same request id,
+from any frontend, re-points the tap and sends every token generated so far again from index 0
+(the frontend skips what its client has). A resume for a request that ended within the window
+gets its recorded outcome; one the gateway never knew (it restarted, and the journal lacked it)
+is started from the submission's prompt and known tokens, with its seed: the same tokens follow.
+An orphan nobody takes up within the window is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 
 from gateway.failover import Follower
-from gateway.journal import JournalWriter
+from gateway.journal import JournalWriter, params_doc, params_from_doc
 from gateway.metrics import GatewayMetrics, RequestTracker
 from gateway.router import Router
-from stagemesh.errors import InvalidArgument, StagemeshError
-from stagemesh.serving.params import SamplingParams
-from stagemesh.serving.scheduler import SEED_RANGE
+from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
+from stagemesh.mesh.store import JournalEntry
+from stagemesh.serving.params import with_seed
 from stagemesh.serving.types import Request, TokenEvent
 from stagemesh.wire.codec.scheduling import Events, Submission
 
 logger = logging.getLogger(__name__)
+
+RESUME_WINDOW_S = 30.0
+"""How long a request whose frontend left keeps running for a client to take it up again, and
+how long a finished one's outcome is kept for a client that missed its end."""
+RECENT_MAX = 4096
+"""Finished outcomes kept at most (the oldest go first)."""
+SWEEP_S = 1.0
 
 
 class FrontendLink:
@@ -50,14 +67,66 @@ class FrontendLink:
         self.ready.clear()
         return events
 
+    def send_tokens(self, handle: int, token_ids: list[int]) -> None:
+        self.pending.handles.extend([handle] * len(token_ids))
+        self.pending.token_ids.extend(token_ids)
+        self.ready.set()
+
+    def send_end(self, handle: int, reason: str | None, err: StagemeshError | None) -> None:
+        if err is not None:
+            self.pending.errors[handle] = err
+        else:
+            self.pending.finished[handle] = reason or "stop"
+        self.ready.set()
+
+
+@dataclass(eq=False)
+class Tap:
+    """Where one request's events go: a frontend's link and its handle there; no link while no
+    frontend holds the request (an orphan, since ``orphaned_at``)."""
+
+    link: FrontendLink | None
+    handle: int
+    tracker: RequestTracker
+    orphaned_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished request as a late resume gets it."""
+
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    error: StagemeshError | None
+    at: float
+
 
 class FrontendHub:
     """Takes the frontends' submissions and cancels, and routes their requests' events back."""
 
-    def __init__(self, router: Router, journal: JournalWriter, metrics: GatewayMetrics):
+    def __init__(self, router: Router, journal: JournalWriter, metrics: GatewayMetrics,
+                 resume_window_s: float = RESUME_WINDOW_S):
         self.router, self.journal, self.metrics = router, journal, metrics
+        self.resume_window_s = resume_window_s
         self.links: set[FrontendLink] = set()
+        self.running: dict[str, tuple[Follower, Tap]] = {}
+        """Every request the gateway runs, by id, whichever frontend holds it (or none)."""
+        self.recent: OrderedDict[str, Outcome] = OrderedDict()
         self._rng = random.SystemRandom()
+        """Seeds of requests that came without one (frontends draw them; this is the backstop),
+        so the journal holds every request's seed."""
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="orphan-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    # --- frontends -------------------------------------------------------------------
 
     def attach(self, name: str) -> FrontendLink:
         link = FrontendLink(name)
@@ -66,61 +135,165 @@ class FrontendHub:
         return link
 
     def detach(self, link: FrontendLink) -> None:
-        """The frontend's stream ended: its clients are gone with it, so its requests are cancelled."""
+        """The frontend's stream ended: its requests run on as orphans until taken up again."""
         self.links.discard(link)
-        followers = list(link.followers.values())
-        for follower in followers:
-            follower.cancel()
-        logger.info("frontend %s detached; %d request(s) cancelled", link.name, len(followers))
+        now = time.monotonic()
+        for follower in link.followers.values():
+            _, tap = self.running.get(follower.request.request_id, (None, None))
+            if tap is not None and tap.link is link:
+                tap.link, tap.orphaned_at = None, now
+        logger.info("frontend %s detached; its %d request(s) wait %.0f s to be resumed",
+                    link.name, len(link.followers), self.resume_window_s)
+        link.followers.clear()
+
+    # --- requests --------------------------------------------------------------------
 
     def submit(self, link: FrontendLink, sub: Submission) -> None:
-        """Admit a frontend's request; a refusal goes back to it as that request's error."""
+        """Admit (or, for a resume, take up) a frontend's request; a refusal goes back to it as
+        that request's error."""
         if sub.handle in link.followers:
-            link.pending.errors[sub.handle] = InvalidArgument(f"handle {sub.handle} is already in use on this stream")
-            link.ready.set()
+            link.send_end(sub.handle, None, InvalidArgument(f"handle {sub.handle} is already in use on this stream"))
             return
-        request = Request(sub.request_id or uuid.uuid4().hex, tuple(sub.prompt_token_ids), self._seeded(sub.params),
-                          time.monotonic())
-        tracker = self.metrics.track()
-        follower = Follower(
-            self.router, self.journal, request,
-            emit=partial(self._token, link, sub.handle, tracker),
-            end=partial(self._end, link, sub.handle, tracker),
-            admitted=tracker.admitted,
-        )
-        link.followers[sub.handle] = follower
-        try:
-            follower.start()
-        except StagemeshError as err:
-            self._end(link, sub.handle, tracker, err)
+        prompt = tuple(sub.prompt_token_ids)
+        if sub.resume and sub.request_id:
+            if self._take_up(link, sub.handle, sub.request_id, prompt):
+                return
+        known = tuple(sub.known_token_ids) if sub.resume else ()
+        request = Request(sub.request_id or uuid.uuid4().hex, prompt, with_seed(sub.params, self._rng),
+                          time.monotonic(), resume_token_ids=known)
+        self._start(request, Tap(link, sub.handle, self.metrics.track()))
+
+    def adopt(self, entries: list[JournalEntry]) -> int:
+        """Take over the open requests a previous gateway journaled: each runs on from its
+        journaled tokens as an orphan until its frontend resubmits it (or the window ends).
+        Returns how many were taken over."""
+        adopted, now = 0, time.monotonic()
+        for entry in entries:
+            if entry.request_id in self.running:
+                continue
+            request = Request(entry.request_id, entry.prompt_token_ids, params_from_doc(entry.params), now,
+                              resume_token_ids=entry.token_ids)
+            adopted += self._start(request, Tap(None, 0, self.metrics.track(), orphaned_at=now))
+        return adopted
 
     def cancel(self, link: FrontendLink, handle: int) -> None:
         follower = link.followers.get(handle)
         if follower is not None:
             follower.cancel()
 
-    def _seeded(self, params: SamplingParams) -> SamplingParams:
-        """The request's seed, drawn here when the client gave none, so the journal holds it."""
-        if params.seed is not None:
-            return params
-        return dataclasses.replace(params, seed=self._rng.randrange(SEED_RANGE))
+    def _start(self, request: Request, tap: Tap) -> bool:
+        """Run a new request; False (its error sent) when it is refused."""
+        if request.request_id in self.running:
+            err = InvalidArgument(f"request id {request.request_id!r} is already running; use a new id")
+            if tap.link is not None:
+                tap.link.send_end(tap.handle, None, err)
+            return False
+        follower = Follower(
+            self.router, self.journal, request,
+            emit=partial(self._token, tap),
+            end=partial(self._end, request.request_id, tap),
+            admitted=tap.tracker.admitted,
+        )
+        self.running[request.request_id] = (follower, tap)
+        if tap.link is not None:
+            tap.link.followers[tap.handle] = follower
+            if follower.emitted:  # a resume: its tokens come again from index 0
+                tap.link.send_tokens(tap.handle, follower.emitted)
+        try:
+            follower.start()
+        except StagemeshError as err:
+            self._end(request.request_id, tap, err, follower)
+            return False
+        return True
+
+    def _take_up(self, link: FrontendLink, handle: int, request_id: str, prompt: tuple[int, ...]) -> bool:
+        """Re-point a running or recently finished request to ``link``; False when the gateway does
+        not know it (the caller starts it)."""
+        if (running := self.running.get(request_id)) is not None:
+            follower, tap = running
+            if follower.request.prompt_token_ids != prompt:
+                link.send_end(handle, None, _other_prompt(request_id))
+                return True
+            if tap.link is not None and tap.link is not link:
+                tap.link.followers.pop(tap.handle, None)
+                tap.link.send_end(tap.handle, None, Unavailable(f"request {request_id!r} was taken up elsewhere"))
+            tap.link, tap.handle = link, handle
+            link.followers[handle] = follower
+            link.send_tokens(handle, follower.emitted)
+            return True
+        if (done := self.recent.get(request_id)) is not None:
+            if done.prompt_token_ids != prompt:
+                link.send_end(handle, None, _other_prompt(request_id))
+                return True
+            link.send_tokens(handle, list(done.token_ids))
+            link.send_end(handle, done.finish_reason, done.error)
+            return True
+        return False
 
     @staticmethod
-    def _token(link: FrontendLink, handle: int, tracker: RequestTracker, event: TokenEvent) -> None:
-        pending = link.pending
+    def _token(tap: Tap, event: TokenEvent) -> None:
+        link = tap.link
         if event.token_id is not None:
-            pending.handles.append(handle)
-            pending.token_ids.append(event.token_id)
-            tracker.token()
-        if event.finish_reason is not None:
-            pending.finished[handle] = event.finish_reason
-        link.ready.set()
-
-    @staticmethod
-    def _end(link: FrontendLink, handle: int, tracker: RequestTracker, err: StagemeshError | None) -> None:
-        link.followers.pop(handle, None)
-        tracker.outcome = "ok" if err is None else err.code.lower()
-        tracker.done()
-        if err is not None:
-            link.pending.errors[handle] = err
+            tap.tracker.token()
+            if link is not None:
+                pending = link.pending
+                pending.handles.append(tap.handle)
+                pending.token_ids.append(event.token_id)
+        if link is not None:
+            if event.finish_reason is not None:
+                link.pending.finished[tap.handle] = event.finish_reason
             link.ready.set()
+
+    def _end(self, request_id: str, tap: Tap, err: StagemeshError | None, follower: Follower | None = None) -> None:
+        follower = follower or self.running[request_id][0]
+        if self.running.get(request_id, (None,))[0] is follower:
+            del self.running[request_id]
+        tap.tracker.outcome = "ok" if err is None else err.code.lower()
+        tap.tracker.done()
+        if tap.link is not None:
+            tap.link.followers.pop(tap.handle, None)
+            if err is not None:
+                tap.link.send_end(tap.handle, None, err)
+        self._remember(request_id, Outcome(follower.request.prompt_token_ids, tuple(follower.emitted),
+                                           follower.finish_reason, err, time.monotonic()))
+
+    def _remember(self, request_id: str, outcome: Outcome) -> None:
+        recent = self.recent
+        recent.pop(request_id, None)
+        recent[request_id] = outcome
+        while len(recent) > RECENT_MAX:
+            recent.popitem(last=False)
+
+    # --- orphans ---------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Cancel the orphans nobody took up within the window; forget outcomes older than it."""
+        horizon = now - self.resume_window_s
+        for follower, tap in list(self.running.values()):
+            if tap.link is None and tap.orphaned_at < horizon:
+                logger.info("request %s: no frontend took it up within %.0f s; cancelling it",
+                            follower.request.request_id, self.resume_window_s)
+                follower.cancel()
+        recent = self.recent
+        while recent and next(iter(recent.values())).at < horizon:
+            recent.popitem(last=False)
+
+    def journal_snapshot(self) -> dict[str, tuple[list[int], dict, int, list[int]]]:
+        """Every running request as the journal holds it: id -> (prompt, params, chain, tokens),
+        to write back into a Redis that lost it (``gateway.keeper``)."""
+        return {
+            rid: (list(f.request.prompt_token_ids), params_doc(f.request.params),
+                  f.chain.chain_id if f.chain is not None else 0, list(f.emitted))
+            for rid, (f, _) in self.running.items()
+        }
+
+
+def _other_prompt(request_id: str) -> InvalidArgument:
+    return InvalidArgument(f"request id {request_id!r} belongs to a request with another prompt; "
+                           "resume with the original prompt, or use a new id for a new request")
+

@@ -69,9 +69,13 @@ class JournalWriter:
 
     # --- what handlers record --------------------------------------------------------
 
-    def open(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], chain: int) -> None:
+    def open(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], chain: int,
+             tokens: list[int] = ()) -> None:
+        """A new request; ``tokens``: those it already has (a request taken over or resumed)."""
         self._opens[request_id] = (list(prompt_token_ids), params, chain)
         self._tokens.pop(request_id, None)
+        if tokens:
+            self._tokens[request_id] = list(tokens)
         self._dirty.set()
 
     def append(self, request_id: str, token_id: int) -> None:
@@ -83,6 +87,19 @@ class JournalWriter:
         if self._opens.pop(request_id, None) is None:  # its open already went out
             self._closes.append(request_id)
             self._dirty.set()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a flush runs (``gateway.keeper`` rewrites the journal under it)."""
+        return self._lock
+
+    def forget(self, request_ids) -> None:
+        """Drop what is buffered for these requests: a rewrite of their whole entries supersedes it."""
+        ids = set(request_ids)
+        for rid in ids:
+            self._opens.pop(rid, None)
+            self._tokens.pop(rid, None)
+        self._closes = [rid for rid in self._closes if rid not in ids]
 
     async def resume(self, request_id: str, chain: int) -> JournalEntry | None:
         """The request's entry with everything recorded so far, after moving it to ``chain``

@@ -9,6 +9,8 @@ import logging
 import sys
 
 from gateway.gateway import GatewayOptions, serve
+from gateway.hub import RESUME_WINDOW_S
+from gateway.router import FAILOVER_WAIT_S
 from stagemesh.runtime.startup import StartupError
 
 logger = logging.getLogger("gateway")
@@ -24,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve the dashboard (/), /api/status, /metrics and /healthz over HTTP here")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one micro-batch at most")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests one chain queues at most; past that RESOURCE_EXHAUSTED with a retry hint")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
-    p.add_argument("--failover-wait-s", type=float, default=5.0,
+    p.add_argument("--failover-wait-s", type=float, default=FAILOVER_WAIT_S,
                    help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
+    p.add_argument("--resume-window-s", type=float, default=RESUME_WINDOW_S,
+                   help="how long a request whose frontend left runs on for a client to resume it, then is cancelled")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before sending a step after it (overlap scheduling is on by default)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -44,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         http_port=args.http_port,
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
         shutdown_grace_s=args.grace_s,
         failover_wait_s=args.failover_wait_s,
         overlap=args.overlap,
+        resume_window_s=args.resume_window_s,
     )
     try:
         asyncio.run(serve(opts))

@@ -25,7 +25,7 @@ from stagemesh.serving.types import StepPlan
 
 logger = logging.getLogger(__name__)
 
-FAILOVER_WAIT_S = 5.0
+FAILOVER_WAIT_S = 30.0
 """How long a request whose chain failed waits for a healthy chain before it fails UNAVAILABLE."""
 POLL_S = 0.1
 CLOSE_TIMEOUT_S = 2.0
@@ -92,7 +92,7 @@ class Router:
             raise InvalidArgument(f"request id {request_id!r} is already running; use a new id")
         best = self._best()
         if best is None:
-            raise Unavailable(self._why_unavailable())
+            raise Unavailable(self.why_unavailable())
         self._assign(request_id, best)
         return best
 
@@ -136,7 +136,7 @@ class Router:
             self.raise_if_cancelled(request_id)
             if loop.time() >= deadline:
                 self._active.pop(request_id, None)
-                raise Unavailable(f"{self._why_unavailable()} (waited {self.failover_wait_s:g} s for one to come back)")
+                raise Unavailable(f"{self.why_unavailable()} (waited {self.failover_wait_s:g} s for one to come back)")
             await asyncio.sleep(POLL_S)
         self._assign(request_id, best)
         return best
@@ -173,7 +173,12 @@ class Router:
         logger.warning("chain %d is back in service (outage %d: %s)", handle.chain_id, handle.outages, handle.why_down)
         return True
 
-    def _why_unavailable(self) -> str:
+    @property
+    def can_serve(self) -> bool:
+        """A chain is in service: the mesh can take requests."""
+        return any(h.healthy for h in self.chains)
+
+    def why_unavailable(self) -> str:
         if not self.chains:
             return "the gateway is still starting: its stage workers are not all ready yet; retry shortly"
         down = "; ".join(f"chain {h.chain_id}: {h.why_down or 'out of service'}" for h in self.chains)

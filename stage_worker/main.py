@@ -28,7 +28,7 @@ from stage_worker.worker import StageWorker
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.layout import validate_layout
 from stagemesh.mesh.store import Store
-from stagemesh.runtime import cpus
+from stagemesh.runtime import cpus, faults
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, start_worker
 from stagemesh.v1 import stage_pb2
@@ -48,13 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
     p.add_argument("--host", help="interface to bind (default: the topology address's host if loopback, else [::])")
     p.add_argument("--threads", type=int, help="torch intra-op threads of each rank (torch.set_num_threads)")
-    p.add_argument("--cpus", type=cpus.arg, help="cores of this stage, e.g. 0-3: TP rank r binds to the r-th --threads of them")
+    p.add_argument("--cpus", type=cpus.arg,
+                   help="cores of this stage, e.g. 0-3: TP rank r binds to the r-th --threads of them")
     p.add_argument("--kv-blocks", type=int, help="KV-cache blocks (overrides the topology's kv_blocks)")
     p.add_argument("--kv-memory-mb", type=int, help="KV-cache budget in MiB when no block count is given")
     p.add_argument("--tp-backend", choices=["nccl", "gloo"],
                    help="TP ranks' torch.distributed backend (default: the topology's, else nccl on cuda, gloo on cpu)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
+    p.add_argument("--enable-fault-injection", action="store_true", default=faults.enabled_by_env(),
+                   help=f"serve Admin.InjectFault (tests, drills; never in production); "
+                        f"also on with {faults.FAULT_INJECTION_ENV}=1")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p.parse_args(argv)
 
@@ -78,9 +82,10 @@ async def _run(args: argparse.Namespace) -> int:
         _check_layout(place)
         return await run(WorkerServer(STAGE_SERVICE, args.grace_s), StageWorker(args, place, store))
 
-    return await start_worker(
-        args.redis_url, args.deployment, args.topology_wait_s, lambda doc: find_stage(doc, args.chain, args.stage), serve
-    )
+    def find(doc):
+        return find_stage(doc, args.chain, args.stage)
+
+    return await start_worker(args.redis_url, args.deployment, args.topology_wait_s, find, serve)
 
 
 def _check_layout(place: StagePlace) -> None:

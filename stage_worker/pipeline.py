@@ -11,6 +11,10 @@ What runs a step is the stage object (``stage_worker.stage``): the runner in thi
 rank 0 of a tensor-parallel stage, which first broadcasts the step to the other ranks. The
 first stage of a longer chain first fills in the step's pending tokens from the answers it
 relays (``stage_worker.feedback``: overlap scheduling).
+
+Faults injected through the Admin service (``stagemesh.runtime.faults``) act at the top of each
+step on the step thread (``FaultSeam.before_step``): a stall holds this step and the ones
+behind it, as a slow or frozen stage would; a failure is answered like any failed step.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from stage_worker.topology import StagePlace
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.mesh.figures import StageFigures
 from stagemesh.runners.stage import StageRunner
+from stagemesh.runtime.faults import FaultSeam
 from stagemesh.runtime.histogram import LatencyHistogram
 from stagemesh.serving.types import StepPlan
 from stagemesh.v1 import stage_pb2
@@ -105,8 +110,10 @@ class StageCounters:
 class StagePipeline:
     """Runs this stage's micro-batches in arrival order; ``submit`` returns each one's answer."""
 
-    def __init__(self, place: StagePlace):
+    def __init__(self, place: StagePlace, faults: FaultSeam | None = None):
         self.place = place
+        self.faults = faults if faults is not None else FaultSeam(place.name)
+        """Injected faults, consulted once per step (none unless the Admin service injects some)."""
         self.stage: LocalStage | TPStage | None = None
         """Set once ``load`` has built it; until then every step is answered UNAVAILABLE."""
         self.failure: StagemeshError | None = None
@@ -196,6 +203,7 @@ class StagePipeline:
 
     def _step(self, step: StageStep) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
         plan = step.plan
+        self.faults.before_step()  # the one fault-injection seam: may stall, may raise
         if self._sampled is not None:  # before the clock starts: waiting is not busy
             plan = self._sampled.fill(step.plan)
             self._sampled.expect(plan)

@@ -10,10 +10,15 @@ micro-batch costs one round trip, all workers in parallel, never one per token o
 
 NOTE: failures. The placement (which worker holds which expert, which are live) is the
 gateway's, read from Redis every ``POLL_S`` (``follow_placement``). When a worker's answer is
-UNAVAILABLE (it died, drained, its stream broke, or it did not answer within ``timeout_s``),
-its rows are sent again, in the same call, to other live replicas of the same experts, and
-the worker is avoided for ``AVOID_S`` (until the gateway has caught up). Only when an expert
-with rows has no replica left does the step fail: ``UNAVAILABLE`` naming the expert and layer.
+UNAVAILABLE (it died, drained, its stream broke, it did not answer within the deadline, or the
+placement marked it down while its batch was out), its rows are sent again, in the same call,
+to other live replicas of the same experts, and the worker is avoided for ``AVOID_S`` (until
+the gateway has caught up). Only when an expert with rows has no replica left does the step
+fail: ``UNAVAILABLE`` naming the expert and layer.
+
+NOTE: the deadline. A frozen expert worker (SIGSTOP) keeps its stream open, so only a
+deadline finds it: ``EXPERT_DEADLINE``, which follows the measured answer time of this
+stage's expert batches (``stagemesh.runtime.faults.Deadline``), scaled by the rows sent.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from stagemesh.errors import Internal, StagemeshError, Unavailable
 from stagemesh.mesh.placement import NoReplica, Share, grouped_spans, holders, split_rows
 from stagemesh.mesh.store import ExpertReplica, Store
+from stagemesh.runtime.deadline import Deadline, DeadlinePolicy
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.wire.codec.experts import ExpertBatch, expert_output_from_pb, expert_request_to_pb, failed_expert_to_pb
 from stagemesh.wire.streams import ForwardStream, StreamRpc
@@ -42,8 +48,17 @@ EXPERT_RUN = StreamRpc(
     lambda channel: expert_pb2_grpc.ExpertStub(channel).Run,
     lambda step_id, err: failed_expert_to_pb(step_id, err),
 )
-DEFAULT_TIMEOUT_S = 30.0
-"""One expert batch (a micro-batch's rows of one layer) never takes this long on a healthy worker."""
+EXPERT_DEADLINE = DeadlinePolicy(floor_s=1.0, multiple=4.0, first_s=30.0, ceiling_s=30.0)
+"""How long one expert batch (a micro-batch's rows of one layer) may take before its worker
+counts as frozen and its rows go to another replica.
+
+NOTE: measured on the 2-core CI VM, tiny Mixtral on CPU, tp=2 x ep=2 (2 replicas) x dp=2,
+16-32 greedy streams: a batch answers in 7 ms at p50 and 25-30 ms at p99 on a quiet VM (the
+slowest of 800: 60 ms), 72 ms at p99 while other work loaded the cores; a batch can wait
+behind another stage's on the worker's one compute thread. 1 s + 4 × p99 allows 1.1-1.3 s:
+over ten times the slowest healthy answer seen, and well inside the gateway's step deadline
+(``gateway.chain_client.STEP_DEADLINE``, 2 s and up), so a frozen expert worker costs its
+batch a re-send, not the chain. Until 8 batches are measured a batch gets the 30 s of before."""
 AVOID_S = 5.0
 """After a worker failed a batch, how long its replicas are passed over while others hold the experts."""
 POLL_S = 1.0
@@ -54,12 +69,13 @@ class RemoteExperts:
     """``Experts`` (see ``stagemesh.model.moe``) served by chain ``chain``'s expert workers."""
 
     def __init__(self, name: str, replicas: list[ExpertReplica], loop: asyncio.AbstractEventLoop,
-                 *, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 *, deadline: Deadline | None = None):
         self.name = name
         """The stage's name in messages, e.g. ``c0-s1``."""
         self.replicas = replicas
         """The placement as last read: replaced whole by ``follow_placement`` (never mutated)."""
-        self.timeout_s = timeout_s
+        self.deadline = deadline if deadline is not None else Deadline(EXPERT_DEADLINE)
+        """How long a batch may take (event loop only)."""
         self._loop = loop
         self._links: dict[str, ForwardStream] = {}  # event loop only
         self._avoid: dict[str, float] = {}  # worker id -> monotonic time until which it is passed over (step thread)
@@ -121,7 +137,8 @@ class RemoteExperts:
         with self._lock:
             self.bytes_sent += sum(len(r.hidden.data) for _, r in requests.values())
             self.rows_sent += sum(s.num_rows for s in shares.values())
-        replies = asyncio.run_coroutine_threadsafe(self._send_all(requests), self._loop).result(self.timeout_s + 10)
+        backstop = self.deadline.policy.ceiling_s + 10  # _send_all answers within its deadline
+        replies = asyncio.run_coroutine_threadsafe(self._send_all(requests), self._loop).result(backstop)
         return {worker: (shares[worker], self._decode(worker, replies[worker], shares[worker])) for worker in shares}
 
     def _decode(self, worker: str, reply: expert_pb2.ExpertResponse, share: Share) -> torch.Tensor | Unavailable:
@@ -139,13 +156,24 @@ class RemoteExperts:
     async def _send_all(
         self, requests: dict[str, tuple[str, expert_pb2.ExpertRequest]]
     ) -> dict[str, expert_pb2.ExpertResponse]:
-        """worker id -> (its address, its request) in; worker id -> its answer out (never raises)."""
-        answers = {worker: self._link(worker, address).send(request) for worker, (address, request) in requests.items()}
-        _, late = await asyncio.wait(answers.values(), timeout=self.timeout_s)
+        """worker id -> (its address, its request) in; worker id -> its answer out (never raises).
+        Every healthy answer's time feeds the deadline."""
+        limit = self.deadline.limit(max(_rows_of(r) for _, r in requests.values()))
+        start = self._loop.time()
+        answers = {}
+        for worker, (address, request) in requests.items():
+            answers[worker] = answer = self._link(worker, address).send(request)
+            answer.add_done_callback(partial(self._timed, start, _rows_of(request)))
+        _, late = await asyncio.wait(answers.values(), timeout=limit)
         for worker, answer in answers.items():
             if answer in late:  # reset() answers it UNAVAILABLE at once
-                self._links[worker].reset(f"it did not answer a batch within {self.timeout_s:.0f} s")
+                self._links[worker].reset(f"it did not answer a batch within {limit:.2f} s "
+                                          f"(deadline from its answer time: {self.deadline.describe()})")
         return {worker: answer.result() for worker, answer in answers.items()}
+
+    def _timed(self, start: float, rows: int, answer: asyncio.Future[expert_pb2.ExpertResponse]) -> None:
+        if not answer.cancelled() and not answer.result().HasField("error"):
+            self.deadline.observe(self._loop.time() - start, rows)
 
     def _link(self, worker: str, address: str) -> ForwardStream:
         link = self._links.get(worker)
@@ -169,8 +197,19 @@ class RemoteExperts:
             if replicas and replicas != self.replicas:
                 down = [r.worker_id for r in replicas if not r.live]
                 log.info("stage %s: expert placement changed; down: %s", self.name, down or "none")
+                self._give_up_on({r.worker_id for r in replicas if not r.live} - self._down())
                 self.replicas = replicas
             await asyncio.sleep(interval_s)
+
+    def _down(self) -> set[str]:
+        return {r.worker_id for r in self.replicas if not r.live}
+
+    def _give_up_on(self, workers: set[str]) -> None:
+        """Workers the gateway just marked down: a batch still out on one is answered UNAVAILABLE
+        now (its rows go to another replica) rather than at its deadline."""
+        for worker in workers:
+            if (link := self._links.get(worker)) is not None:
+                link.reset("the gateway marked it down")
 
     def figures(self) -> dict[str, Any]:
         with self._lock:
@@ -179,6 +218,10 @@ class RemoteExperts:
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close("the stage is shutting down") for link in self._links.values()))
+
+
+def _rows_of(request: expert_pb2.ExpertRequest) -> int:
+    return sum(request.counts)
 
 
 def _rows(share: Share, device: torch.device) -> torch.Tensor:

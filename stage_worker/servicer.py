@@ -11,6 +11,7 @@ import grpc
 from stage_worker.decode import decode_step
 from stage_worker.pipeline import StagePipeline
 from stagemesh.errors import InvalidArgument
+from stagemesh.runtime.faults import OpenStreams, unless_dropped
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from stagemesh.wire.codec.tensors import dtype_name
 
@@ -23,8 +24,10 @@ MAX_IN_FLIGHT = 256
 class StageServicer(stage_pb2_grpc.StageServicer):
     """Serves one stage worker's ``Forward`` streams and ``Info``."""
 
-    def __init__(self, pipeline: StagePipeline):
+    def __init__(self, pipeline: StagePipeline, streams: OpenStreams | None = None):
         self._pipeline = pipeline
+        self._streams = streams if streams is not None else OpenStreams(enabled=False)
+        """The open Forward streams, for an injected ``DropStreams`` (tracked only when fault injection is on)."""
         self._receivers: set[asyncio.Task] = set()
 
     async def Forward(self, request_iterator, context):
@@ -32,19 +35,21 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
         A receiver task submits each request as it arrives (so steps queue up while earlier
         ones compute, at most ``MAX_IN_FLIGHT`` of them); this handler yields the answers from
-        a FIFO of their futures.
+        a FIFO of their futures. An injected ``DropStreams`` aborts it UNAVAILABLE.
         """
         answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         receiver = asyncio.create_task(self._receive(request_iterator, answers, slots))
         self._receivers.add(receiver)
         receiver.add_done_callback(self._receivers.discard)
+        dropped = self._streams.open()
         try:
-            while (answer := await answers.get()) is not None:
-                yield await answer
+            while (answer := await unless_dropped(answers.get(), dropped, context)) is not None:
+                yield await unless_dropped(answer, dropped, context)
                 slots.release()
         finally:
             receiver.cancel()
+            self._streams.close(dropped)
 
     async def _receive(self, requests, answers: asyncio.Queue, slots: asyncio.Semaphore) -> None:
         try:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from functools import partial
 
 from stage_worker.build import StageOptions, build_runner
 from stage_worker.neighbours import follow_neighbours, stage_neighbours
@@ -23,6 +22,7 @@ from stage_worker.topology import StagePlace
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.store import Store, WorkerInfo
+from stagemesh.runtime.faults import FaultInjector, add_admin
 from stagemesh.runtime.heartbeat import Heartbeat
 from stagemesh.runtime.net import bind_address
 from stagemesh.runtime.server import Role, WorkerServer
@@ -53,8 +53,10 @@ class StageWorker(Role):
             kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads, cpus=args.cpus,
             tp_backend=args.tp_backend, log_level=args.log_level,
         )
-        self.pipeline = StagePipeline(place)
-        self.servicer = StageServicer(self.pipeline)
+        self.faults = FaultInjector(place.worker_id, getattr(args, "enable_fault_injection", False))
+        """Fault injection through the Admin service (refused unless --enable-fault-injection)."""
+        self.pipeline = StagePipeline(place, self.faults.seam)
+        self.servicer = StageServicer(self.pipeline, self.faults.streams)
         self.server: WorkerServer | None = None
         self.heartbeat: Heartbeat | None = None
         self.ranks: RankProcesses | None = None
@@ -72,7 +74,9 @@ class StageWorker(Role):
         """
         self.server = server
         bind = bind_address(self.args.host, self.place.address)
-        await server.start(bind, partial(stage_pb2_grpc.add_StageServicer_to_server, self.servicer))
+        await server.start(bind, self._add_services)
+        if self.faults.enabled:
+            log.warning("stage %s: fault injection is ON (Admin.InjectFault); never in production", self.place.name)
         log.info("loading weights of stage %s", self.place.name)
         try:
             await self._find_experts()
@@ -80,6 +84,10 @@ class StageWorker(Role):
         except asyncio.CancelledError:
             self._leave_while_loading(0)
             raise
+
+    def _add_services(self, server) -> None:
+        stage_pb2_grpc.add_StageServicer_to_server(self.servicer, server)
+        add_admin(server, self.faults)
 
     async def _load_weights(self) -> None:
         """Build the stage on its step thread; a TP rank that dies meanwhile makes the process exit 1."""
@@ -106,10 +114,12 @@ class StageWorker(Role):
             opts = dataclasses.replace(self.opts, remote_experts=self.experts is not None)
             self.ranks, make_stage = launch_tp(self.place, opts, self.experts)
             return make_stage
-        return lambda: LocalStage(build_runner(self.place, self.opts, self.place.device, experts=self.experts), self.place.name)
+        place, opts, experts = self.place, self.opts, self.experts
+        return lambda: LocalStage(build_runner(place, opts, place.device, experts=experts), place.name)
 
     async def serve(self, server: WorkerServer) -> None:
-        """SERVING while the next stage serves (``stage_worker.neighbours``), heartbeats, the experts' placement followed."""
+        """SERVING while the next stage serves (``stage_worker.neighbours``), heartbeats, the experts'
+        placement followed."""
         if self.experts is not None:
             self._placement = asyncio.create_task(self.experts.follow_placement(self.store, self.place.chain))
         self._neighbours = asyncio.create_task(follow_neighbours(stage_neighbours(self.place), server.set_serving))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,9 +67,19 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel chains: complete replicas of the stages (and expert workers) behind the gateway")
     p.add_argument("--no-restart", dest="restart", action="store_false",
-                   help="stop the mesh when a worker exits instead of restarting it")
+                   help="stop the mesh when a worker, the gateway or a frontend exits instead of restarting it "
+                        "(a local Redis is restarted either way)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one micro-batch at most (default 256)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests one chain queues at most; past that RESOURCE_EXHAUSTED with a retry hint (default 1024)")
+    p.add_argument("--failover-wait-s", type=float, default=None,
+                   help="how long a running request whose chain failed waits for one to come back (default 30)")
+    p.add_argument("--resume-window-s", type=float, default=None,
+                   help="how long a request whose frontend died runs on for its client to resume it (default 30)")
+    p.add_argument("--fault-injection", action="store_true",
+                   help="let the workers' Admin.InjectFault fail, stall or drop their steps (chaos testing only)")
     p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
                    help="leave the worker processes unbound (by default each gets cores of its own when there are enough)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -76,7 +87,11 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="client gRPC port, shared by the frontends")
     p.add_argument("--frontends", type=int, default=None,
                    help="frontend processes serving clients on --port (default: one per 8 cores, 1 to 4)")
-    p.add_argument("--http-port", type=int, default=None, help="gateway HTTP port: dashboard (/), /api/status, /metrics")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="HTTP port of the frontends: the OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health) beside the gateway's dashboard (/), /api/status and /metrics")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the OpenAI API (default: the checkpoint directory's name)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -100,6 +115,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         http_port=args.http_port,
+        served_model_name=args.served_model_name,
         frontends=args.frontends,
         redis_url=args.redis_url,
         deployment=args.deployment,
@@ -109,6 +125,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         try_prompt=args.try_prompt,
         restart=args.restart,
         overlap=args.overlap,
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
+        failover_wait_s=args.failover_wait_s,
+        resume_window_s=args.resume_window_s,
+        fault_injection=args.fault_injection,
         cpu_bind=args.cpu_bind,
     )
     return run_up(opts)
@@ -216,6 +237,7 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagemesh", description="Serve LLMs as a gRPC mesh of pipeline stages and experts.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument("--version", action="version", version=f"stagemesh {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate tokens in-process (--model) or from a mesh (--addr)")
     _generate_args(gen)
@@ -239,11 +261,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from stagemesh import __version__
+
+    return __version__
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (``stagemesh status | head -1``): stop quietly, as Unix tools do."""
+    # NOTE: Python flushes stdout once more at exit and would report the broken pipe there:
+    # stdout goes to /dev/null from here on.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE: what a shell reports for `cat` and friends in the same place
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that left fails here, inside the try, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except StagemeshError as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
     except ValueError as e:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Sequence
 
+import grpc
 import grpc.aio
 
-from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
+from stagemesh.client._common import (
+    CHANNEL_OPTIONS,
+    RESUME_S,
+    UNARY_TIMEOUT,
+    StreamCursor,
+    assemble,
+    deadline,
+    gateway_errors,
+    generate_request,
+)
 from stagemesh.client._common import with_sampling_doc as sampling_doc
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -19,10 +30,13 @@ class AsyncClient:
     Create it inside a running event loop; ``async with AsyncClient(addr) as client: ...``.
     """
 
-    def __init__(self, addr: str, *, timeout: float | None = None):
+    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S):
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(addr)
+        self.resume_s = resume_s
+        self._reached = False
+        """A call of this client got an answer: a server was there (``StreamCursor.fail_fast``)."""
+        self._channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     @sampling_doc
@@ -48,39 +62,51 @@ class AsyncClient:
         token_ids: Sequence[int] | None = None,
         *,
         request_id: str | None = None,
+        resume_from: int | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> AsyncIterator[GeneratedToken]:
         """Like ``generate``, but an async iterator of each token as it comes.
 
         Closing it early (``contextlib.aclosing``) cancels the request on the gateway. The
-        arguments are checked when this is called, before anything is sent.
+        arguments are checked when this is called, before anything is sent. A broken stream
+        resumes by itself as ``stagemesh.Client.stream`` describes.
         """
-        request = generate_request(prompt, token_ids, request_id=request_id, **sampling)
+        request = generate_request(prompt, token_ids, request_id=request_id, resume_from=resume_from, **sampling)
         return self._stream(request, deadline(timeout, self.timeout, None))
 
     async def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> AsyncIterator[GeneratedToken]:
-        call = self._stub.Generate(request, timeout=timeout)
-        try:
-            with gateway_errors():
+        cursor = StreamCursor(request, timeout, self.resume_s, address=self.addr, fail_fast=not self._reached)
+        while True:
+            call = self._stub.Generate(cursor.request, timeout=cursor.timeout())
+            try:
                 async for msg in call:
-                    for item in tokens_of(msg):
+                    self._reached = True
+                    for item in cursor.fresh(msg):
                         yield item
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+                return
+            except grpc.RpcError as err:
+                wait = cursor.retry_in(err)  # raises unless the stream is to be resumed
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+            await asyncio.sleep(wait)
 
     async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         """Cancels a running request; False when the gateway knows no running request of that id."""
         request = gateway_pb2.CancelRequest(request_id=request_id)
-        with gateway_errors():
-            reply = await self._stub.Cancel(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
+        timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
+        with gateway_errors(self.addr, timeout):
+            reply = await self._stub.Cancel(request, timeout=timeout)
+        self._reached = True
         return reply.cancelled
 
     async def status(self, *, timeout: float | None = None) -> dict:
         """The status document; see ``stagemesh.Client.status``."""
         request = gateway_pb2.StatusRequest()
-        with gateway_errors():
-            reply = await self._stub.Status(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
+        timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
+        with gateway_errors(self.addr, timeout):
+            reply = await self._stub.Status(request, timeout=timeout)
+        self._reached = True
         return status_from_pb(reply)
 
     async def close(self) -> None:

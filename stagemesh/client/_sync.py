@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Sequence
 
 import grpc
 
-from stagemesh.client._common import UNARY_TIMEOUT, assemble, deadline, gateway_errors, generate_request, tokens_of
+from stagemesh.client._common import (
+    CHANNEL_OPTIONS,
+    RESUME_S,
+    UNARY_TIMEOUT,
+    StreamCursor,
+    assemble,
+    deadline,
+    gateway_errors,
+    generate_request,
+)
 from stagemesh.client._common import with_sampling_doc as sampling_doc
 from stagemesh.client._types import GeneratedToken, GenerateResult
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -18,14 +28,20 @@ class Client:
 
     ``timeout`` (seconds) is the default deadline of every call; a call's own ``timeout``
     overrides it. Without either, Generate has no deadline and Cancel/Status get 30 s.
+    A stream broken by UNAVAILABLE resumes by itself for up to ``resume_s`` seconds (``stream``).
     Every failure raises a ``stagemesh.StagemeshError`` subclass (``InvalidArgument``,
     ``DeadlineExceeded``, ``Unavailable``, ...), never a grpc type.
     """
 
-    def __init__(self, addr: str, *, timeout: float | None = None):
+    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S):
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(addr)
+        self.resume_s = resume_s
+        self._reached = False
+        """A call of this client got an answer: a server was there (``StreamCursor.fail_fast``)."""
+        """How long a stream broken by UNAVAILABLE (a frontend or the gateway went away) keeps
+        resuming, from the token it stopped at, before the error is raised."""
+        self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     @sampling_doc
@@ -51,6 +67,7 @@ class Client:
         token_ids: Sequence[int] | None = None,
         *,
         request_id: str | None = None,
+        resume_from: int | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> Iterator[GeneratedToken]:
@@ -58,24 +75,38 @@ class Client:
 
         Leaving the loop early (or closing the iterator) cancels the request on the gateway.
         The arguments are checked when this is called, before anything is sent.
+
+        A stream broken by UNAVAILABLE (its frontend or the gateway went away) is resumed by
+        itself, on any frontend, from the first token not yet yielded, for up to ``resume_s``
+        seconds: the loop sees every token once. ``request_id`` and ``resume_from`` take up a
+        request by hand (e.g. after this process restarted), with its original prompt and
+        parameters (its seed included).
         """
-        request = generate_request(prompt, token_ids, request_id=request_id, **sampling)
+        request = generate_request(prompt, token_ids, request_id=request_id, resume_from=resume_from, **sampling)
         return self._stream(request, deadline(timeout, self.timeout, None))
 
     def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> Iterator[GeneratedToken]:
-        call = self._stub.Generate(request, timeout=timeout)
-        try:
-            with gateway_errors():
+        cursor = StreamCursor(request, timeout, self.resume_s, address=self.addr, fail_fast=not self._reached)
+        while True:
+            call = self._stub.Generate(cursor.request, timeout=cursor.timeout())
+            try:
                 for msg in call:
-                    yield from tokens_of(msg)
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+                    self._reached = True
+                    yield from cursor.fresh(msg)
+                return
+            except grpc.RpcError as err:
+                wait = cursor.retry_in(err)  # raises unless the stream is to be resumed
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+            time.sleep(wait)
 
     def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         """Cancels a running request; False when the gateway knows no running request of that id."""
         request = gateway_pb2.CancelRequest(request_id=request_id)
-        with gateway_errors():
-            reply = self._stub.Cancel(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
+        timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
+        with gateway_errors(self.addr, timeout):
+            reply = self._stub.Cancel(request, timeout=timeout)
+        self._reached = True
         return reply.cancelled
 
     def status(self, *, timeout: float | None = None) -> dict:
@@ -89,8 +120,10 @@ class Client:
         ``bubble_fraction``, ``bytes_sent``).
         """
         request = gateway_pb2.StatusRequest()
-        with gateway_errors():
-            reply = self._stub.Status(request, timeout=deadline(timeout, self.timeout, UNARY_TIMEOUT))
+        timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
+        with gateway_errors(self.addr, timeout):
+            reply = self._stub.Status(request, timeout=timeout)
+        self._reached = True
         return status_from_pb(reply)
 
     def close(self) -> None:

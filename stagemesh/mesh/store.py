@@ -72,7 +72,8 @@ class WorkerInfo:
     """What a worker tells the mesh about itself when it registers."""
 
     worker_id: str
-    """Unique within the deployment, e.g. ``stage-c0-s1`` (``stage_worker_id``) or ``expert-c0-e3`` (``expert_worker_id``)."""
+    """Unique within the deployment, e.g. ``stage-c0-s1`` (``stage_worker_id``) or ``expert-c0-e3``
+    (``expert_worker_id``)."""
     role: str
     """One of ``stage``, ``expert``, ``gateway``."""
     chain: int | None = None
@@ -197,6 +198,12 @@ class Store:
     async def ping(self) -> None:
         await self._r.ping()
 
+    @_translate_errors
+    async def server_id(self) -> str:
+        """The Redis server's ``run_id``: a new one each time the server starts, so a caller that
+        saw another one before knows Redis restarted (and may have lost recent writes)."""
+        return (await self._r.info("server"))["run_id"]
+
     async def close(self) -> None:
         await self._r.aclose()
 
@@ -270,6 +277,16 @@ class Store:
         await self._r.set(self._key("topology"), topology.to_json())
 
     @_translate_errors
+    async def set_topology_if_absent(self, topology: Topology) -> bool:
+        """Write ``topology`` unless one is there (Redis came back empty); whether it wrote it."""
+        return bool(await self._r.set(self._key("topology"), topology.to_json(), nx=True))
+
+    @_translate_errors
+    async def has_topology(self) -> bool:
+        """Whether a topology is written (False: never written, or Redis lost it)."""
+        return bool(await self._r.exists(self._key("topology")))
+
+    @_translate_errors
     async def get_topology(self) -> Topology | None:
         """The deployment's topology; None before one is written. ValueError when it is malformed."""
         text = await self._r.get(self._key("topology"))
@@ -294,7 +311,8 @@ class Store:
                 pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
                 pipe.hset(
                     self._key("journal", request_id),
-                    mapping={"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params), "chain": chain},
+                    mapping={"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params),
+                             "chain": chain},
                 )
                 pipe.sadd(self._key("chain", chain, "requests"), request_id)
             await pipe.execute()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stagemesh.config import ModelConfig, StageSpec
-from stagemesh.errors import InvalidArgument
+from stagemesh.errors import InvalidArgument, Unavailable
 from stagemesh.model.attention import AttnMetadata
 from stagemesh.model.decoder import StageModel
 from stagemesh.model.kv_cache import KVCache
@@ -82,6 +82,8 @@ class StageRunner:
         """A single-stage runner's last sampled token per sequence (until freed): what a
         ``PENDING_TOKEN`` stands for (overlap scheduling; on a longer chain the first stage's
         worker fills it in before the step reaches a runner: ``stage_worker.feedback``)."""
+        self.epoch = 0
+        """The newest gateway incarnation whose steps this stage ran (``StepPlan.epoch``)."""
         log.info("stage %s on %s: %d KV blocks of %d tokens", spec, device, num_blocks, block_size)
 
     def _blocks_for(self, memory: int, block_size: int) -> int:
@@ -95,6 +97,8 @@ class StageRunner:
         """Free what the plan frees, run its chunks; returns hidden states [N, H] for the next
         stage, or — on the last stage — the sampled tokens. ``hidden`` (None on the first
         stage) may be on any device in any dtype, e.g. as it came off the wire."""
+        if plan.epoch != self.epoch and plan.epoch:
+            self._enter_epoch(plan)
         for seq_id in plan.free:
             self.cache.free(seq_id)
             self.sampled.pop(seq_id, None)
@@ -124,6 +128,23 @@ class StageRunner:
         if self.spec.is_first:
             self.sampled.update(result.tokens)
         return result
+
+    def _enter_epoch(self, plan: StepPlan) -> None:
+        """A step of another gateway incarnation. NOTE: a newer one (the gateway restarted)
+        knows nothing of the sequences the old one left here, and its sequence ids start over:
+        drop them all (it re-prefills what it took over). An older one is a gateway that a newer
+        one replaced: refused, so it cannot touch the new one's sequences."""
+        if plan.epoch < self.epoch:
+            raise Unavailable(f"step {plan.step_id} comes from an older gateway (epoch {plan.epoch} < {self.epoch}): "
+                              "a newer gateway drives this stage")
+        dropped = list(self.cache.block_tables)
+        for seq_id in dropped:
+            self.cache.free(seq_id)
+        self.sampled.clear()
+        if self.epoch:
+            log.warning("stage %s: a new gateway (epoch %d); dropped the %d sequence(s) of the old one",
+                        self.spec, plan.epoch, len(dropped))
+        self.epoch = plan.epoch
 
     def _own_sample(self, step_id: int, seq_id: int) -> int:
         """What a ``PENDING_TOKEN`` of ``seq_id`` stands for on a stage that samples itself."""

@@ -42,11 +42,11 @@ async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
             return False
 
 
-def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
-    """``serving``, blocking."""
+def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, service: str = "") -> bool:
+    """``serving``, blocking; of ``service`` ("" : the server as a whole)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            return _check(channel, "", timeout_s).status == SERVING
+            return _check(channel, service, timeout_s).status == SERVING
         except grpc.RpcError:
             return False
 

@@ -15,13 +15,20 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 1.0
 TTL_S = 3.0
 """The worker counts as dead after this long without a heartbeat: about three missed beats."""
+RETRY_S = 0.2
+"""Between beats while Redis does not answer.
+
+NOTE: shorter than a beat so that the registry is whole again soon after Redis returns: a Redis
+that came back empty has no heartbeat keys, and the gateway's chain watch (every 0.5 s) takes a
+chain whose workers have none out of service. A refused connection costs nothing to retry."""
 
 
 class Heartbeat:
     """Registers ``info``, then keeps it alive and publishes ``figures()`` every ``interval_s``.
 
-    A Redis outage is logged and outlived, never fatal: the beats resume when Redis answers,
-    and a worker that the mesh forgot in the meantime (heartbeat returns False) registers again.
+    A Redis outage is logged and outlived, never fatal: the beats resume when Redis answers
+    (redis-py opens a new connection by itself), and a worker that the mesh forgot in the meantime
+    (deregistered, or Redis restarted empty: heartbeat returns False) registers again.
     """
 
     def __init__(
@@ -32,9 +39,10 @@ class Heartbeat:
         *,
         interval_s: float = INTERVAL_S,
         ttl_s: float = TTL_S,
+        retry_s: float = RETRY_S,
     ):
         self.store, self.info, self.figures = store, info, figures
-        self.interval_s, self.ttl_s = interval_s, ttl_s
+        self.interval_s, self.ttl_s, self.retry_s = interval_s, ttl_s, min(retry_s, interval_s)
         self._task: asyncio.Task | None = None
         self._failing = False
 
@@ -66,7 +74,7 @@ class Heartbeat:
                 self._note_ok()
             except Exception as err:  # noqa: BLE001 - a failed beat is retried, never fatal
                 self._note_failure(err)
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.retry_s if self._failing else self.interval_s)
 
     def _figures(self) -> dict[str, Any]:
         """The worker's figures, stamped with ``time`` (Unix time of this beat) unless they carry one."""
@@ -82,7 +90,7 @@ class Heartbeat:
     def _note_failure(self, err: Exception) -> None:
         if not self._failing:
             log.warning(
-                "heartbeat of %s failed (%s); retrying every %.0f s", self.info.worker_id, err, self.interval_s,
+                "heartbeat of %s failed (%s); retrying every %.1f s", self.info.worker_id, err, self.retry_s,
                 exc_info=not isinstance(err, StagemeshError),
             )
         self._failing = True

@@ -62,19 +62,21 @@ class WorkerServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
-    async def start(self, bind: str, add_servicer: AddServicer) -> None:
-        """Serve ``add_servicer``'s service and health (NOT_SERVING) on ``bind``; StartupError when it cannot listen."""
+    async def start(self, bind: str, add_servicer: AddServicer, *, also: tuple[str, ...] = ()) -> None:
+        """Serve ``add_servicer``'s service and health (NOT_SERVING) on ``bind`` (and on each
+        address in ``also``); StartupError when it cannot listen."""
         self.server = grpc.aio.server(options=self.options)
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.set_serving(False)
-        try:
-            if self.server.add_insecure_port(bind) == 0:
-                raise RuntimeError("port unavailable")
-        except RuntimeError as err:
-            raise StartupError(f"cannot listen on {bind} ({err}); is another process using the port?") from err
+        for address in (bind, *also):
+            try:
+                if self.server.add_insecure_port(address) == 0:
+                    raise RuntimeError("port unavailable")
+            except RuntimeError as err:
+                raise StartupError(f"cannot listen on {address} ({err}); is another process using the port?") from err
         await self.server.start()
-        log.info("listening on %s", bind)
+        log.info("listening on %s", ", ".join((bind, *also)))
 
     async def set_serving(self, serving: bool) -> None:
         """Health of both names: SERVING or NOT_SERVING (ignored once the drain began)."""

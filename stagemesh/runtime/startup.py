@@ -1,6 +1,14 @@
 """What every worker process does before it can serve: reach Redis, then find its place in
 the topology the launcher (or compose's planner) wrote there.
 
+NOTE: both steps wait, until one deadline (``wait_s`` after the start), for a Redis that is down
+or restarting: one that refuses connections, dies between the two steps, or comes back empty
+(no topology until the launcher or the gateway's ``StoreKeeper`` writes it again). So a worker
+restarted while Redis is down starts once Redis is back. The limit is the worker's
+``--topology-wait-s``: `stagemesh up` passes ``launch.REDIS_WAIT_S`` (60 s); past it the worker
+exits with a StartupError, and the launcher restarts it with its growing backoff, at most
+``RestartPolicy.max_quick_deaths`` times in a row.
+
 Torch-free; shared by the stage and expert workers.
 """
 
@@ -10,7 +18,7 @@ import asyncio
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from stagemesh.errors import StagemeshError
+from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.mesh.store import Store
 from stagemesh.mesh.topology import Topology
 
@@ -35,10 +43,10 @@ async def connect_store(url: str, deployment: str, deadline: float) -> Store:
 async def find_place(
     store: Store, deployment: str, wait_s: float, deadline: float, find: Callable[[Topology], Place]
 ) -> Place:
-    """``find(topology)`` once the topology is in Redis; StartupError when it never comes, is
-    malformed or has no such place."""
+    """``find(topology)`` once the topology is in Redis; StartupError when it never comes (or
+    Redis stays unreachable) until ``deadline``, is malformed or has no such place."""
     try:
-        while (topology := await store.get_topology()) is None:
+        while (topology := await _topology(store, deadline)) is None:
             if time.monotonic() > deadline:
                 raise StartupError(
                     f"no topology in Redis at {store.url} (deployment {deployment!r}) after "
@@ -48,6 +56,16 @@ async def find_place(
         return find(topology)
     except ValueError as err:
         raise StartupError(f"the topology in Redis at {store.url}: {err}") from err
+
+
+async def _topology(store: Store, deadline: float) -> Topology | None:
+    """The topology; None while there is none or Redis is unreachable (until ``deadline``)."""
+    try:
+        return await store.get_topology()
+    except Unavailable as err:
+        if time.monotonic() > deadline:
+            raise StartupError(str(err)) from err
+        return None
 
 
 async def start_worker(

@@ -113,7 +113,8 @@ class Engine:
         ``Unavailable`` when the engine stops or a step fails in the chain). A bad request raises
         here (InvalidArgument, ResourceExhausted) and is not queued."""
         validate_request(
-            request.prompt_token_ids, request.params, vocab_size=self._vocab_size, max_model_len=self._max_model_len
+            request.prompt_token_ids, request.params, vocab_size=self._vocab_size, max_model_len=self._max_model_len,
+            resume_token_ids=request.resume_token_ids,
         )
         if self._loop_task is None:
             raise Unavailable("the engine is not running; call Engine.start() first")

@@ -19,6 +19,7 @@ Adding a parameter: a field here, a field in ``sampling.proto`` (and, for a ``ro
 from __future__ import annotations
 
 import dataclasses
+import random
 import types
 import typing
 from dataclasses import Field, dataclass, field, fields, make_dataclass
@@ -83,7 +84,7 @@ class SamplingParams:
     """How one request picks its tokens and when it stops (each field's ``Param`` documents it)."""
 
     max_new_tokens: int = param(
-        16, "Tokens to generate at most (fewer when the model's context ends first).", Bounds(0, low_open=True)
+        16, "Tokens to generate at most; prompt + max_new_tokens must fit the model's context.", Bounds(0, low_open=True)
     )
     temperature: float = param(
         0.0, "0 picks the most likely token (greedy); above 0 samples from softmax(logits / T).",
@@ -171,3 +172,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return tuple(int(v) for v in value)
     except (TypeError, ValueError):
         raise InvalidArgument(f"{where}: {name} must be a list of integers, got {value!r}") from None
+
+
+SEED_RANGE = 2**31
+"""Seeds are drawn from [0, SEED_RANGE)."""
+
+
+def with_seed(params: SamplingParams, rng: random.Random) -> SamplingParams:
+    """``params`` with a seed drawn from ``rng`` when they have none: a request that may run
+    again (resumed after a break, moved to another chain) must sample the same tokens again."""
+    if params.seed is not None:
+        return params
+    return dataclasses.replace(params, seed=rng.randrange(SEED_RANGE))

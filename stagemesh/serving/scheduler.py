@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
-from stagemesh.serving.params import sample_spec
+from stagemesh.serving.params import SEED_RANGE, sample_spec
 from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent
 
 logger = logging.getLogger(__name__)
 
-SEED_RANGE = 2**31
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,12 +135,14 @@ class Scheduler:
 
     def add(self, request: Request) -> list[TokenEvent]:
         """Queue a validated request. Returns events produced at once: normally none; one
-        end-only ``length`` event when a resumed request has nothing left to generate."""
+        end-only event (``stop`` or ``length``) when a resumed request has ended already."""
         if request.request_id in self._by_request:
             raise InvalidArgument(f"request id {request.request_id!r} is already running; use a new id")
         seq = self._new_sequence(request)
-        if seq.num_generated >= seq.max_generated:
-            return [TokenEvent(request.request_id, None, seq.num_generated, "length")]
+        if request.resume_token_ids:  # it may have ended before it moved: its last token says so
+            reason = self._finish_reason(seq, request.resume_token_ids[-1])
+            if reason is not None:
+                return [TokenEvent(request.request_id, None, seq.num_generated, reason)]
         self._check_fits(seq)
         if len(self._waiting) >= self.config.max_waiting:
             raise ResourceExhausted(

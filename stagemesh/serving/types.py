@@ -70,6 +70,9 @@ class StepPlan:
     chunks: tuple[SeqChunk, ...]
     free: tuple[int, ...] = ()
     """Sequence ids whose KV cache every stage frees before running this step."""
+    epoch: int = 0
+    """The gateway incarnation that sent it (stamped on the wire by ``gateway.chain_client``; 0
+    in one process): a stage that sees a newer one drops the older one's sequences first."""
 
     @property
     def num_tokens(self) -> int:

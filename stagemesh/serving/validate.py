@@ -16,10 +16,24 @@ def validate_request(
     *,
     vocab_size: int,
     max_model_len: int,
+    resume_token_ids: Sequence[int] = (),
 ) -> None:
-    """Raise ``InvalidArgument`` naming the bad value and the constraint, or return None."""
+    """Raise ``InvalidArgument`` naming the bad value and the constraint, or return None.
+    ``resume_token_ids``: tokens a resumed request already has, which must fit with the prompt."""
     _validate_prompt(prompt_token_ids, vocab_size=vocab_size, max_model_len=max_model_len)
     _validate_params(params, vocab_size=vocab_size)
+    validate_room(len(prompt_token_ids), params.max_new_tokens, max_model_len)
+    if resume_token_ids:
+        _validate_resumed(resume_token_ids, len(prompt_token_ids), vocab_size=vocab_size, max_model_len=max_model_len)
+
+
+def _validate_resumed(tokens: Sequence[int], num_prompt: int, *, vocab_size: int, max_model_len: int) -> None:
+    if num_prompt + len(tokens) > max_model_len:
+        raise InvalidArgument(f"a resume with {len(tokens)} known tokens after a {num_prompt}-token prompt "
+                              f"passes the model's context of {max_model_len} tokens")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"known token id {bad!r} of a resume is outside the vocabulary [0, {vocab_size})")
 
 
 def _validate_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: int) -> None:
@@ -38,7 +52,21 @@ def validate_prompt_length(num_tokens: int, max_model_len: int) -> None:
     """InvalidArgument when a prompt of ``num_tokens`` leaves no room in the context."""
     if num_tokens >= max_model_len:
         raise InvalidArgument(
-            f"prompt has {num_tokens} tokens but the model's context is {max_model_len} tokens; shorten it"
+            f"prompt has {num_tokens} tokens and the model's context is {max_model_len} tokens; the prompt must "
+            f"leave room for at least one new token: shorten it to at most {max_model_len - 1} tokens"
+        )
+
+
+def validate_room(num_prompt: int, max_new_tokens: int, max_model_len: int) -> None:
+    """InvalidArgument when the prompt and ``max_new_tokens`` together pass the context.
+
+    NOTE: refused, not cut at the context: a caller who asked for more than fits would
+    otherwise get a ``length`` finish it cannot tell from its own limit (as vLLM refuses)."""
+    if num_prompt + max_new_tokens > max_model_len:
+        raise InvalidArgument(
+            f"max_new_tokens={max_new_tokens} after a {num_prompt}-token prompt asks for "
+            f"{num_prompt + max_new_tokens} tokens, but the model's context is {max_model_len}; "
+            f"lower max_new_tokens to at most {max_model_len - num_prompt} (or shorten the prompt)"
         )
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageRequest(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "min_p", "free", "hidden")
+    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "min_p", "free", "hidden", "epoch")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     STARTS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class StageRequest(_message.Message):
     MIN_P_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     starts: _containers.RepeatedScalarFieldContainer[int]
@@ -37,7 +38,8 @@ class StageRequest(_message.Message):
     min_p: _containers.RepeatedScalarFieldContainer[float]
     free: _containers.RepeatedScalarFieldContainer[int]
     hidden: _tensor_pb2.Tensor
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., min_p: _Optional[_Iterable[float]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., min_p: _Optional[_Iterable[float]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StageResponse(_message.Message):
     __slots__ = ("step_id", "seq_ids", "tokens", "error")

@@ -21,6 +21,7 @@ import stagemesh
 from stagemesh import AsyncClient, Client, GenerateResult, StagemeshError
 from stagemesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.client.serving import serving
 
 
 class FakeGateway(gateway_pb2_grpc.GatewayServicer):
@@ -104,27 +105,16 @@ def _chunk_sizes(n: int) -> list[int]:
     return out
 
 
+GATEWAYS: dict[str, FakeGateway] = {}
+
+
 @pytest.fixture(scope="module")
 def gateway():
     """(address, servicer) of the fake gateway, served on its own event loop thread."""
     servicer = FakeGateway()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    yield f"127.0.0.1:{port}", servicer
-    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serving(servicer) as addr:
+        GATEWAYS[addr] = servicer
+        yield addr, servicer
 
 
 @pytest.fixture
@@ -143,9 +133,16 @@ def test_generate_assembles_multi_token_chunks(client):
     )
 
 
+def gateway_last_request(client) -> gateway_pb2.GenerateRequest:
+    return GATEWAYS[client.addr].requests[-1]
+
+
 def test_generate_from_prompt_ends_on_a_token_free_message(client):
     result = client.generate("hi", max_new_tokens=3)
-    assert result == GenerateResult(request_id="gw-1", token_ids=(3, 4, 5), text="<3><4><5>", finish_reason="stop")
+    sent = gateway_last_request(client)
+    assert sent.request_id and sent.params.HasField("seed")  # resumable: an id and a seed of the SDK's own
+    assert result == GenerateResult(request_id=sent.request_id, token_ids=(3, 4, 5), text="<3><4><5>",
+                                    finish_reason="stop")
 
 
 def test_a_list_prompt_is_taken_as_token_ids(client, gateway):
@@ -167,7 +164,9 @@ def test_sampling_params_reach_the_gateway(client, gateway):
     assert (sent.params.max_new_tokens, sent.params.temperature, sent.params.top_k) == (2, 0.7, 40)
     assert sent.params.top_p == 0.9 and list(sent.params.stop_token_ids) == [2, 7]
     client.generate("x", max_new_tokens=1)
-    assert not gateway[1].requests[-1].params.HasField("seed")
+    client.generate("x", max_new_tokens=1)
+    seeds = [r.params.seed for r in gateway[1].requests[-2:]]
+    assert all(r.params.HasField("seed") for r in gateway[1].requests[-2:]) and seeds[0] != seeds[1]  # drawn, per call
 
 
 def test_invalid_argument_status_becomes_invalid_argument(client):

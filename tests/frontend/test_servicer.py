@@ -17,8 +17,8 @@ class Link:
         self.streams: dict[int, RequestStream] = {}
         self.cancelled: list[int] = []
 
-    def submit(self, request_id, prompt, params):
-        stream = RequestStream(1, request_id)
+    def submit(self, request_id, prompt, params, resume_from=None):
+        stream = RequestStream(1, request_id, prompt, params, sent=resume_from or 0)
         self.streams[1] = stream
         return stream
 
@@ -71,3 +71,30 @@ def test_a_client_that_leaves_cancels_its_request():
         return link.cancelled
 
     assert asyncio.run(main()) == [1]
+
+
+def test_a_resumed_stream_starts_at_the_clients_index_and_a_new_one_gets_a_seed():
+    async def main():
+        link = Link()
+        servicer = FrontendServicer(link, None, CONFIG)
+        resumed = request(6)
+        resumed.resume_from = 3
+        gen = servicer.Generate(resumed, context=None)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        stream = link.streams[1]
+        stream.tokens += [4, 5]  # the gateway re-sends from index 0: the client has these
+        stream.wake.set()
+        await asyncio.sleep(0.01)
+        assert not first.done()
+        stream.tokens += [6, 7]
+        stream.wake.set()
+        msg = await first
+        stream.finish("length")
+        rest = [m async for m in gen]
+        return msg, rest, stream.params
+
+    msg, rest, params = asyncio.run(main())
+    assert (list(msg.token_ids), msg.index) == ([7], 3)
+    assert [(list(m.token_ids), m.index, m.finish_reason) for m in rest] == [([], 4, "length")]
+    assert params.seed is not None  # drawn by the frontend: a resubmission samples the same tokens

@@ -4,11 +4,14 @@ leaves, and failover seen from a frontend (no token lost or repeated)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from array import array
 
 from gateway.hub import FrontendHub
+from gateway.journal import params_doc
 from gateway.metrics import GatewayMetrics
 from stagemesh.errors import Cancelled, InvalidArgument
+from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.params import SamplingParams
 from stagemesh.wire.codec.scheduling import Submission
 from tests.gateway.test_failover import gateway
@@ -63,24 +66,92 @@ def test_each_step_reaches_a_frontend_as_one_message_with_every_request_of_it():
     assert not any(link.followers for link in hub.links)
 
 
-def test_a_cancel_and_a_frontend_that_leaves_free_their_requests():
+def test_a_cancel_frees_its_request_and_an_orphan_nobody_takes_up_is_cancelled_after_the_window():
     async def main():
         async with gateway(n=1) as (router, _, journal, store):
-            hub = FrontendHub(router, journal, GatewayMetrics())
+            hub = FrontendHub(router, journal, GatewayMetrics(), resume_window_s=5.0)
             a, b = hub.attach("a"), hub.attach("b")
-            hub.submit(a, sub(1, (4, 4), 500))
-            hub.submit(b, sub(2, (5, 5), 500))
+            hub.submit(a, sub(1, (4, 4), 120))  # 2 + 120 tokens within the context of 128
+            hub.submit(b, sub(2, (5, 5), 120))
             await drain(a, lambda bs: len(tokens_by_handle(bs).get(1, [])) >= 3)
             hub.cancel(a, 1)
             got_a = await drain(a, lambda bs: 1 in finished(bs))
-            hub.detach(b)
+            hub.detach(b)  # the frontend died: its request runs on, waiting to be resumed
             await asyncio.sleep(0.1)
-            return got_a, router, store
+            running_after_detach = router.chains[0].engine.scheduler.num_running
+            hub.sweep(time.monotonic() + 1.0)  # within the window: left alone
+            hub.sweep(time.monotonic() + 6.0)  # past it: cancelled
+            await asyncio.sleep(0.1)
+            return got_a, running_after_detach, router, store, hub
 
-    got_a, router, store = asyncio.run(main())
-    ends = finished(got_a)
-    assert isinstance(ends[1], Cancelled)
-    assert router.chains[0].engine.scheduler.num_running == 0 and store.entries == {}
+    got_a, running_after_detach, router, store, hub = asyncio.run(main())
+    assert isinstance(finished(got_a)[1], Cancelled)
+    assert running_after_detach == 1
+    assert router.chains[0].engine.scheduler.num_running == 0 and store.entries == {} and not hub.running
+    assert not hub.recent  # outcomes older than the window are forgotten by the same sweep
+
+
+def resume(handle: int, prompt: tuple[int, ...], n: int, rid: str, known: list[int] = ()) -> Submission:
+    return Submission(handle, rid, array("q", prompt), SamplingParams(max_new_tokens=n, ignore_eos=True, seed=3),
+                      resume=True, known_token_ids=array("q", known))
+
+
+def test_a_request_whose_frontend_died_is_taken_up_on_another_with_every_token_once():
+    async def main():
+        async with gateway(n=1) as (router, _, journal, _):
+            hub = FrontendHub(router, journal, GatewayMetrics())
+            a, b = hub.attach("a"), hub.attach("b")
+            hub.submit(a, sub(1, (6, 2), 30, rid="r"))
+            seen_by_a = tokens_by_handle(await drain(a, lambda bs: len(tokens_by_handle(bs).get(1, [])) >= 4))[1]
+            hub.detach(a)
+            await asyncio.sleep(0.05)  # it runs on meanwhile
+            hub.submit(b, resume(7, (6, 2), 30, "r"))
+            return seen_by_a, await drain(b, lambda bs: 7 in finished(bs))
+
+    seen_by_a, got_b = asyncio.run(main())
+    assert tokens_by_handle(got_b)[7] == expected((6, 2), 30)  # everything from index 0, each once
+    assert tokens_by_handle(got_b)[7][: len(seen_by_a)] == seen_by_a
+    assert finished(got_b) == {7: "length"}
+
+
+def test_a_resume_gets_a_finished_outcome_starts_an_unknown_request_from_its_known_tokens_and_checks_the_prompt():
+    async def main():
+        async with gateway(n=1) as (router, _, journal, _):
+            hub = FrontendHub(router, journal, GatewayMetrics())
+            a = hub.attach("a")
+            hub.submit(a, sub(1, (3, 9), 5, rid="done"))
+            await drain(a, lambda bs: 1 in finished(bs))
+            hub.submit(a, resume(2, (3, 9), 5, "done"))  # its end was lost on the way to the client
+            late = await drain(a, lambda bs: 2 in finished(bs))
+            known = expected((8, 1), 12)[:5]  # the gateway restarted and its journal lacked it
+            hub.submit(a, resume(3, (8, 1), 12, "unknown", known))
+            restarted = await drain(a, lambda bs: 3 in finished(bs))
+            hub.submit(a, resume(4, (1, 1), 5, "done"))
+            other = await drain(a, lambda bs: 4 in finished(bs))
+            return late, restarted, other
+
+    late, restarted, other = asyncio.run(main())
+    assert tokens_by_handle(late)[2] == expected((3, 9), 5) and finished(late) == {2: "length"}
+    assert tokens_by_handle(restarted)[3] == expected((8, 1), 12) and finished(restarted) == {3: "length"}
+    err = finished(other)[4]
+    assert isinstance(err, InvalidArgument) and "another prompt" in err.message
+
+
+def test_requests_a_previous_gateway_journaled_are_taken_over_and_resumed():
+    async def main():
+        async with gateway(n=1) as (router, _, journal, store):
+            known = expected((2, 7), 20)[:6]
+            entry = JournalEntry("old", (2, 7), params_doc(SamplingParams(max_new_tokens=20, ignore_eos=True)), 0,
+                                 tuple(known))
+            hub = FrontendHub(router, journal, GatewayMetrics())
+            assert hub.adopt([entry]) == 1
+            await asyncio.sleep(0.05)
+            a = hub.attach("a")
+            hub.submit(a, resume(1, (2, 7), 20, "old", known[:4]))  # the frontend had fewer than the journal
+            return await drain(a, lambda bs: 1 in finished(bs))
+
+    got = asyncio.run(main())
+    assert tokens_by_handle(got)[1] == expected((2, 7), 20) and finished(got) == {1: "length"}
 
 
 def test_a_running_request_id_is_refused_to_the_frontend_that_reused_it():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -82,6 +83,38 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def children(pid: int, module: str) -> list[int]:
+    """Pids of ``pid``'s live children running ``python -m module``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"-m" in argv and module.encode() in argv and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def client_connections(pid: int, port: int) -> int:
+    """Established TCP connections process ``pid`` holds on local ``port`` (its clients)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+                count += local_port == port and state == "01" and inode in inodes
+    return count
 
 
 async def generate_all(addr: str, requests: list[dict]) -> list:

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from stagemesh import AsyncClient, Client, Unavailable
+from stagemesh.runtime.health import serving_sync
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.integration.mesh_helpers import stagemesh_up
 
@@ -106,7 +107,8 @@ def test_dp2_spreads_requests_and_a_killed_stage_costs_no_token_and_comes_back(m
 
 
 def test_with_every_chain_down_requests_fail_unavailable_at_once_and_never_hang(model_dir, reference, tmp_path):
-    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", "2", "--dp", "2") as (addr, _, _):
+    up = ("--pp", "2", "--dp", "2", "--failover-wait-s", "5")
+    with stagemesh_up(model_dir, tmp_path / "logs", *up) as (addr, _, _):
         with Client(addr, timeout=10) as client:
             stages = [w["pid"] for w in client.status()["workers"] if w["role"] == "stage"]
 
@@ -136,10 +138,13 @@ def test_with_every_chain_down_requests_fail_unavailable_at_once_and_never_hang(
                     new = None
                 except Unavailable as err:
                     new = err
-                return outcomes, t_running, new, time.monotonic() - t0
+                t_new = time.monotonic() - t0
+                await asyncio.sleep(1.0)  # the frontends poll the gateway's health twice a second
+                health = await asyncio.to_thread(serving_sync, addr)
+                return outcomes, t_running, new, t_new, health
 
         try:
-            outcomes, t_running, new, t_new = asyncio.run(scenario())
+            outcomes, t_running, new, t_new, health_while_down = asyncio.run(scenario())
         finally:
             for pid in stages:
                 os.kill(pid, signal.SIGCONT)
@@ -150,9 +155,14 @@ def test_with_every_chain_down_requests_fail_unavailable_at_once_and_never_hang(
                 time.sleep(0.5)
         after = _requests(4, seed=5, max_new=8)
         _check(reference, after, asyncio.run(_streams(addr, after)), "after SIGCONT")
+        deadline = time.monotonic() + 3.0  # the frontends poll the gateway's health twice a second
+        while not (health_after := serving_sync(addr)) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
     assert all("no healthy chain" in o.message for o in outcomes), [o.message for o in outcomes]
     assert t_running < 20, t_running  # found down in ~3 s, then the bounded wait for a chain (5 s)
     assert isinstance(new, Unavailable) and "no healthy chain" in new.message, new
     assert t_new < 2, t_new
+    # health tells the truth: the client port says NOT_SERVING while no chain can serve
+    assert health_while_down is False and health_after is True

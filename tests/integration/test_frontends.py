@@ -11,12 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from stagemesh import AsyncClient, Client, InvalidArgument
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
+from tests.integration.mesh_helpers import children as _children
 from tests.integration.mesh_helpers import pid_alive, stagemesh_up
 
 pytestmark = pytest.mark.slow
@@ -25,20 +25,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_hf_checkpoint("llama", tmp_path_factory.mktemp("llama4"), num_layers=4)
-
-
-def _children(pid: int, module: str) -> list[int]:
-    """Pids of ``pid``'s live children running ``python -m module``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"-m" in argv and module.encode() in argv and pid_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
 
 
 def test_two_frontends_share_the_client_port_and_give_transformers_tokens(model_dir, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 
 import pytest
@@ -241,3 +243,33 @@ def test_the_expert_placement_round_trips_and_replicas_go_down_and_up(redis_url)
         assert await store.get_placement(0) == replicas[:1], "a new placement replaces the old, liveness included"
 
     _run(redis_url, body)
+
+
+def test_the_topology_is_written_if_absent_only(redis_url):
+    async def body(store: Store):
+        first, other = _topology("/models/a"), _topology("/models/b")
+        before = await store.has_topology()
+        wrote = [await store.set_topology_if_absent(first), await store.set_topology_if_absent(other)]
+        return before, wrote, await store.has_topology(), await store.get_topology()
+
+    assert _run(redis_url, body) == (False, [True, False], True, _topology("/models/a"))
+
+
+def test_one_store_outlives_a_redis_restart_and_sees_its_new_run_id(tmp_path):
+    from stagemesh.deploy.redis_server import start_local_redis
+
+    async def scenario(server):
+        async with await Store.connect(server.url, _deployment()) as store:
+            await store.set_topology(_topology("/m"))
+            before = await store.server_id()
+            os.kill(server.pid, signal.SIGKILL)
+            server._proc.wait()
+            with pytest.raises(Unavailable, match="is unreachable"):
+                await store.get_topology()
+            server.restart()  # same port and data dir: the append-only file is reloaded
+            after = await store.server_id()  # the same client, no reconnect by hand
+            return before, after, await store.get_topology()
+
+    with start_local_redis(data_dir=tmp_path) as server:
+        before, after, topology = asyncio.run(scenario(server))
+    assert before != after and topology == _topology("/m")

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos" / "stagemesh" / "v1"
 STUB_DIR = ROOT / "stagemesh" / "v1"
 PROTOS = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
-SERVICES = {"gateway": ["Gateway"], "scheduling": ["Scheduling"], "stage": ["Stage"], "expert": ["Expert"]}
+SERVICES = {"gateway": ["Gateway"], "scheduling": ["Scheduling"], "stage": ["Stage"], "expert": ["Expert"],
+            "admin": ["Admin"]}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def compiled(tmp_path_factory) -> dict[str, descriptor_pb2.FileDescriptorProto]:
 
 
 def test_every_proto_has_a_stub_and_every_stub_a_proto():
-    assert set(PROTOS) == {"tensor", "sampling", "gateway", "scheduling", "stage", "expert"}
+    assert set(PROTOS) == {"tensor", "sampling", "gateway", "scheduling", "stage", "expert", "admin"}
     stubs = {p.name.removesuffix("_pb2.py") for p in STUB_DIR.glob("*_pb2.py")}
     assert stubs == set(PROTOS), "run python scripts/gen_protos.py"
 
@@ -100,3 +101,37 @@ def test_seed_keeps_presence():
     assert not msg.HasField("seed")
     msg.seed = 0
     assert msg.HasField("seed")
+
+
+INFERENCE_DIR = ROOT / "protos" / "inference"
+INFERENCE_RPCS = {"ServerLive": (False, False), "ServerReady": (False, False), "ModelReady": (False, False),
+                  "ServerMetadata": (False, False), "ModelMetadata": (False, False), "ModelInfer": (False, False),
+                  "ModelStreamInfer": (True, True), "ModelConfig": (False, False)}
+
+
+@pytest.fixture(scope="module")
+def inference(tmp_path_factory) -> descriptor_pb2.FileDescriptorProto:
+    """protos/inference/grpc_service.proto compiled now, under the virtual path gen_protos.py uses."""
+    out = tmp_path_factory.mktemp("inference") / "set.pb"
+    rc = protoc.main(["protoc", f"-Istagemesh/inference={INFERENCE_DIR}", f"--descriptor_set_out={out}",
+                      str(INFERENCE_DIR / "grpc_service.proto")])
+    assert rc == 0, "protoc failed on protos/inference/grpc_service.proto"
+    (fd,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    return fd
+
+
+def test_the_kserve_stub_matches_its_proto(inference):
+    from stagemesh.inference import grpc_service_pb2
+
+    committed = _normalized(descriptor_pb2.FileDescriptorProto.FromString(grpc_service_pb2.DESCRIPTOR.serialized_pb))
+    assert committed == _normalized(inference), "stale: run python scripts/gen_protos.py inference"
+
+
+def test_the_kserve_service_keeps_its_public_names(inference):
+    from stagemesh.inference import grpc_service_pb2_grpc
+
+    assert inference.package == "inference"  # what clients call: /inference.GRPCInferenceService/<Method>
+    (service,) = inference.service
+    assert service.name == "GRPCInferenceService"
+    assert {m.name: (m.client_streaming, m.server_streaming) for m in service.method} == INFERENCE_RPCS
+    assert callable(grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server)

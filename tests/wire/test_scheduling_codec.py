@@ -23,6 +23,8 @@ def test_a_submission_round_trips_with_its_parameters():
     sub = Submission(7, "req-1", array("q", [1, 2, 99_999]), SamplingParams(max_new_tokens=5, temperature=0.5, seed=3))
     back = submission_from_pb(scheduling_pb2.Submission.FromString(submission_to_pb(sub).SerializeToString()))
     assert back == sub
+    resume = Submission(8, "req-2", array("q", [4]), SamplingParams(seed=1), resume=True, known_token_ids=array("q", [5, 6]))
+    assert submission_from_pb(scheduling_pb2.Submission.FromString(submission_to_pb(resume).SerializeToString())) == resume
 
 
 def test_an_event_batch_round_trips_as_columns():
@@ -39,6 +41,10 @@ def test_malformed_columns_are_refused_naming_the_field():
     bad = scheduling_pb2.Submission(handle=4, prompt_token_ids=tensor_pb2.Tensor(data=b"\0" * 7, dtype="int64", shape=[1]))
     with pytest.raises(ValueError, match="Submission 4: prompt_token_ids"):
         submission_from_pb(bad)
+    one = tensor_pb2.Tensor(data=b"\0" * 8, dtype="int64", shape=[1])
+    known = scheduling_pb2.Submission(handle=5, prompt_token_ids=one, known_token_ids=one)
+    with pytest.raises(ValueError, match="Submission 5: known_token_ids is for a resume only"):
+        submission_from_pb(known)
     uneven = events_to_pb(Events(array("q", [1, 2]), array("q", [5, 6])))
     uneven.token_ids.CopyFrom(events_to_pb(Events(array("q", [1]), array("q", [5]))).token_ids)
     with pytest.raises(ValueError, match="2 handles but 1 token ids"):

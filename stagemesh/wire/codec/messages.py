@@ -107,6 +107,7 @@ def plan_to_pb(plan: StepPlan, hidden: tensor_pb2.Tensor | None = None) -> stage
         token_ids=pack_int64(itertools.chain.from_iterable(c.token_ids for c in chunks)),
         sample=[c.sample is not None for c in chunks],
         free=plan.free,
+        epoch=plan.epoch,
         **{name: [getattr(s, name) for s in specs] for name in _SAMPLE_COLUMNS},
     )
     if hidden is not None:
@@ -131,7 +132,7 @@ def plan_from_pb(msg: stage_pb2.StageRequest) -> StepPlan:
         SeqChunk(seq, start, tuple(tokens[end - length : end]), _spec(spec) if sample else None)
         for seq, start, length, end, sample, spec in zip(msg.seq_ids, msg.starts, msg.lengths, ends, msg.sample, specs)
     )
-    return StepPlan(step_id=msg.step_id, chunks=chunks, free=tuple(msg.free))
+    return StepPlan(step_id=msg.step_id, chunks=chunks, free=tuple(msg.free), epoch=msg.epoch)
 
 
 def _spec(values: tuple) -> SampleSpec:
@@ -184,14 +185,20 @@ class GenerateInput:
     params: SamplingParams = _DEFAULTS
     request_id: str = ""
     """Empty lets the gateway assign one."""
+    resume_from: int | None = None
+    """Set: take the request up from this token index (``GenerateRequest.resume_from``)."""
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.token_ids is None):
             raise InvalidArgument("give exactly one of prompt (text) or token_ids")
+        if self.resume_from is not None and not self.request_id:
+            raise InvalidArgument("resume_from needs the request_id of the request to resume")
 
 
 def generate_request_to_pb(inp: GenerateInput) -> gateway_pb2.GenerateRequest:
     msg = gateway_pb2.GenerateRequest(request_id=inp.request_id, params=sampling_to_pb(inp.params))
+    if inp.resume_from is not None:
+        msg.resume_from = inp.resume_from
     if inp.prompt is not None:
         msg.prompt = inp.prompt
     else:
@@ -207,6 +214,7 @@ def generate_request_from_pb(msg: gateway_pb2.GenerateRequest) -> GenerateInput:
         token_ids=tuple(msg.token_ids.ids) if which == "token_ids" else None,
         params=sampling_from_pb(msg.params),
         request_id=msg.request_id,
+        resume_from=msg.resume_from if msg.HasField("resume_from") else None,
     )
 
 

@@ -37,21 +37,36 @@ class Submission:
     prompt_token_ids: array
     """``array('q')`` of the prompt's token ids."""
     params: SamplingParams
+    resume: bool = False
+    """Take the request up if the gateway runs it (or ran it lately), else start it from
+    ``known_token_ids``; either way its tokens come again from index 0 (``gateway.hub``)."""
+    known_token_ids: array = field(default_factory=lambda: array("q"))
+    """Tokens of it the frontend already has (a resume only)."""
 
 
 def submission_to_pb(sub: Submission) -> scheduling_pb2.Submission:
-    return scheduling_pb2.Submission(
+    msg = scheduling_pb2.Submission(
         handle=sub.handle, request_id=sub.request_id, prompt_token_ids=pack_int64(sub.prompt_token_ids),
-        params=sampling_to_pb(sub.params),
+        params=sampling_to_pb(sub.params), resume=sub.resume,
     )
+    if sub.known_token_ids:
+        msg.known_token_ids.CopyFrom(pack_int64(sub.known_token_ids))
+    return msg
 
 
 def submission_from_pb(msg: scheduling_pb2.Submission) -> Submission:
+    prompt = _ids(msg, "prompt_token_ids")
+    known = _ids(msg, "known_token_ids") if msg.HasField("known_token_ids") else array("q")
+    if known and not msg.resume:
+        raise ValueError(f"Submission {msg.handle}: known_token_ids is for a resume only")
+    return Submission(msg.handle, msg.request_id, prompt, sampling_from_pb(msg.params), msg.resume, known)
+
+
+def _ids(msg: scheduling_pb2.Submission, name: str) -> array:
     try:
-        prompt = unpack_int64(msg.prompt_token_ids)
+        return unpack_int64(getattr(msg, name))
     except ValueError as err:
-        raise ValueError(f"Submission {msg.handle}: prompt_token_ids: {err}") from None
-    return Submission(msg.handle, msg.request_id, prompt, sampling_from_pb(msg.params))
+        raise ValueError(f"Submission {msg.handle}: {name}: {err}") from None
 
 
 @dataclass

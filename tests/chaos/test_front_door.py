@@ -1,0 +1,135 @@
+"""The front door under real SIGKILLs: the gateway and a frontend die mid-generation, 32 greedy
+streams each time, and every stream ends with the tokens of a fault-free run, each once.
+
+Real `stagemesh up` (pp=2, two frontends on one port), real processes, sockets and Redis; the
+SDK resumes the broken streams by itself (``stagemesh.client``), the launcher restarts the dead
+process, and the gateway that comes back takes the open requests over (``gateway.hub``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from stagemesh import AsyncClient
+from stagemesh.runtime.health import serving_sync
+from tests.checkpoints import make_hf_checkpoint
+from tests.integration.mesh_helpers import children, client_connections, pid_alive, stagemesh_up
+
+pytestmark = pytest.mark.slow
+
+STREAMS = 32
+MAX_NEW = 40
+KILL_AFTER = STREAMS * 6
+"""Tokens received in all before the kill: mid-generation for every stream."""
+TRIALS = int(os.environ.get("STAGEMESH_TRIALS", "1"))
+"""Kills per test (``STAGEMESH_TRIALS=10 pytest -s tests/chaos/test_front_door.py`` for the figures)."""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_hf_checkpoint("llama", tmp_path_factory.mktemp("llama4"), num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def mesh(model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    with stagemesh_up(model_dir, logs, "--pp", "2", "--frontends", "2") as (addr, _, proc):
+        yield addr, proc, logs
+
+
+PROMPTS = [[(5 * i + j) % 250 + 3 for j in range(2 + i % 6)] for i in range(STREAMS)]
+
+
+async def run_streams(addr: str, fault=None) -> tuple[list[list[int]], float]:
+    """Every prompt as its own client (its own connection, spread over the frontends); ``fault()``
+    once KILL_AFTER tokens arrived. Returns each stream's tokens and the longest wait between two
+    tokens of a stream (the gap clients saw)."""
+    received, longest = 0, 0.0
+    fired = asyncio.Event()
+
+    async def one(prompt):
+        nonlocal received, longest
+        tokens, last = [], time.monotonic()
+        async with AsyncClient(addr, timeout=120) as client:
+            async for item in client.stream(token_ids=prompt, max_new_tokens=MAX_NEW, ignore_eos=True):
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+                if item.token_id is not None:
+                    tokens.append(item.token_id)
+                    received += 1
+                if fault is not None and received >= KILL_AFTER and not fired.is_set():
+                    fired.set()
+                    fault()
+        return tokens
+
+    results = await asyncio.gather(*(one(p) for p in PROMPTS))
+    assert fault is None or fired.is_set(), "the fault never fired: the streams ended first"
+    return results, longest
+
+
+@pytest.fixture(scope="module")
+def reference(mesh):
+    results, _ = asyncio.run(run_streams(mesh[0]))
+    assert all(len(r) == MAX_NEW for r in results)
+    return results
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_new(up_pid: int, module: str, old: int, serving: int, timeout: float = 30.0) -> int:
+    """The restarted process's pid, once ``serving`` processes of ``module`` serve clients again
+    (their own ports answer SERVING: the next trial starts with all of them up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [p for p in children(up_pid, module) if p != old]
+        if new and len([p for p in children(up_pid, module) if own_port_serving(p)]) >= serving:
+            return new[0]
+        time.sleep(0.1)
+    raise AssertionError(f"the launcher did not restart {module} within {timeout:.0f} s")
+
+
+def own_port_serving(pid: int) -> bool:
+    """``pid`` answers SERVING on its own port (``--own-port``; the gateway: ``--port``)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    flag = b"--own-port" if b"--own-port" in argv else b"--port"
+    port = int(argv[argv.index(flag) + 1])
+    service = "" if flag == b"--own-port" else "stagemesh.v1.Scheduling"
+    return serving_sync(f"127.0.0.1:{port}", 1.0, service)
+
+
+def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
+    addr, proc, logs = mesh
+    for trial in range(TRIALS):
+        (gateway,) = children(proc.pid, "gateway")
+        results, gap = asyncio.run(run_streams(addr, lambda: kill(gateway)))
+        assert results == reference  # every stream whole, in order, each token once
+        assert not pid_alive(gateway) and wait_for_new(proc.pid, "gateway", gateway, serving=1)
+        assert "took over" in (logs / "gateway.log").read_text()  # the new one read the journal
+        print(f"gateway SIGKILL {trial + 1}/{TRIALS}: {STREAMS} streams whole; longest gap a stream saw {gap:.2f} s")
+
+
+def test_a_frontend_killed_mid_generation_costs_no_token(mesh, reference):
+    addr, proc, _ = mesh
+    port = int(addr.rsplit(":", 1)[1])
+    for trial in range(TRIALS):
+        killed = []
+
+        def kill_the_busiest():  # the kernel spreads clients over the frontends: kill one that has some
+            frontend = max(children(proc.pid, "frontend"), key=lambda pid: client_connections(pid, port))
+            killed.append((frontend, client_connections(frontend, port)))
+            kill(frontend)
+
+        results, gap = asyncio.run(run_streams(addr, kill_the_busiest))
+        assert results == reference
+        (frontend, clients), = killed
+        assert clients > 0 and wait_for_new(proc.pid, "frontend", frontend, serving=2)
+        print(f"frontend SIGKILL {trial + 1}/{TRIALS} with {clients} client connection(s): {STREAMS} streams whole; "
+              f"longest gap a stream saw {gap:.2f} s")

@@ -1,0 +1,114 @@
+"""Redis SIGKILLed mid-generation under a real `stagemesh up` (pp=2, dp=1, one frontend): the
+streams finish with the tokens of a fault-free run, the launcher restarts Redis on its port,
+and the mesh is whole again (workers registered, chain in service, new requests served)
+within 10 s. Once with Redis's append-only file kept, once with it deleted: Redis comes back
+empty, the launcher writes the topology back, the workers register again, and the gateway's
+``StoreKeeper`` rebuilds the journal of the requests still running (a long *canary* request
+shows it: its journal entry is back while it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from stagemesh.deploy.redis_server import server_pid
+from stagemesh.errors import StagemeshError
+from stagemesh.mesh.store import JournalEntry, Store
+from tests.chaos.chaos_helpers import greedy_requests, same_tokens, streams, wait_whole
+from tests.checkpoints import make_hf_checkpoint
+from tests.integration.mesh_helpers import stagemesh_up
+
+pytestmark = pytest.mark.slow
+
+STREAMS = 24
+HEALTHY_WITHIN_S = 10.0
+CANARY = {"token_ids": [3, 4, 5], "max_new_tokens": 700, "ignore_eos": True, "request_id": "canary"}
+"""Long enough to outlast Redis's restart and the keeper's next look (about 2 s)."""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_hf_checkpoint("llama", tmp_path_factory.mktemp("llama2"), num_layers=2, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def mesh(model_dir, tmp_path_factory):
+    """(client address, Redis URL, log dir) of one mesh both tests kill Redis under."""
+    logs = tmp_path_factory.mktemp("logs")
+    with stagemesh_up(model_dir, logs, "--pp", "2", "--frontends", "1") as (addr, redis_url, up):
+        yield addr, redis_url, logs
+        assert up.poll() is None, "stagemesh up stopped"
+
+
+def _kill_redis(port: int, aof_dir, *, lose_data: bool) -> tuple[int, float]:
+    pid = server_pid(port)
+    os.kill(pid, signal.SIGKILL)
+    if lose_data:  # before the launcher notices (it looks every 0.5 s): it restarts an empty Redis
+        for path in (aof_dir / "appendonly.aof", aof_dir / "appendonlydir"):
+            if path.is_file():
+                path.unlink()
+    return pid, time.monotonic()
+
+
+async def _last_entry(redis_url: str, request_id: str, running: asyncio.Future) -> JournalEntry | None:
+    """The request's journal entry as last read from Redis (every 0.1 s) before ``running`` ended."""
+    last = None
+    while not running.done():
+        try:
+            async with await Store.connect(redis_url) as store:
+                while not running.done():
+                    last = await store.journal_get(request_id) or last
+                    await asyncio.sleep(0.1)
+        except StagemeshError:  # Redis down
+            await asyncio.sleep(0.1)
+    return last
+
+
+TRIALS = int(os.environ.get("STAGEMESH_TRIALS", "1"))
+"""Kills with the append-only file kept (``STAGEMESH_TRIALS=5 pytest -s tests/chaos/test_redis.py``)."""
+
+
+@pytest.mark.parametrize("lose_data", [False] * TRIALS + [True],
+                         ids=[f"with-aof-{i}" for i in range(TRIALS)] + ["aof-deleted"])
+def test_redis_sigkilled_mid_generation_costs_no_token_and_the_mesh_is_whole_within_10s(mesh, model_dir, lose_data):
+    addr, redis_url, logs = mesh
+    port = int(re.search(r":(\d+)/", redis_url).group(1))
+    requests = greedy_requests(STREAMS, seed=7, max_new=200)
+    fault_free = asyncio.run(streams(addr, requests))
+    killed = []
+
+    def kill_once(total: int) -> None:
+        if total >= STREAMS * 8 and not killed:  # every stream is generating
+            killed.append(_kill_redis(port, logs / "redis", lose_data=lose_data))
+
+    async def scenario():
+        canary = asyncio.ensure_future(streams(addr, [CANARY]))
+        got = await streams(addr, requests, kill_once)
+        entry = await _last_entry(redis_url, CANARY["request_id"], canary)
+        return got, entry, (await canary)[0]
+
+    got, entry, canary = asyncio.run(scenario())
+    assert killed, "the kill never happened"
+    pid, t_kill = killed[0]
+    same_tokens(model_dir, requests, fault_free, got)
+    while server_pid(port) in (None, pid):
+        assert time.monotonic() - t_kill < HEALTHY_WITHIN_S, "the launcher did not restart Redis on its port"
+        time.sleep(0.05)
+    whole_after = wait_whole(addr, 2, since=t_kill, within=HEALTHY_WITHIN_S)
+    print(f"Redis SIGKILL ({'data deleted' if lose_data else 'AOF kept'}): {STREAMS} streams whole, "
+          f"mesh whole {whole_after:.1f} s after the kill")
+    asyncio.run(streams(addr, greedy_requests(4, seed=8, max_new=8)))
+    assert time.monotonic() - t_kill < HEALTHY_WITHIN_S, "new requests were not served within 10 s"
+    # NOTE: the journal as the gateway's StoreKeeper (gateway/keeper.py) rebuilds it: without it an
+    # emptied Redis has no entry for the canary, and a reloaded one lacks the tokens whose writes
+    # the gateway dropped while Redis was down
+    assert len(canary) == CANARY["max_new_tokens"]
+    assert entry is not None, "the running canary's journal entry never came back"
+    assert entry.prompt_token_ids == tuple(CANARY["token_ids"]) and entry.chain == 0
+    assert len(entry.token_ids) > len(canary) // 2 and canary[:len(entry.token_ids)] == list(entry.token_ids), (
+        f"the journal of the running canary is not what it streamed: {len(entry.token_ids)} tokens journaled")
