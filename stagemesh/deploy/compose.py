@@ -158,7 +158,6 @@ def _gateway(layout: Layout, how: Render, local_workers: list[str]) -> dict[str,
         "command": ["python", "-m", "gateway", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
                     "--deployment", layout.deployment, "--host", "0.0.0.0", "--port", str(SCHEDULING_PORT),
                     "--http-port", str(HTTP_PORT)],
-        "ports": [f"{how.http_port}:{HTTP_PORT}"],
         "volumes": [_model_volume(how)],
         "healthcheck": _health(f"127.0.0.1:{SCHEDULING_PORT}"),
         "depends_on": depends,
@@ -167,20 +166,27 @@ def _gateway(layout: Layout, how: Render, local_workers: list[str]) -> dict[str,
 
 
 def _frontend(layout: Layout, how: Render) -> dict[str, Any]:
-    """The client-facing service: ``how.frontends`` replicas, each on its own host port of a range."""
-    published = str(how.port) if how.frontends == 1 else f"{how.port}-{how.port + how.frontends - 1}"
+    """The client-facing service: ``how.frontends`` replicas, each on its own host ports of two
+    ranges: gRPC, and HTTP (the OpenAI API, and the gateway's dashboard and /metrics passed through)."""
     return {
         "image": how.image,
         "command": ["python", "-m", "frontend", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
                     "--deployment", layout.deployment, "--gateway", f"gateway:{SCHEDULING_PORT}",
-                    "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--topology-wait-s", TOPOLOGY_WAIT_S],
-        "ports": [f"{published}:{GATEWAY_PORT}"],
+                    "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--topology-wait-s", TOPOLOGY_WAIT_S,
+                    "--http-port", str(HTTP_PORT), "--gateway-http", f"gateway:{HTTP_PORT}"],
+        "ports": [f"{_host_ports(how.port, how.frontends)}:{GATEWAY_PORT}",
+                  f"{_host_ports(how.http_port, how.frontends)}:{HTTP_PORT}"],
         "volumes": [_model_volume(how)],
         "deploy": {"replicas": how.frontends},
         "healthcheck": _health(f"127.0.0.1:{GATEWAY_PORT}"),
         "depends_on": {"gateway": {"condition": "service_healthy"}},
         "restart": "unless-stopped",
     }
+
+
+def _host_ports(first: int, replicas: int) -> str:
+    """One host port per replica: ``first``, or the range from it."""
+    return str(first) if replicas == 1 else f"{first}-{first + replicas - 1}"
 
 
 def _prometheus() -> dict[str, Any]:
@@ -279,7 +285,8 @@ def add_compose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=GATEWAY_PORT,
                    help="host port of the client gRPC (frontend replica i publishes --port + i)")
     p.add_argument("--frontends", type=int, default=Render.frontends, help="replicas of the frontend service")
-    p.add_argument("--http-port", type=int, default=HTTP_PORT, help="host port of the gateway's dashboard and /metrics")
+    p.add_argument("--http-port", type=int, default=HTTP_PORT,
+                   help="first host port of the frontends' HTTP: OpenAI API, dashboard and /metrics")
 
 
 def add_topology_arguments(p: argparse.ArgumentParser) -> None:

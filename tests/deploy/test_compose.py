@@ -130,12 +130,13 @@ def test_the_shipped_file_pins_every_worker_to_its_own_gpus_with_health_and_depe
     gateway = services["gateway"]
     assert {name: d["condition"] for name, d in gateway["depends_on"].items()} == {
         name: "service_healthy" for name in [*workers, "redis"]}
-    assert {(p["target"], p["published"]) for p in gateway["ports"]} == {(8080, "8080")}
+    assert "ports" not in gateway  # its HTTP side is reached through the frontends (and by Prometheus)
     assert gateway["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50052"]
     assert "deploy" not in gateway and "deploy" not in services["planner"]
     frontend = services["frontend"]
     assert frontend["command"][:3] == ["python", "-m", "frontend"] and "gateway:50052" in frontend["command"]
-    assert {(p["target"], p["published"]) for p in frontend["ports"]} == {(50051, "50051")}
+    assert {(p["target"], p["published"]) for p in frontend["ports"]} == {(50051, "50051"), (8080, "8080")}
+    assert frontend["command"][-4:] == ["--http-port", "8080", "--gateway-http", "gateway:8080"]
     assert frontend["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert frontend["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50051"]
     assert frontend["deploy"]["replicas"] == 1 and frontend["restart"] == "unless-stopped"
