@@ -6,7 +6,7 @@ collector as a ``Snapshot``; ``collect`` only turns it into metric families. Ser
     per stage worker, labels {chain, stage}:
       stagemesh_stage_up                                1 while it heartbeats, 0 once it stopped
       stagemesh_stage_last_heartbeat_timestamp_seconds  Unix time of its last heartbeat figures
-      stagemesh_stage_kv_blocks_used / _kv_blocks_total KV-cache blocks
+      stagemesh_stage_kv_blocks_used / _kv_blocks_capacity KV-cache blocks
       stagemesh_stage_queue_depth                       steps received and not yet answered
       stagemesh_stage_running_sequences                 sequences whose KV cache it holds
       stagemesh_stage_busy_fraction                     share of its last heartbeat window spent in steps
@@ -23,7 +23,7 @@ collector as a ``Snapshot``; ``collect`` only turns it into metric families. Ser
       stagemesh_expert_tokens_total                     token rows run by each expert (figure ``expert_tokens``,
                                                         {"<layer>:<expert>": rows})
     per chain, labels {chain}:
-      stagemesh_chain_healthy, _requests_running, _requests_waiting, _kv_blocks_reserved, _kv_blocks_total
+      stagemesh_chain_healthy, _requests_running, _requests_waiting, _kv_blocks_reserved, _kv_blocks_capacity
 
 Each figure's series name and help text are declared with the figure (``stagemesh.mesh.figures``).
 A figure a worker does not publish gives no sample (never a made-up 0).
@@ -82,7 +82,7 @@ def _chain_families(chains: list[ChainHandle]) -> Iterator[Metric]:
     running = gauge("requests_running", "Requests admitted and generating.")
     waiting = gauge("requests_waiting", "Requests queued, not yet admitted.")
     reserved = gauge("kv_blocks_reserved", "KV blocks the scheduler reserved.")
-    total = gauge("kv_blocks_total", "KV blocks the scheduler may reserve.")
+    total = gauge("kv_blocks_capacity", "KV blocks the scheduler may reserve.")
     for handle in chains:
         chain, scheduler = [str(handle.chain_id)], handle.engine.scheduler
         healthy.add_metric(chain, 1 if handle.healthy else 0)

@@ -78,7 +78,8 @@ class StageFigures(WorkerFigures):
     busy_fraction: float | None = figure("Share of the last heartbeat window spent running steps.", GAUGE)
     queue_depth: int | None = figure("Steps received and not yet answered.", GAUGE)
     kv_blocks_used: int | None = figure("KV-cache blocks holding sequences.", GAUGE)
-    kv_blocks_total: int | None = figure("KV-cache blocks allocated.", GAUGE)
+    kv_blocks_total: int | None = figure("KV-cache blocks allocated.", GAUGE, "kv_blocks_capacity")
+    """NOTE: its series is ``..._kv_blocks_capacity``: Prometheus reserves ``_total`` for counters."""
     running_sequences: int | None = figure("Sequences whose KV cache the stage holds.", GAUGE)
     steps: int | None = figure("Steps (micro-batches) run since the stage started.", COUNTER)
     steps_failed: int | None = figure("Steps that failed since the stage started.", COUNTER)

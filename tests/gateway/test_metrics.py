@@ -85,7 +85,8 @@ def test_exposition_parses_and_carries_stage_and_expert_series():
     assert value("stagemesh_time_to_first_token_seconds_count", chain="0") == 1
     assert value("stagemesh_inter_token_latency_seconds_count", chain="0") == 1
     assert value("stagemesh_stage_up", **s1) == 1 and value("stagemesh_stage_up", chain="0", stage="0") == 0
-    assert value("stagemesh_stage_kv_blocks_used", **s1) == 3 and value("stagemesh_stage_kv_blocks_total", **s1) == 64
+    assert value("stagemesh_stage_kv_blocks_used", **s1) == 3
+    assert value("stagemesh_stage_kv_blocks_capacity", **s1) == 64
     assert value("stagemesh_stage_tokens_total", **s1) == 40
     assert value("stagemesh_stage_step_latency_seconds_bucket", **s1, le="0.01") == 0
     assert value("stagemesh_stage_step_latency_seconds_bucket", **s1, le="0.1") == 1

@@ -96,7 +96,7 @@ def test_metrics_after_traffic_and_api_status_is_the_grpc_document(mesh, capsys)
     for stage in ("0", "1"):
         assert value("stagemesh_stage_up", chain="0", stage=stage) == 1
         assert value("stagemesh_stage_step_latency_seconds_count", chain="0", stage=stage) >= REQUESTS * TOKENS
-        assert value("stagemesh_stage_kv_blocks_total", chain="0", stage=stage) > 0
+        assert value("stagemesh_stage_kv_blocks_capacity", chain="0", stage=stage) > 0
         assert value("stagemesh_stage_kv_blocks_used", chain="0", stage=stage) == 0
         assert value("stagemesh_stage_queue_depth", chain="0", stage=stage) == 0
         assert 0 <= value("stagemesh_stage_busy_fraction", chain="0", stage=stage) <= 1

@@ -45,7 +45,7 @@ def test_the_prometheus_series_are_those_the_dashboards_use():
     assert stage == {
         "stagemesh_stage_last_heartbeat_timestamp_seconds", "stagemesh_stage_busy_fraction",
         "stagemesh_stage_queue_depth",
-        "stagemesh_stage_kv_blocks_used", "stagemesh_stage_kv_blocks_total", "stagemesh_stage_running_sequences",
+        "stagemesh_stage_kv_blocks_used", "stagemesh_stage_kv_blocks_capacity", "stagemesh_stage_running_sequences",
         "stagemesh_stage_tokens", "stagemesh_stage_steps", "stagemesh_stage_steps_failed", "stagemesh_stage_bytes_sent",
     }
     expert = {ExpertFigures.series(name)[0] for kind in (GAUGE, COUNTER) for name in ExpertFigures.exported(kind)}

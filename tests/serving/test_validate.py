@@ -19,8 +19,26 @@ def check(prompt=(1, 2, 3), **params):
 
 def test_good_request_passes():
     check()
-    check(prompt=tuple(range(CTX - 1)), max_new_tokens=1000, temperature=0.7, top_k=5, top_p=0.9,
+    check(prompt=tuple(range(CTX - 1)), max_new_tokens=1, temperature=0.7, top_k=5, top_p=0.9,
           seed=2**63 - 1, stop_token_ids=(0, 99))
+    check(prompt=(1, 2, 3), max_new_tokens=CTX - 3)  # exactly the context: allowed
+
+
+def test_prompt_and_max_new_tokens_past_the_context_are_refused_not_cut():
+    with pytest.raises(InvalidArgument) as info:
+        check(prompt=(1, 2, 3), max_new_tokens=10**6)
+    assert info.value.message == (
+        "max_new_tokens=1000000 after a 3-token prompt asks for 1000003 tokens, but the model's context is 32; "
+        "lower max_new_tokens to at most 29 (or shorten the prompt)")
+    with pytest.raises(InvalidArgument, match="at most 29"):
+        check(prompt=(1, 2, 3), max_new_tokens=CTX - 2)
+
+
+def test_a_prompt_as_long_as_the_context_must_leave_room_for_one_token():
+    with pytest.raises(InvalidArgument) as info:
+        check(prompt=tuple(range(CTX)))
+    assert info.value.message == ("prompt has 32 tokens and the model's context is 32 tokens; the prompt must leave "
+                                  "room for at least one new token: shorten it to at most 31 tokens")
 
 
 @pytest.mark.parametrize(
@@ -29,7 +47,7 @@ def test_good_request_passes():
         ((), {}, "prompt is empty"),
         ((1, 100, 2), {}, "token id 100 at position 1 is outside the vocabulary [0, 100)"),
         ((-1,), {}, "token id -1 at position 0"),
-        (tuple(range(CTX)), {}, "prompt has 32 tokens but the model's context is 32 tokens; shorten it"),
+        (tuple(range(CTX + 5)), {}, "prompt has 37 tokens and the model's context is 32 tokens"),
         ((1,), {"max_new_tokens": 0}, "max_new_tokens=0 must be > 0"),
         ((1,), {"temperature": -0.1}, "temperature=-0.1"),
         ((1,), {"temperature": math.inf}, "temperature=inf must be a finite number"),
