@@ -54,21 +54,51 @@ class LocalStage:
         pass
 
 
+class DeferredExpertErrors:
+    """Rank 0's remote experts on a tensor-parallel stage, whose failure waits for the step's end.
+
+    NOTE: an expert worker that fails a call (it died, or missed its deadline, and no replica
+    could take its rows) raises in the middle of the step, on rank 0 only, while the other
+    ranks go on to the MoE block's all-reduce: rank 0 would skip it and the group would hang for
+    good (seen when a SIGSTOPped rank 0 woke up to both replicas' deadlines passed). Instead
+    the layer gets zeros, every collective of the step runs on every rank, and ``TPStage``
+    raises the error after the step, whose output is discarded."""
+
+    def __init__(self, experts: Experts):
+        self.experts = experts
+        self.failed: StagemeshError | None = None
+
+    def __call__(self, layer: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self.experts(layer, x, counts)
+            except StagemeshError as err:
+                self.failed = err
+        return torch.zeros_like(x)
+
+    def take_failure(self) -> StagemeshError | None:
+        failed, self.failed = self.failed, None
+        return failed
+
+
 class TPStage:
     """Rank 0 of a tensor-parallel stage: every step goes to all ranks; only rank 0's output is used.
 
     NOTE: errors. A StagemeshError from ``runner.step`` (a full KV cache) is raised before any
-    collective and by every rank alike, so the ranks stay in step and the error is answered.
-    Any other error may leave the ranks waiting at different collectives: the group is broken
-    for good, and so is the stage (``failure`` says why; the worker then goes unhealthy).
+    collective and by every rank alike, so the ranks stay in step and the error is answered;
+    a remote expert's failure is raised after the step (``DeferredExpertErrors``). Any other
+    error may leave the ranks waiting at different collectives: the group is broken for good,
+    and so is the stage (``failure`` says why; the worker then goes unhealthy).
     """
 
     def __init__(
-        self, runner: StageRunner, group: RankGroup, ranks: RankProcesses, name: str, rank_weight_bytes: list[int]
+        self, runner: StageRunner, group: RankGroup, ranks: RankProcesses, name: str, rank_weight_bytes: list[int],
+        experts: DeferredExpertErrors | None = None,
     ):
         self.runner, self.group, self.ranks, self.name = runner, group, ranks, name
         self.rank_weight_bytes = rank_weight_bytes
         """Parameter bytes of each rank, rank 0's first."""
+        self.experts = experts
         self._broken: Unavailable | None = None
 
     def step(self, step: StageStep) -> torch.Tensor | StepResult:
@@ -77,12 +107,15 @@ class TPStage:
         try:
             # every rank runs this step with us: the plan as we run it (pending tokens filled in)
             send_step(encode_step(step.plan, step.hidden).SerializeToString(), self.group.control)
-            return self.runner.step(step.plan, step.hidden)
+            out = self.runner.step(step.plan, step.hidden)
         except StagemeshError:
             raise
         except Exception as err:
             self._broken = self._why_broken(err)
             raise Unavailable(self._broken.message) from err
+        if self.experts is not None and (failed := self.experts.take_failure()) is not None:
+            raise failed
+        return out
 
     def failure(self) -> Unavailable | None:
         """Why this stage can never run a step again (a rank died, the group broke), or None."""
@@ -120,11 +153,12 @@ def launch_tp(
 
     def build() -> TPStage:
         group = join_group(0, place.tp, init_method, backend, place.devices[0])
-        runner = build_runner(place, opts, place.devices[0], group.tp, experts)
+        deferred = DeferredExpertErrors(experts) if experts is not None else None
+        runner = build_runner(place, opts, place.devices[0], group.tp, deferred)
         per_rank = all_gather_int(weight_bytes(runner), group.control)  # returns once every rank has loaded
         log.info("stage %s: %d tp ranks on %s over %s, weight bytes per rank %s",
                  place.name, place.tp, list(place.devices), backend, per_rank)
-        return TPStage(runner, group, ranks, place.name, per_rank)
+        return TPStage(runner, group, ranks, place.name, per_rank, deferred)
 
     return ranks, build
 

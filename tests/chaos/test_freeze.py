@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from stagemesh import AsyncClient
+from stagemesh.runtime.faults import FailNext, inject_fault
 from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, wait_whole
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.mesh_helpers import children, stagemesh_up
@@ -57,7 +58,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mesh(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    args = ("--tp", "2", "--ep", "2", "--expert-replicas", "2", "--dp", "2")
+    args = ("--tp", "2", "--ep", "2", "--expert-replicas", "2", "--dp", "2", "--fault-injection")
     with stagemesh_up(model_dir, logs, *args) as (addr, _, proc):
         yield addr, proc, logs
 
@@ -206,3 +207,26 @@ def test_a_frozen_stage_worker_is_fenced_within_seconds_and_costs_no_token(mesh,
     assert max(waits, default=0) < DEADLINE_S, waits  # none when its missed heartbeats fenced it first
     assert chain_outages(addr, 1) == before + 1 and not frozen.flapped
     assert gap < LONGEST_GAP_S, gap
+
+
+def test_every_replica_failing_mid_step_on_a_tp_stage_costs_no_token_and_leaves_the_ranks_in_step(mesh, model_dir,
+                                                                                                  fault_free):
+    """Both replicas of chain 0's experts fail their next calls: rank 0's step fails mid-layer
+    while rank 1 goes on to the all-reduce. The step's error waits for its end
+    (``stage_worker.stage.DeferredExpertErrors``), so the ranks stay in step, the chain comes back,
+    and the streams move on (before, the group hung for good: a SIGSTOPped rank 0 that woke up to
+    both replicas' deadlines passed did it)."""
+    addr, _, _ = mesh
+    requests, expected = fault_free
+    experts = [w["address"] for w in status(addr)["workers"] if (w["role"], w["chain"]) == ("expert", 0)]
+    assert len(experts) == 2
+
+    def fail_both() -> None:
+        for address in experts:
+            inject_fault(address, FailNext(2))
+
+    got, _ = asyncio.run(timed_streams(addr, requests, fail_both))
+    same_tokens(model_dir, requests, expected, got)
+    wait_whole(addr, 2, time.monotonic(), RECOVERY_S)
+    again = greedy_requests(4, seed=12, max_new=8)
+    assert all(len(t) == 8 for t in asyncio.run(timed_streams(addr, again))[0])  # chain 0 steps again
