@@ -84,7 +84,9 @@ class Router:
         self._admissions = 0
 
     def add(self, handle: ChainHandle) -> None:
+        """A chain whose workers serve; chains are kept in id order, however they came."""
         self.chains.append(handle)
+        self.chains.sort(key=lambda h: h.chain_id)
 
     def admit(self, request_id: str) -> ChainHandle:
         """The chain for a new request; InvalidArgument for a running id, Unavailable at once with no healthy chain."""
