@@ -10,11 +10,23 @@ import socket
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports ``free_port`` returned in this process."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not returned before by this
+    process. NOTE: the kernel may hand out the same ephemeral port again as soon as it is
+    closed, and a plan takes its workers' ports before any of them binds: a planned mesh got
+    two workers on one port that way (1 in ~several hundred plans)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free TCP port that this process has not handed out already")
 
 
 def port_of(address: str) -> int:

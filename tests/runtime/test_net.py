@@ -38,3 +38,8 @@ def test_free_port_can_be_bound():
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_free_port_never_hands_out_a_port_twice_in_one_process():
+    ports = [free_port() for _ in range(300)]  # a plan takes all its ports before any is bound
+    assert len(set(ports)) == len(ports)
