@@ -25,6 +25,11 @@ on leaves its chain out of service; the gateway given up on (or every frontend) 
 with an error, since then nothing can serve. ``restart=False``
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
+
+NOTE: over 400 lines. Two concerns share it: planning (``UpOptions``, ``plan_topology``, which
+`stagemesh compose` reuses) and the life of the processes (``Mesh``). Planning belongs in a
+module of its own; the move waits for a change that has time to carry the callers and the tests
+that patch ``launch._visible_gpus`` along.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ class Mesh:
         self.commands: dict[str, list[str]] = {}
         """Each child's command line, to start it again the same way (same port)."""
         self.lifelines: dict[str, Lifeline] = {}
-        self.addresses: dict[str, str] = {}
+        self.addresses: dict[str, tuple[str, str]] = {}
         """The gRPC address of each child that has one of its own (workers, the gateway): its readiness probe."""
         self._next_probe = 0.0
         self.spare: set[str] = set()
@@ -271,7 +276,8 @@ class Mesh:
                             ("--resume-window-s", self.opts.resume_window_s)):
             if value is not None:
                 gateway_args += [flag, str(value)]
-        self._spawn("gateway", "gateway", *gateway_args, address=scheduling)
+        # its overall health is NOT_SERVING while no chain serves: its readiness is its service's
+        self._spawn("gateway", "gateway", *gateway_args, address=scheduling, service=SCHEDULING_SERVICE)
         wait = ["--topology-wait-s", str(REDIS_WAIT_S)]
         for i in range(self.frontends):
             name, own = f"frontend-{i}", free_port()  # its own port: the launcher probes it there
@@ -314,12 +320,13 @@ class Mesh:
             if module == "expert_worker" and self.opts.expert_replicas > 1:
                 self.spare.add(name)
 
-    def _spawn(self, name: str, module: str, *args: str, address: str | None = None) -> None:
-        """Start a child; with ``address``, its readiness is probed there (see the module NOTE)."""
+    def _spawn(self, name: str, module: str, *args: str, address: str | None = None, service: str = "") -> None:
+        """Start a child; with ``address``, its readiness is probed there: the health of
+        ``service`` ("": the server as a whole; see the module NOTE)."""
         common = ["--redis-url", self.redis_url, "--deployment", self.opts.deployment]
         self.commands[name] = [sys.executable, "-m", module, *common, *args]
         if address is not None:
-            self.addresses[name] = address
+            self.addresses[name] = (address, service)
         self._popen(name)
         probed = address is not None
         self.lifelines[name] = Lifeline(self.opts.restart_policy, started_at=time.monotonic(), probed=probed)
@@ -380,10 +387,8 @@ class Mesh:
         if now < self._next_probe:
             return
         self._next_probe = now + SUPERVISE_S
-        for name, address in self.addresses.items():
+        for name, (address, service) in self.addresses.items():
             life = self.lifelines[name]
-            # the gateway's overall health is NOT_SERVING while no chain serves: ask its service
-            service = SCHEDULING_SERVICE if name == "gateway" else ""
             if life.awaits_ready and self.procs[name].poll() is None and serving_sync(address, PROBE_TIMEOUT_S,
                                                                                      service):
                 life.became_ready(now)

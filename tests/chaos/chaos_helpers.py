@@ -43,6 +43,43 @@ async def streams(addr: str, requests: list[dict], on_token: Callable[[int], Non
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
+async def timed_streams(addr: str, requests: list[dict], fault: Callable[[], None] | None = None, fire_after: int = 0,
+                        *, client_per_stream: bool = False) -> tuple[list[list[int]], float]:
+    """Every request at once; each one's tokens and the longest gap between two tokens of a
+    stream (what the fault cost the clients that waited longest). ``fault()`` once ``fire_after``
+    tokens arrived in all. ``client_per_stream``: each request on its own client (connection),
+    so the kernel spreads them over the frontends sharing the port."""
+    received, longest = 0, 0.0
+
+    async def one(client: AsyncClient, request: dict) -> list[int]:
+        nonlocal received, longest
+        tokens, last = [], None
+        async for item in client.stream(**request):
+            now = time.monotonic()
+            if item.token_id is None:
+                continue
+            if last is not None:
+                longest = max(longest, now - last)
+            last = now
+            tokens.append(item.token_id)
+            received += 1
+            if fault is not None and received == fire_after:
+                fault()
+        return tokens
+
+    async def own_client(request: dict) -> list[int]:
+        async with AsyncClient(addr, timeout=CALL_TIMEOUT_S) as client:
+            return await one(client, request)
+
+    if client_per_stream:
+        results = list(await asyncio.gather(*(own_client(r) for r in requests)))
+    else:
+        async with AsyncClient(addr, timeout=CALL_TIMEOUT_S) as client:
+            results = list(await asyncio.gather(*(one(client, r) for r in requests)))
+    assert fault is None or received >= fire_after, "the fault never fired: the streams ended first"
+    return results, longest
+
+
 def same_tokens(model_dir: Path, requests: list[dict], fault_free: list[list[int]], got: list[list[int]]) -> None:
     """Every request got the fault-free run's tokens, all of them. A stream that differs is judged
     by teacher forcing against transformers: a re-prefill batches differently, and where two

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from stagemesh import AsyncClient
 from stagemesh.runtime.faults import FailNext, inject_fault
-from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, wait_whole
+from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, timed_streams, wait_whole
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.mesh_helpers import children, stagemesh_up
 
@@ -69,33 +68,6 @@ def fault_free(mesh):
     requests = greedy_requests(STREAMS, seed=11, max_new=MAX_NEW)
     tokens, _ = asyncio.run(timed_streams(mesh[0], requests))
     return requests, tokens
-
-
-async def timed_streams(addr: str, requests: list[dict], fault=None) -> tuple[list[list[int]], float]:
-    """Every request at once; each one's tokens and the longest gap between two tokens of a
-    stream. ``fault()`` once ``FREEZE_AFTER`` tokens arrived in all."""
-    received, longest = 0, 0.0
-    async with AsyncClient(addr, timeout=120) as client:
-
-        async def one(request: dict) -> list[int]:
-            nonlocal received, longest
-            tokens, last = [], None
-            async for item in client.stream(**request):
-                now = time.monotonic()
-                if item.token_id is None:
-                    continue
-                if last is not None:
-                    longest = max(longest, now - last)
-                last = now
-                tokens.append(item.token_id)
-                received += 1
-                if fault is not None and received == FREEZE_AFTER:
-                    fault()
-            return tokens
-
-        results = list(await asyncio.gather(*(one(r) for r in requests)))
-    assert fault is None or received >= FREEZE_AFTER, "the fault never fired: the streams ended first"
-    return results, longest
 
 
 class Freeze:
@@ -140,7 +112,7 @@ def freeze(addr: str, pid: int, chain: int, requests: list[dict]) -> tuple[list[
     """The streams with ``pid`` frozen mid-generation for FREEZE_S; SIGCONT whatever happens."""
     frozen = Freeze(addr, pid, chain)
     try:
-        tokens, gap = asyncio.run(timed_streams(addr, requests, frozen))
+        tokens, gap = asyncio.run(timed_streams(addr, requests, frozen, FREEZE_AFTER))
         frozen.wait()
     finally:
         frozen.end()
@@ -225,7 +197,7 @@ def test_every_replica_failing_mid_step_on_a_tp_stage_costs_no_token_and_leaves_
         for address in experts:
             inject_fault(address, FailNext(2))
 
-    got, _ = asyncio.run(timed_streams(addr, requests, fail_both))
+    got, _ = asyncio.run(timed_streams(addr, requests, fail_both, FREEZE_AFTER))
     same_tokens(model_dir, requests, expected, got)
     wait_whole(addr, 2, time.monotonic(), RECOVERY_S)
     again = greedy_requests(4, seed=12, max_new=8)

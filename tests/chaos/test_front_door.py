@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stagemesh import AsyncClient
 from stagemesh.runtime.health import serving_sync
+from tests.chaos.chaos_helpers import timed_streams
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.mesh_helpers import children, client_connections, pid_alive, stagemesh_up
 
@@ -46,31 +46,13 @@ def mesh(model_dir, tmp_path_factory):
 PROMPTS = [[(5 * i + j) % 250 + 3 for j in range(2 + i % 6)] for i in range(STREAMS)]
 
 
+REQUESTS = [{"token_ids": p, "max_new_tokens": MAX_NEW, "ignore_eos": True} for p in PROMPTS]
+
+
 async def run_streams(addr: str, fault=None) -> tuple[list[list[int]], float]:
     """Every prompt as its own client (its own connection, spread over the frontends); ``fault()``
-    once KILL_AFTER tokens arrived. Returns each stream's tokens and the longest wait between two
-    tokens of a stream (the gap clients saw)."""
-    received, longest = 0, 0.0
-    fired = asyncio.Event()
-
-    async def one(prompt):
-        nonlocal received, longest
-        tokens, last = [], time.monotonic()
-        async with AsyncClient(addr, timeout=120) as client:
-            async for item in client.stream(token_ids=prompt, max_new_tokens=MAX_NEW, ignore_eos=True):
-                now = time.monotonic()
-                longest, last = max(longest, now - last), now
-                if item.token_id is not None:
-                    tokens.append(item.token_id)
-                    received += 1
-                if fault is not None and received >= KILL_AFTER and not fired.is_set():
-                    fired.set()
-                    fault()
-        return tokens
-
-    results = await asyncio.gather(*(one(p) for p in PROMPTS))
-    assert fault is None or fired.is_set(), "the fault never fired: the streams ended first"
-    return results, longest
+    once KILL_AFTER tokens arrived; each stream's tokens and the longest gap a stream saw."""
+    return await timed_streams(addr, REQUESTS, fault, KILL_AFTER, client_per_stream=True)
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def _mesh(tmp_path, **opts) -> Mesh:
 def _add(mesh: Mesh, name: str, command: list[str], address: str | None = None) -> None:
     mesh.commands[name] = command
     if address is not None:
-        mesh.addresses[name] = address
+        mesh.addresses[name] = (address, "")
     mesh._popen(name)
     mesh.lifelines[name] = Lifeline(POLICY, started_at=0.0, probed=address is not None)
 
