@@ -104,8 +104,10 @@ def _forward_one(address: str) -> stage_pb2.StageResponse:
 
 
 def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fast(checkpoints, tmp_path):
-    # --no-restart: `up` stops the mesh once rank 0 exits, instead of restarting the stage (test_dp_mesh covers that)
-    with stagemesh_up(checkpoints["llama"], tmp_path / "logs", "--tp", "2", "--no-restart") as (addr, redis_url, up):
+    # --no-restart: `up` stops the mesh once rank 0 exits, instead of restarting the stage (test_dp_mesh covers that);
+    # --failover-wait-s 3: the running request's wait for a healthy chain ends well inside its 30 s timeout
+    args = ("--tp", "2", "--no-restart", "--failover-wait-s", "3")
+    with stagemesh_up(checkpoints["llama"], tmp_path / "logs", *args) as (addr, redis_url, up):
         with Client(addr, timeout=60) as client:
             assert len(client.generate(token_ids=[5, 6, 7], max_new_tokens=4, ignore_eos=True).token_ids) == 4
             rank0, rank1 = _rank_pids(redis_url, "stage-c0-s0")
@@ -127,7 +129,7 @@ def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fa
                 client.generate(token_ids=[5, 6, 7], max_new_tokens=4, timeout=15)
             assert later.value.code == "UNAVAILABLE", later.value
             assert time.monotonic() - t_ask < 10
-            # the running request ends (after the gateway's few seconds' wait for a healthy chain); it does not hang
+            # the running request ends (after the gateway's 3 s wait for a healthy chain) with UNAVAILABLE; it does not hang
             with pytest.raises(StagemeshError) as in_flight:
                 for _ in stream:
                     pass
