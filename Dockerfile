@@ -1,5 +1,5 @@
 # One image for every stagemesh role; the compose file picks the role by the command:
-#   python -m stage_worker ... | python -m expert_worker ... | python -m gateway ...
+#   python -m stage_worker ... | python -m expert_worker ... | python -m gateway ... | python -m frontend ...
 #   stagemesh topology ... (the planner service) | stagemesh health --addr ... (health checks)
 # Build: docker build -t stagemesh:latest .
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
@@ -14,6 +14,7 @@ COPY stagemesh ./stagemesh
 COPY stage_worker ./stage_worker
 COPY expert_worker ./expert_worker
 COPY gateway ./gateway
+COPY frontend ./frontend
 
 # The image's CUDA torch satisfies the `torch>=2.4` dependency; the constraint keeps pip from
 # replacing it with another build.

@@ -25,7 +25,8 @@ from expert_worker.place import find_expert_worker
 from expert_worker.worker import ExpertWorker
 from stagemesh.runtime import cpus, faults
 from stagemesh.runtime.server import WorkerServer, run
-from stagemesh.runtime.startup import StartupError, start_worker
+from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
+from stagemesh.runtime.tls import MeshTLS, add_tls_args
 from stagemesh.v1 import expert_pb2
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m expert_worker", description="Run one expert worker of a stagemesh chain."
     )
-    p.add_argument("--redis-url", required=True, help="Redis holding the topology, e.g. redis://127.0.0.1:6379/0")
+    add_redis_args(p)
+    add_tls_args(p)
     p.add_argument("--chain", type=int, required=True, help="data-parallel chain whose stages route to this worker")
     p.add_argument("--worker", type=int, required=True, help="index of this expert worker within the chain")
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
@@ -62,18 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s expert-c{args.chain}-e{args.worker} %(name)s: %(message)s",
     )
     try:
+        args.redis_url, tls = mesh_args(args, "expert")
         cpus.take(args.cpus, 0, args.threads)
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, tls))
     except StartupError as err:
         log.error("expert worker c%d-e%d cannot start: %s", args.chain, args.worker, err)
         return 1
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, tls: MeshTLS | None) -> int:
     return await start_worker(
         args.redis_url,
         args.deployment,
         args.topology_wait_s,
         lambda doc: find_expert_worker(doc, args.chain, args.worker),
-        lambda place, store: run(WorkerServer(EXPERT_SERVICE, args.grace_s), ExpertWorker(args, place, store)),
+        lambda place, store: run(WorkerServer(EXPERT_SERVICE, args.grace_s, tls=tls), ExpertWorker(args, place, store)),
+        signer=signer_from_args(args),
     )

@@ -13,7 +13,9 @@ import grpc
 from expert_worker.place import ExpertPlace
 from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
 from stagemesh.runners.expert import ExpertRunner
+from stagemesh.runtime.decode_guard import Undecodable, in_band_decode_errors
 from stagemesh.runtime.faults import FaultInjector, unless_dropped
+from stagemesh.runtime.load_progress import reporter
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.wire.codec.experts import expert_output_to_pb, expert_request_from_pb, failed_expert_to_pb
 from stagemesh.wire.codec.tensors import dtype_name
@@ -47,10 +49,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         """Build the runner on the compute thread, the thread that will run it (see
         ``stagemesh.model.torch_thread``: one thread for a process's torch work)."""
         place = self.place
-        make = partial(ExpertRunner, place.model, place.experts, device=place.device, dtype=place.dtype)
+        make = partial(ExpertRunner, place.model, place.experts, device=place.device, dtype=place.dtype,
+                       progress=reporter(log, "layers"))  # `stagemesh up` follows these lines
         self.runner = await asyncio.get_running_loop().run_in_executor(self._thread, make)
         return self.runner
 
+    @in_band_decode_errors
     async def Run(self, request_iterator, context):
         """One answer per request, in request order; a failed batch answers with ``error``."""
         loop = asyncio.get_running_loop()
@@ -68,6 +72,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def _answer(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         """Decode, run, encode (on the compute thread)."""
+        if isinstance(request, Undecodable):  # answered in band, like any failed batch
+            return failed_expert_to_pb(0, InvalidArgument(f"expert worker {self.place.name}: {request.detail}"))
         try:
             if self.draining or self.runner is None:
                 why = "is shutting down" if self.draining else "is still loading its weights"

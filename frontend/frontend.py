@@ -20,7 +20,9 @@ from frontend.servicer import FrontendServicer
 from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.topology import Topology
+from stagemesh.runtime.api_keys import NO_KEYS, ApiKeys
 from stagemesh.runtime.server import SERVER_OPTIONS, Role, WorkerServer
+from stagemesh.runtime.tls import MeshTLS, ServingCert
 from stagemesh.tokenizer import Tokenizer
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -67,6 +69,14 @@ class FrontendOptions:
     """The model's name in the OpenAI API; None: the checkpoint directory's name."""
     grace_s: float = 5.0
     """On stop, how long open HTTP calls may finish."""
+    tls: MeshTLS | None = None
+    """The frontend's mesh identity: its link to the gateway and its own port (``own_port``) are
+    mesh mTLS; None: plaintext (an ``--insecure`` mesh). Never the client port's (``serving_cert``)."""
+    serving_cert: ServingCert | None = None
+    """Server-side TLS of the client port and the HTTP port; None: plaintext."""
+    api_keys: ApiKeys = NO_KEYS
+    """The keys the HTTP port asks for (the gRPC port's check is the server's interceptor:
+    ``frontend.auth.interceptors``); none: every caller is let in."""
 
 
 class Frontend(Role):
@@ -74,7 +84,7 @@ class Frontend(Role):
 
     def __init__(self, opts: FrontendOptions, topology: Topology):
         self.opts, self.topology = opts, topology
-        self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s)
+        self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s, tls=opts.tls)
         self._health: asyncio.Task | None = None
         self._http: HttpServer | None = None
         self._http_stopping: asyncio.Task | None = None
@@ -96,7 +106,9 @@ class Frontend(Role):
         own = (f"{self.opts.host}:{self.opts.own_port}",) if self.opts.own_port else ()
         if self.opts.http_port:  # before the client port: once a probe sees SERVING, both ports are up
             await self._start_http(tokenizer, config)
-        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own)
+        cert = self.opts.serving_cert
+        await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own, public=True,
+                           public_credentials=cert.server_credentials() if cert else None)
 
     async def _start_http(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
         """The OpenAI API (and the gateway's pages) on the shared HTTP port."""
@@ -104,8 +116,9 @@ class Frontend(Role):
         api = OpenAIApi(self.link, tokenizer, config, self.opts.served_model_name or Path(model).name,
                         ChatTemplate.from_dir(model))
         proxy = GatewayProxy(self.opts.gateway_http) if self.opts.gateway_http else None
-        http = HttpServer(api, proxy, self.opts.grace_s)
-        await http.start(self.opts.host, self.opts.http_port)
+        http = HttpServer(api, proxy, self.opts.grace_s, self.opts.api_keys)
+        cert = self.opts.serving_cert
+        await http.start(self.opts.host, self.opts.http_port, cert.ssl_context() if cert else None)
         self._http = http
 
     async def serve(self, server: WorkerServer) -> None:

@@ -4,7 +4,8 @@
 HTTP port; each frontend forwards the gateway's pages from P, so the dashboard, ``/metrics`` and
 the OpenAI API share one address:
 
-    GET /  /static/...  /api/status  /metrics  /healthz   -> the same path on the gateway
+    GET /  /static/...  /api/status  /api/history  /api/timeline  /metrics  /healthz
+                                                          -> the same path on the gateway
 
 GET only; the status, headers and body come back as the gateway sent them (compressed bodies
 untouched). A gateway that does not answer (restarting, say) gets 503 with a message.
@@ -17,7 +18,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-PATHS = ("/", "/api/status", "/metrics", "/healthz")
+PATHS = ("/", "/api/status", "/api/history", "/api/timeline", "/metrics", "/healthz")
 STATIC = "/static/{tail:.*}"
 TIMEOUT_S = 10.0
 """A page's deadline: /api/status reads Redis and asks every worker, well under a second when healthy."""
@@ -60,5 +61,9 @@ class GatewayProxy:
             await self._session.close()
 
 
+CREDENTIALS = frozenset({"host", "authorization", "x-api-key", "cookie"})
+"""Request headers not passed on: the client's API key is checked here and stays here."""
+
+
 def _headers(headers) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP | CREDENTIALS}

@@ -9,13 +9,16 @@ its HTTP status, also for a path or method the API does not have.
 from __future__ import annotations
 
 import logging
+import ssl
 
 from aiohttp import web
 
+from frontend.auth import require_api_key
 from frontend.gateway_proxy import GatewayProxy
 from frontend.openai_http import OpenAIApi
 from frontend.openai_protocol import ApiError
 from stagemesh.errors import StagemeshError
+from stagemesh.runtime.api_keys import NO_KEYS, ApiKeys
 from stagemesh.runtime.startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,10 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
         return web.json_response(api.body(), status=err.status)
 
 
-def build_app(api: OpenAIApi, proxy: GatewayProxy | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
+def build_app(api: OpenAIApi, proxy: GatewayProxy | None = None, keys: ApiKeys = NO_KEYS) -> web.Application:
+    """The routes; with ``keys``, every path but the open ones needs one of them (``frontend.auth``)."""
+    guard = [require_api_key(keys)] if keys.enabled else []
+    app = web.Application(middlewares=[errors_as_json, *guard], client_max_size=MAX_BODY_BYTES)
     api.add_routes(app)
     if proxy is not None:
         proxy.add_routes(app)
@@ -55,16 +60,16 @@ def build_app(api: OpenAIApi, proxy: GatewayProxy | None = None) -> web.Applicat
 class HttpServer:
     """The app on ``host:port`` with SO_REUSEPORT; a client that disconnects cancels its handler."""
 
-    def __init__(self, api: OpenAIApi, proxy: GatewayProxy | None, grace_s: float):
+    def __init__(self, api: OpenAIApi, proxy: GatewayProxy | None, grace_s: float, keys: ApiKeys = NO_KEYS):
         self.api, self.proxy = api, proxy
-        self.runner = web.AppRunner(build_app(api, proxy), access_log=None, handler_cancellation=True,
+        self.runner = web.AppRunner(build_app(api, proxy, keys), access_log=None, handler_cancellation=True,
                                     shutdown_timeout=grace_s)
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen; StartupError when the port is taken by a process that does not share it."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen (HTTPS with ``ssl_context``); StartupError when the port is taken by a process that does not share it."""
         await self.runner.setup()
         try:
-            await web.TCPSite(self.runner, host, port, reuse_port=True).start()
+            await web.TCPSite(self.runner, host, port, reuse_port=True, ssl_context=ssl_context).start()
         except OSError as err:
             await self.runner.cleanup()
             raise StartupError(f"cannot listen on {host}:{port} for HTTP ({err}); is another process using it?"

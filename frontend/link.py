@@ -26,6 +26,8 @@ import grpc.aio
 from frontend.stream import MESSAGES_PER_S, Pacer, RequestStream
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.runtime import health
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.params import SamplingParams
 from stagemesh.v1 import gateway_pb2, scheduling_pb2, scheduling_pb2_grpc
 from stagemesh.wire.codec.scheduling import Events, Submission, events_from_pb, submission_to_pb
@@ -45,8 +47,11 @@ HEALTH_POLL_S = 0.5
 class GatewayLink:
     """Carries this frontend's requests to the gateway at ``address`` and their tokens back."""
 
-    def __init__(self, address: str, name: str, messages_per_s: float = MESSAGES_PER_S, reattach_s: float = REATTACH_S):
+    def __init__(self, address: str, name: str, messages_per_s: float = MESSAGES_PER_S, reattach_s: float = REATTACH_S,
+                 tls: MeshTLS | None = None):
         self.address, self.name, self.reattach_s = address, name, reattach_s
+        self.tls = tls
+        """The frontend's mesh identity, presented to the gateway (mTLS); None: plaintext."""
         self.streams: dict[int, RequestStream] = {}
         """Open requests by handle."""
         self.pacer = Pacer(lambda: len(self.streams), messages_per_s)
@@ -125,7 +130,7 @@ class GatewayLink:
     async def _connect_and_serve(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-        self._channel = grpc.aio.insecure_channel(self.address, options=MESSAGE_OPTIONS)
+        self._channel = mesh_tls.aio_channel(self.address, self.tls, MESSAGE_OPTIONS)
         status = await health.status(self._channel, service=SCHEDULING_SERVICE, timeout_s=2.0)
         if status != health.SERVING:
             raise LookupError(f"its health is {health.status_name(status)}")
@@ -160,7 +165,7 @@ class GatewayLink:
         self._cancel.clear()
         resubmit = [_submission(stream, resume=True) for stream in self.streams.values()]
         for stream in self.streams.values():
-            stream.tokens = []  # the gateway sends them all again; the stream skips what its client has
+            stream.restart()  # the gateway sends them all again; the stream skips what its client has
         yield scheduling_pb2.FrontendBatch(frontend=self.name, submit=resubmit)
         while True:
             await self._outbox.wait()
@@ -173,12 +178,17 @@ class GatewayLink:
 
     def _dispatch(self, events: Events) -> None:
         """One EventBatch: tokens first (in order), then finishes and errors."""
-        streams, woken = self.streams, set()
-        for handle, token in zip(events.handles, events.token_ids):
-            stream = streams.get(handle)
-            if stream is not None:
-                stream.tokens.append(token)
-                woken.add(stream)
+        streams, woken, logprobs = self.streams, set(), events.logprobs
+        if logprobs:  # some request asked for them
+            for i, (handle, token) in enumerate(zip(events.handles, events.token_ids)):
+                if (stream := streams.get(handle)) is not None:
+                    stream.add(token, logprobs.get(i))
+                    woken.add(stream)
+        else:
+            for handle, token in zip(events.handles, events.token_ids):
+                if (stream := streams.get(handle)) is not None:
+                    stream.add(token, None)
+                    woken.add(stream)
         for handle, reason in events.finished.items():
             if (stream := streams.pop(handle, None)) is not None:
                 stream.finish(reason)

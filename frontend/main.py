@@ -10,17 +10,23 @@ import argparse
 import asyncio
 import logging
 
+from frontend.auth import interceptors
 from frontend.frontend import CLIENT_SERVER_OPTIONS, GATEWAY_SERVICE, Frontend, FrontendOptions
 from frontend.stream import MESSAGES_PER_S
+from stagemesh.runtime import api_keys
+from stagemesh.runtime.api_keys import ApiKeys
 from stagemesh.runtime.server import WorkerServer, run
-from stagemesh.runtime.startup import StartupError, start_worker
+from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
+from stagemesh.runtime.tls import add_serving_cert_args, add_tls_args, serving_cert_from_args
 
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m frontend", description="A client-facing frontend of a stagemesh mesh.")
-    p.add_argument("--redis-url", required=True, help="Redis holding the topology, e.g. redis://127.0.0.1:6379/0")
+    add_redis_args(p)
+    add_tls_args(p)
+    add_serving_cert_args(p)
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
     p.add_argument("--gateway", required=True, help="host:port of the gateway's Scheduling service")
     p.add_argument("--host", default="127.0.0.1", help="interface the client port binds")
@@ -42,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running streams may finish")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    api_keys.add_arguments(p.add_argument_group("API keys (frontend.auth): asked for on the client and HTTP ports"))
     return p.parse_args(argv)
 
 
@@ -50,15 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s"
     )
+    try:
+        keys = ApiKeys.from_args(args)
+        (redis_url, tls), cert = mesh_args(args, "frontend"), serving_cert_from_args(args)
+    except (ValueError, StartupError) as err:
+        log.error("%s cannot start: %s", args.name, err)
+        return 1
+    log.info("%s: API keys %s", args.name, f"required ({len(keys.keys)} accepted)" if keys.enabled else "off")
     opts = FrontendOptions(gateway=args.gateway, host=args.host, port=args.port, name=args.name,
                            messages_per_s=args.stream_messages_per_s, own_port=args.own_port,
                            http_port=args.http_port, gateway_http=args.gateway_http,
-                           served_model_name=args.served_model_name, grace_s=args.grace_s)
+                           served_model_name=args.served_model_name, grace_s=args.grace_s, api_keys=keys,
+                           tls=tls, serving_cert=cert)
     try:
         return asyncio.run(start_worker(
-            args.redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,
-            lambda topology, store: run(WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS),
-                                        Frontend(opts, topology)),
+            redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,
+            lambda topology, store: run(
+                WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS, interceptors(keys), tls=tls),
+                Frontend(opts, topology)),
+            signer=signer_from_args(args),
         ))
     except (StartupError, ValueError, OSError) as err:  # no topology, a broken checkpoint dir, a port in use
         log.error("%s cannot start: %s", args.name, err)

@@ -6,6 +6,8 @@ stop (the usage) is the same however the gateway's messages split them (4.4 µs 
 stop string against 2.2 µs, measured on the 2-core dev host); without, a message's tokens are
 detokenized in one go. A choice that reaches a stop string is cancelled on the
 gateway at once (its KV cache freed); one whose client left is cancelled by ``ChoiceRun.close``.
+With logprobs, each piece of news carries the log-probabilities of the tokens it consumed (up to
+the one that completed a stop string), so its tokens and their text go out together.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from array import array
 from collections.abc import Sequence
 
 from frontend.link import GatewayLink
+from frontend.openai_logprobs import Entry, LogprobsWriter
 from frontend.openai_protocol import Options, max_new_tokens
 from frontend.stop_strings import StopMatcher
 from frontend.stream import RequestStream
@@ -32,7 +35,7 @@ class Choice:
     """One sequence: its stream from the gateway, its text decoder and stop matcher, its end."""
 
     def __init__(self, index: int, prompt_index: int, stream: RequestStream, tokenizer: Tokenizer,
-                 stops: Sequence[str]):
+                 stops: Sequence[str], *, chat: bool = False):
         self.index = index
         """Its place in the answer's ``choices``: prompt number × n + sequence number."""
         self.prompt_index = prompt_index
@@ -43,6 +46,8 @@ class Choice:
         self.error: StagemeshError | None = None
         self._decoder = IncrementalDecoder(tokenizer)
         self._matcher = StopMatcher(stops)
+        self.logprobs = LogprobsWriter(tokenizer, chat=chat) if stream.logprobs is not None else None
+        """Its ``logprobs`` sections, when the request asked for them."""
 
     @property
     def done(self) -> bool:
@@ -75,7 +80,7 @@ class Choice:
 
 
 def start_choices(link: GatewayLink, tokenizer: Tokenizer, config: ModelConfig, prompts: Sequence[Sequence[int]],
-                  options: Options, rng: random.Random) -> list[Choice]:
+                  options: Options, rng: random.Random, *, chat: bool = False) -> list[Choice]:
     """Submit ``options.n`` sequences of each prompt; InvalidArgument (before anything is
     submitted) when a prompt or the parameters are wrong."""
     context = config.max_position_embeddings
@@ -89,7 +94,7 @@ def start_choices(link: GatewayLink, tokenizer: Tokenizer, config: ModelConfig, 
         prompt = array("q", ids)
         for j in range(options.n):
             stream = link.submit(uuid.uuid4().hex, prompt, _seeded(p, j, rng))
-            choices.append(Choice(i * options.n + j, i, stream, tokenizer, options.stops))
+            choices.append(Choice(i * options.n + j, i, stream, tokenizer, options.stops, chat=chat))
     return choices
 
 
@@ -107,29 +112,37 @@ def _seeded(params: SamplingParams, j: int, rng: random.Random) -> SamplingParam
 
 
 class ChoiceRun:
-    """Reads every choice's stream and hands out (choice, new text) as news comes, a choice's
-    end once; ``close`` cancels on the gateway what has not ended (the client left)."""
+    """Reads every choice's stream and hands out (choice, new text, its tokens' logprobs) as news
+    comes, a choice's end once; ``close`` cancels on the gateway what has not ended (the client left)."""
 
     def __init__(self, link: GatewayLink, choices: list[Choice]):
         self.link, self.choices = link, choices
-        self._news: asyncio.Queue[Choice | tuple[Choice, str]] = asyncio.Queue()
+        self._news: asyncio.Queue[tuple[Choice, str, list[Entry]]] = asyncio.Queue()
         self._open = len(choices)
         self._tasks = [asyncio.create_task(self._pump(c), name=f"choice-{c.index}") for c in choices]
 
-    async def next(self) -> tuple[Choice, str] | None:
-        """The next (choice, text) — ``choice.done`` on its last —, or None once every choice ended."""
+    async def next(self) -> tuple[Choice, str, list[Entry]] | None:
+        """The next (choice, text, entries) — ``choice.done`` on its last —, or None once every
+        choice ended. ``entries``: (token, its logprobs) of the tokens this text came from, when
+        the request asked for logprobs; [] otherwise."""
         if self._open == 0:
             return None
-        choice, text = await self._news.get()
+        choice, text, entries = await self._news.get()
         self._open -= choice.done
-        return choice, text
+        return choice, text, entries
 
     async def _pump(self, choice: Choice) -> None:
+        stream = choice.stream
         while not choice.done:
-            _, tokens = await choice.stream.next_tokens()
-            text = choice.take(tokens, choice.stream.ended)
-            if text or choice.done:
-                self._news.put_nowait((choice, text))
+            index, tokens = await stream.next_tokens()
+            before = choice.completion_tokens
+            text = choice.take(tokens, stream.ended)
+            entries = []
+            if choice.logprobs is not None:  # the tokens consumed: up to a stop string's last
+                used = choice.completion_tokens - before
+                entries = list(zip(tokens[:used], stream.logprobs_of(index, used)))
+            if text or entries or choice.done:
+                self._news.put_nowait((choice, text, entries))
         if not choice.stream.ended:  # stopped by a stop string: the gateway stops it now
             self.link.cancel(choice.stream)
 

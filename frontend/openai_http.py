@@ -103,7 +103,7 @@ class OpenAIApi:
                       ) -> web.StreamResponse:
         if self.tokenizer is None:
             raise bad("this model has no tokenizer.json, and the OpenAI API answers text; use the gRPC API")
-        choices = start_choices(self.link, self.tokenizer, self.config, prompts, options, self._rng)
+        choices = start_choices(self.link, self.tokenizer, self.config, prompts, options, self._rng, chat=chat)
         run = ChoiceRun(self.link, choices)
         envelope = Envelope(options.model or self.model_name, chat)
         try:
@@ -117,12 +117,15 @@ class OpenAIApi:
 async def _whole(run: ChoiceRun, envelope: Envelope) -> web.Response:
     """Every choice's whole text; the first error fails the call (the others are cancelled)."""
     texts = {c.index: [] for c in run.choices}
+    entries = {c.index: [] for c in run.choices}
     while (news := await run.next()) is not None:
-        choice, text = news
+        choice, text, tokens = news
         if choice.error is not None:
             raise ApiError.from_mesh(choice.error, final=choice.stream.final)
         texts[choice.index].append(text)
-    choices = [(c.index, "".join(texts[c.index]), c.finish_reason) for c in run.choices]
+        entries[choice.index] += tokens
+    choices = [(c.index, "".join(texts[c.index]), c.finish_reason,
+                c.logprobs.section(entries[c.index]) if c.logprobs is not None else None) for c in run.choices]
     return web.json_response(envelope.whole(choices, usage(*token_counts(run.choices))))
 
 
@@ -141,13 +144,14 @@ async def _stream(request: web.Request, run: ChoiceRun, envelope: Envelope, incl
             await response.write(sse(envelope.role_chunk(choice.index, usage_field=include_usage)))
     failed = False
     while news is not None and not failed:
-        choice, text = news
+        choice, text, tokens = news
         failed = choice.error is not None
         if failed:
             await response.write(sse(ApiError.from_mesh(choice.error, final=choice.stream.final).body()))
         else:
+            logprobs = choice.logprobs.section(tokens) if choice.logprobs is not None and tokens else None
             await response.write(sse(envelope.chunk(choice.index, text, choice.finish_reason,
-                                                    usage_field=include_usage)))
+                                                    usage_field=include_usage, logprobs=logprobs)))
             news = await run.next()
     if include_usage and not failed:
         await response.write(sse(envelope.usage_chunk(usage(*token_counts(run.choices)))))

@@ -3,9 +3,10 @@ refusal an ``ApiError`` that becomes OpenAI's error JSON with the right HTTP sta
 
 The sampling fields OpenAI and stagemesh share keep stagemesh's names and bounds (``temperature``,
 ``top_p``, ``seed``; vLLM's extras ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``), so
-``stagemesh.serving.validate`` checks them as it checks a gRPC request. What the mesh cannot do
-yet (log-probabilities, penalties, tools, ...) is refused with a 400 that says so, never ignored;
-an unknown field is refused as OpenAI refuses it.
+``stagemesh.serving.validate`` checks them as it checks a gRPC request; ``logprobs`` (completions:
+a count; chat: a flag with ``top_logprobs``) becomes ``SamplingParams.logprobs`` / ``top_logprobs``.
+What the mesh cannot do yet (penalties, tools, ...) is refused with a 400 that says so, never
+ignored; an unknown field is refused as OpenAI refuses it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from frontend.servicer import RETRY_PUSHBACK_MS
 from stagemesh.errors import StagemeshError
-from stagemesh.serving.params import SamplingParams, with_values
+from stagemesh.serving.params import MAX_TOP_LOGPROBS, SamplingParams, with_values
 
 MAX_N = 128
 """Sequences one request may ask for per prompt. NOTE: each is a request of its own in the
@@ -35,12 +36,10 @@ strings, measured on this project's 2-core dev host), a quarter of what one stre
 
 STATUS_OF = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
              "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
-"""HTTP status of each mesh status code (``stagemesh.errors``); 401 waits for API keys."""
-TYPE_OF = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+"""HTTP status of each mesh status code (``stagemesh.errors``); 401: a missing or wrong API key (``frontend.auth``)."""
+TYPE_OF = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
            429: "rate_limit_error", 499: "cancelled", 503: "service_unavailable_error", 504: "timeout_error"}
 
-LOGPROBS_UNSUPPORTED = ("logprobs are not supported yet: the mesh's last stage does not return "
-                        "log-probabilities through the pipeline; leave logprobs and top_logprobs out")
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 """Fields that change nothing a model computes: accepted and left aside."""
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop_token_ids", "ignore_eos")
@@ -128,9 +127,8 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad("suffix is not supported: the models served here do not fill in the middle", "suffix")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of is not supported: ask for n sequences and choose among them", "best_of")
-    if body.get("logprobs") is not None:
-        raise bad(LOGPROBS_UNSUPPORTED, "logprobs")
     options = _options(body, body.get("max_tokens"), "max_tokens")
+    options = _with_logprobs(options, body.get("logprobs") is not None, _top_count(body, "logprobs"))
     return CompletionRequest(_prompts(body.get("prompt")),
                              dataclasses.replace(options, default_max_tokens=COMPLETION_MAX_TOKENS))
 
@@ -138,8 +136,9 @@ def parse_completion(body: Any) -> CompletionRequest:
 def parse_chat(body: Any) -> ChatRequest:
     """A ``/v1/chat/completions`` body; ApiError 400 naming what is wrong."""
     body = _object(body, CHAT_FIELDS)
-    if body.get("logprobs") or body.get("top_logprobs") is not None:
-        raise bad(LOGPROBS_UNSUPPORTED, "logprobs" if body.get("logprobs") else "top_logprobs")
+    wanted, top = _flag(body, "logprobs"), _top_count(body, "top_logprobs")
+    if top and not wanted:
+        raise bad("top_logprobs needs logprobs=true", "top_logprobs")
     if body.get("tools") or body.get("tool_choice") not in (None, "none"):
         raise bad("tools are not supported yet: the frontends do not parse tool calls out of the text", "tools")
     fmt = body.get("response_format")
@@ -149,7 +148,8 @@ def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(_messages(body.get("messages")), _options(body, body.get(name), name), kwargs)
+    options = _with_logprobs(_options(body, body.get(name), name), wanted, top)
+    return ChatRequest(_messages(body.get("messages")), options, kwargs)
 
 
 def max_new_tokens(options: Options, prompt_tokens: int, context: int) -> int:
@@ -202,6 +202,24 @@ def _sampling(body: dict) -> SamplingParams:
         return with_values(SamplingParams(), values, "request")
     except StagemeshError as err:
         raise ApiError.from_mesh(err) from None
+
+
+def _top_count(body: dict, name: str) -> int:
+    """``logprobs`` (completions) or ``top_logprobs`` (chat): how many of the most likely tokens
+    to return at each position, in [0, MAX_TOP_LOGPROBS]; 0 when left out."""
+    value = body.get(name)
+    if value is None:
+        return 0
+    if not (_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS):
+        raise bad(f"{name}={value!r} must be an integer in [0, {MAX_TOP_LOGPROBS}]: the mesh returns the "
+                  f"log-probabilities of at most {MAX_TOP_LOGPROBS} most likely tokens a position", name)
+    return value
+
+
+def _with_logprobs(options: Options, wanted: bool, top: int) -> Options:
+    if not wanted:
+        return options
+    return dataclasses.replace(options, params=dataclasses.replace(options.params, logprobs=True, top_logprobs=top))
 
 
 def _include_usage(options: Any, stream: bool) -> bool:

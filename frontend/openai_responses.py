@@ -35,20 +35,22 @@ class Envelope:
         if not self.id:
             object.__setattr__(self, "id", f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}")
 
-    def whole(self, choices: list[tuple[int, str, str]], used: dict[str, int]) -> dict[str, Any]:
-        """The non-streamed answer: ``choices`` as (index, text, finish_reason), in index order."""
+    def whole(self, choices: list[tuple[int, str, str, dict | None]], used: dict[str, int]) -> dict[str, Any]:
+        """The non-streamed answer: ``choices`` as (index, text, finish_reason, logprobs section or
+        None), in index order."""
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [self._whole_choice(*c) for c in choices], "usage": used}
 
-    def chunk(self, index: int, text: str, finish_reason: str | None, *, usage_field: bool = False
-              ) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, finish_reason: str | None, *, usage_field: bool = False,
+              logprobs: dict | None = None) -> dict[str, Any]:
         """A streamed piece of choice ``index``: new text, and its finish_reason on its last piece.
-        ``usage_field``: with ``"usage": null``, as OpenAI sends when the last chunk will carry it."""
+        ``usage_field``: with ``"usage": null``, as OpenAI sends when the last chunk will carry it.
+        ``logprobs``: the section of this piece's tokens (``frontend.openai_logprobs``)."""
         if self.chat:
-            piece = {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
+            piece = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                      "finish_reason": finish_reason}
         else:
-            piece = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            piece = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._chunk([piece], usage_field)
 
     def role_chunk(self, index: int, *, usage_field: bool = False) -> dict[str, Any]:
@@ -70,8 +72,8 @@ class Envelope:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _whole_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+    def _whole_choice(self, index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict[str, Any]:
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish_reason}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

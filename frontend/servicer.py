@@ -87,7 +87,8 @@ def _response(stream: RequestStream, index: int, tokens: list[int], decoder: Inc
         text = decoder.push_many(tokens)
         if stream.finish_reason is not None:
             text += decoder.flush()
-    return chunk_to_pb(GenerateChunk(stream.request_id, tuple(tokens), index, text, stream.finish_reason))
+    logprobs = tuple(stream.logprobs_of(index, len(tokens)))
+    return chunk_to_pb(GenerateChunk(stream.request_id, tuple(tokens), index, text, stream.finish_reason, logprobs))
 
 
 RETRY_PUSHBACK_MS = 1000

@@ -18,6 +18,7 @@ from array import array
 
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.params import SamplingParams
+from stagemesh.serving.types import TokenLogprobs
 
 MESSAGES_PER_S = 4000.0
 """The frontend's message budget: ~16% of a core at ~40 µs a message."""
@@ -30,8 +31,8 @@ MIN_GAP_S = 0.001
 class RequestStream:
     """Tokens in, chunks out; filled by ``frontend.link``, read by the client's handler."""
 
-    __slots__ = ("handle", "request_id", "prompt", "params", "tokens", "sent", "finish_reason", "error", "final",
-                 "wake")
+    __slots__ = ("handle", "request_id", "prompt", "params", "tokens", "logprobs", "sent", "finish_reason", "error",
+                 "final", "wake")
 
     def __init__(self, handle: int, request_id: str, prompt: array | None = None, params: SamplingParams | None = None,
                  sent: int = 0):
@@ -42,6 +43,9 @@ class RequestStream:
         """What the request was submitted with: a new gateway is sent them again (``link``)."""
         self.tokens: list[int] = []
         """Every token received, in order (from index 0, also after a resume)."""
+        self.logprobs: list[TokenLogprobs | None] | None = [] if params is not None and params.logprobs else None
+        """With ``params.logprobs``: one per token of ``tokens`` (None: not known, a token the
+        gateway sent again after a restart); None when the request did not ask."""
         self.sent = sent
         """Tokens the client has: handed to it, or had before it resumed here."""
         self.finish_reason: str | None = None
@@ -79,6 +83,23 @@ class RequestStream:
             return index, []
         self.sent = len(self.tokens)
         return index, self.tokens[index:]
+
+    def add(self, token: int, logprobs: TokenLogprobs | None) -> None:
+        """A token from the gateway (the link calls this), with its log-probabilities if any."""
+        self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+
+    def restart(self) -> None:
+        """The gateway sends every token again from index 0 (a resume); ``sent`` stays."""
+        self.tokens = []
+        if self.logprobs is not None:
+            self.logprobs = []
+
+    def logprobs_of(self, index: int, count: int) -> list[TokenLogprobs | None]:
+        """The log-probabilities of tokens ``index ..`` (``count`` of them), as ``next_tokens``
+        handed them out; [] when the request did not ask."""
+        return [] if self.logprobs is None else self.logprobs[index:index + count]
 
 
 class Pacer:

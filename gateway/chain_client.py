@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from stagemesh.errors import Unavailable
 from stagemesh.runtime.deadline import Deadline, DeadlinePolicy
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.types import StepPlan, StepResult
 from stagemesh.v1 import stage_pb2
 from stagemesh.wire.codec.messages import plan_to_pb, result_from_pb
@@ -57,7 +58,7 @@ class RemoteChain:
     """``Chain.step`` over a ``Stage.Forward`` stream to stage 0 of chain ``chain`` at ``address``."""
 
     def __init__(self, chain: int, address: str, *, epoch: int = 0, deadline: Deadline | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, tls: MeshTLS | None = None):
         self.chain = chain
         self.address = address
         self.epoch = epoch
@@ -65,7 +66,7 @@ class RemoteChain:
         self.deadline = deadline if deadline is not None else Deadline(STEP_DEADLINE)
         """The step deadline; pass the previous client's to a renewed one to keep its measurements."""
         self._clock = clock
-        self._stream = ForwardStream(address, self._unreachable)
+        self._stream = ForwardStream(address, self._unreachable, tls=tls)
         self._ahead: asyncio.Future[stage_pb2.StageResponse] | None = None
         """The answer of the last step sent: the next step's wait starts once it is in."""
         self._logged_limit = 0.0

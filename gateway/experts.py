@@ -11,6 +11,7 @@ Stages read the placement (``Store.get_placement``) and route rows only to live 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from stagemesh.errors import StagemeshError
@@ -62,10 +63,18 @@ class ExpertWatch:
 
     async def _mark(self, chain: int, worker_id: str, live: bool) -> None:
         if self.live[worker_id] != live:
-            await self.store.set_replica_live(chain, worker_id, live)
             self.live[worker_id] = live
+            try:
+                await self.store.set_placement(chain, self.current(chain))
+            except StagemeshError:
+                self.live[worker_id] = not live  # tried again at the next round
+                raise
             logger.warning("expert worker %s is %s: its replicas are marked %s", worker_id,
                            "back" if live else "DOWN", "up" if live else "down")
+
+    def current(self, chain: int) -> list[ExpertReplica]:
+        """Chain ``chain``'s replicas, each with its current liveness: the placement to publish."""
+        return [dataclasses.replace(r, live=self.live[r.worker_id]) for r in self.replicas[chain]]
 
     def _all(self) -> list[ExpertReplica]:
         return [r for _, r in self._by_chain()]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from gateway.journal import JournalWriter, params_doc, params_from_doc
 from gateway.router import ChainHandle, Router
 from stagemesh.errors import StagemeshError, Unavailable
-from stagemesh.serving.types import Request, TokenEvent
+from stagemesh.serving.types import Request, TokenEvent, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class Follower:
         self.emit, self.end, self.admitted = emit, end, admitted
         self.emitted: list[int] = list(request.resume_token_ids)
         """Every token of the request so far (those it was resumed with first)."""
+        self.logprobs: list[TokenLogprobs | None] | None = (
+            [None] * len(self.emitted) if request.params.logprobs else None)
+        """With ``params.logprobs``: each emitted token's log-probabilities, for a resume to send
+        again; None for the tokens it was resumed with (the journal keeps token ids only)."""
         self.finish_reason: str | None = None
         self.chain: ChainHandle | None = None
         self._engine = None
@@ -86,6 +90,8 @@ class Follower:
         if isinstance(item, TokenEvent):
             if item.token_id is not None:
                 self.emitted.append(item.token_id)
+                if self.logprobs is not None:
+                    self.logprobs.append(item.logprobs)
                 self.journal.append(self.request.request_id, item.token_id)
             self.emit(item)
             if item.finish_reason is not None:

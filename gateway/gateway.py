@@ -25,7 +25,6 @@ is the gateway's part in it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import grpc.aio
 from gateway.chain_client import STEP_DEADLINE, RemoteChain
 from gateway.chain_health import ChainWatch
 from gateway.experts import ExpertWatch
+from gateway.history import History
 from gateway.http import start_http
 from gateway.hub import RESUME_WINDOW_S, FrontendHub
 from gateway.journal import JournalWriter
@@ -48,12 +48,15 @@ from gateway.scheduling import SchedulingServicer
 from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
+from stagemesh.mesh.signing import Signer
 from stagemesh.mesh.store import JournalEntry, Store, stage_worker_id
 from stagemesh.mesh.topology import Chain, Topology
 from stagemesh.runtime import health
+from stagemesh.runtime import tls as mesh_tls
 from stagemesh.runtime.deadline import Deadline
 from stagemesh.runtime.health import HealthProbe
 from stagemesh.runtime.server import Role, WorkerServer, run
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
 from stagemesh.tokenizer import Tokenizer, eos_token_ids
@@ -86,6 +89,9 @@ class GatewayOptions:
     http_port: int | None = None
     """Serve the dashboard (``/``), ``/api/status``, ``/metrics`` and ``/healthz`` over HTTP on this
     port; None: no HTTP."""
+    http_host: str | None = None
+    """The interface the HTTP server binds; None: ``host``. Its pages carry no API-key check (the
+    frontends' HTTP port passes them through with one), so `stagemesh up` binds it to loopback."""
     max_num_batched_tokens: int = 512
     """Token budget of one micro-batch."""
     max_num_seqs: int = 256
@@ -102,11 +108,18 @@ class GatewayOptions:
     resume_window_s: float = RESUME_WINDOW_S
     """A request whose frontend left runs on this long for a client to resume it (then it is
     cancelled); a finished one's outcome is kept as long."""
+    tls: MeshTLS | None = None
+    """The gateway's mesh identity: its port takes only mesh certificates (``Scheduling``: frontends
+    alone), and its calls to the workers present it; None: plaintext (an ``--insecure`` mesh)."""
+    signer: Signer | None = None
+    """The mesh key (``--tls-dir``'s ``mesh.key``): the documents it writes to Redis are signed and
+    those it reads checked (``stagemesh.mesh.signing``); None: unsigned (an ``--insecure`` mesh)."""
 
 
 async def serve(opts: GatewayOptions) -> None:
     """Run the gateway until SIGTERM / SIGINT."""
-    await run(WorkerServer(SCHEDULING_SERVICE, opts.shutdown_grace_s, options=SERVER_OPTIONS), Gateway(opts))
+    await run(WorkerServer(SCHEDULING_SERVICE, opts.shutdown_grace_s, options=SERVER_OPTIONS, tls=opts.tls),
+              Gateway(opts))
 
 
 class Gateway(Role):
@@ -122,7 +135,10 @@ class Gateway(Role):
         self.hub: FrontendHub | None = None
         self.status: StatusReporter | None = None
         self.metrics = GatewayMetrics()
-        self.probe = HealthProbe()
+        self.history: History | None = None
+        """The dashboard's last 10 minutes, sampled by ``_sampler`` (``gateway.history``)."""
+        self._sampler: asyncio.Task | None = None
+        self.probe = HealthProbe(tls=opts.tls)
         """One health client for every watched worker (chains and expert placement share it)."""
         self._http = None
         self._watch: asyncio.Task | None = None
@@ -136,13 +152,16 @@ class Gateway(Role):
 
     async def load(self, server: WorkerServer) -> None:
         """Redis and the topology (waited for), the server, every chain's workers serving, one engine per chain."""
-        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment))
+        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment,
+                                                                           signer=self.opts.signer))
         topology = await _retry("read the topology", self._topology)
         config = ModelConfig.from_dir(topology.model)
         tokenizer = Tokenizer.from_dir(topology.model)
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
+        self.history = History(self.store, self.router, self.metrics.recent)
+        self._sampler = asyncio.create_task(self.history.run(), name="dashboard-history")
         self.hub = FrontendHub(self.router, self.journal, self.metrics, self.opts.resume_window_s)
         await self._start_server(server, SchedulingServicer(self.hub, self.status))
         experts = ExpertWatch(self.store, topology, self.probe)
@@ -167,9 +186,8 @@ class Gateway(Role):
 
     async def _rewrite_placement(self) -> None:
         """Every chain's expert placement again, each replica with its current liveness."""
-        for chain, replicas in self.experts.replicas.items():
-            live = [dataclasses.replace(r, live=self.experts.live[r.worker_id]) for r in replicas]
-            await self.store.set_placement(chain, live)
+        for chain in self.experts.replicas:
+            await self.store.set_placement(chain, self.experts.current(chain))
 
     async def _build_chains(self, topology: Topology, config: ModelConfig, tokenizer: Tokenizer | None,
                             late_wait_s: float) -> None:
@@ -238,7 +256,8 @@ class Gateway(Role):
         add_servicer = partial(scheduling_pb2_grpc.add_SchedulingServicer_to_server, servicer)
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer)
         if self.opts.http_port is not None:
-            self._http = await start_http(self.status, self.opts.host, self.opts.http_port, self.metrics)
+            self._http = await start_http(self.status, self.opts.http_host or self.opts.host, self.opts.http_port, self.metrics,
+                                          self.history)
 
     async def drain(self) -> None:
         logger.info("gateway stopping")
@@ -247,7 +266,7 @@ class Gateway(Role):
 
     async def close(self) -> None:
         """After ``server.stop(grace)``: the chain watch, the engines, the journal, HTTP, Redis."""
-        for task in (self._watch, self._serving, self._keeper, *self._late_chains):
+        for task in (self._watch, self._serving, self._keeper, self._sampler, *self._late_chains):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -276,7 +295,7 @@ async def build_chain(
     """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
     chain_id, stages = chain.index, chain.stages
     addresses = tuple(s.address for s in stages)
-    infos = await asyncio.gather(*(wait_for_stage(a) for a in addresses))
+    infos = await asyncio.gather(*(wait_for_stage(a, opts.tls) for a in addresses))
     for stage, info in zip(stages, infos):
         if (info.chain, info.stage) != (chain_id, stage.index):
             raise ValueError(
@@ -289,7 +308,7 @@ async def build_chain(
     deadline = Deadline(STEP_DEADLINE)  # one per chain: a chain that comes back keeps what it measured
 
     def renew() -> tuple[RemoteChain, Engine]:
-        remote = RemoteChain(chain_id, addresses[0], epoch=epoch, deadline=deadline)
+        remote = RemoteChain(chain_id, addresses[0], epoch=epoch, deadline=deadline, tls=opts.tls)
         return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
 
     remote, engine = renew()
@@ -319,9 +338,9 @@ def scheduler_config(
     )
 
 
-async def wait_for_stage(address: str) -> stage_pb2.StageInfo:
+async def wait_for_stage(address: str, tls: MeshTLS | None = None) -> stage_pb2.StageInfo:
     """The stage's Info, once its health check answers SERVING (retried until it does)."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with mesh_tls.aio_channel(address, tls) as channel:
         stage = stage_pb2_grpc.StageStub(channel)
 
         async def ready() -> stage_pb2.StageInfo:

@@ -36,7 +36,7 @@ from gateway.router import Router
 from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
 from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.params import with_seed
-from stagemesh.serving.types import Request, TokenEvent
+from stagemesh.serving.types import Request, TokenEvent, TokenLogprobs
 from stagemesh.wire.codec.scheduling import Events, Submission
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,16 @@ class FrontendLink:
         self.ready.clear()
         return events
 
-    def send_tokens(self, handle: int, token_ids: list[int]) -> None:
-        self.pending.handles.extend([handle] * len(token_ids))
-        self.pending.token_ids.extend(token_ids)
+    def send_tokens(self, handle: int, token_ids: list[int], logprobs: list[TokenLogprobs | None] | None = None
+                    ) -> None:
+        """``logprobs``: one per token (None where not known), when the request asked for them."""
+        pending = self.pending
+        first = len(pending.handles)
+        pending.handles.extend([handle] * len(token_ids))
+        pending.token_ids.extend(token_ids)
+        for i, lp in enumerate(logprobs or ()):
+            if lp is not None:
+                pending.logprobs[first + i] = lp
         self.ready.set()
 
     def send_end(self, handle: int, reason: str | None, err: StagemeshError | None) -> None:
@@ -100,6 +107,7 @@ class Outcome:
     finish_reason: str | None
     error: StagemeshError | None
     at: float
+    logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 class FrontendHub:
@@ -198,7 +206,7 @@ class FrontendHub:
         if tap.link is not None:
             tap.link.followers[tap.handle] = follower
             if follower.emitted:  # a resume: its tokens come again from index 0
-                tap.link.send_tokens(tap.handle, follower.emitted)
+                tap.link.send_tokens(tap.handle, follower.emitted, follower.logprobs)
         try:
             follower.start()
         except StagemeshError as err:
@@ -219,13 +227,13 @@ class FrontendHub:
                 tap.link.send_end(tap.handle, None, Unavailable(f"request {request_id!r} was taken up elsewhere"))
             tap.link, tap.handle = link, handle
             link.followers[handle] = follower
-            link.send_tokens(handle, follower.emitted)
+            link.send_tokens(handle, follower.emitted, follower.logprobs)
             return True
         if (done := self.recent.get(request_id)) is not None:
             if done.prompt_token_ids != prompt:
                 link.send_end(handle, None, _other_prompt(request_id))
                 return True
-            link.send_tokens(handle, list(done.token_ids))
+            link.send_tokens(handle, list(done.token_ids), done.logprobs)
             link.send_end(handle, done.finish_reason, done.error)
             return True
         return False
@@ -237,6 +245,8 @@ class FrontendHub:
             tap.tracker.token()
             if link is not None:
                 pending = link.pending
+                if event.logprobs is not None:
+                    pending.logprobs[len(pending.handles)] = event.logprobs
                 pending.handles.append(tap.handle)
                 pending.token_ids.append(event.token_id)
         if link is not None:
@@ -254,8 +264,9 @@ class FrontendHub:
             tap.link.followers.pop(tap.handle, None)
             if err is not None:
                 tap.link.send_end(tap.handle, None, err)
+        logprobs = None if follower.logprobs is None else tuple(follower.logprobs)
         self._remember(request_id, Outcome(follower.request.prompt_token_ids, tuple(follower.emitted),
-                                           follower.finish_reason, err, time.monotonic()))
+                                           follower.finish_reason, err, time.monotonic(), logprobs))
 
     def _remember(self, request_id: str, outcome: Outcome) -> None:
         recent = self.recent

@@ -15,6 +15,11 @@ registry rebuilds itself: a worker whose heartbeat finds it unregistered registe
 (``stagemesh.runtime.heartbeat``). A Redis that is down is retried at the next tick; nothing
 here raises out of ``run``.
 
+With signed documents (``stagemesh.mesh.signing``) a topology or placement that does not verify
+counts as gone: the store refuses it (and reports it), and the keeper writes the gateway's own
+back at the next tick, so a forged one stays in Redis for a second at most, and readers
+meanwhile keep their last good copy.
+
 Writing the journal back races with the ``JournalWriter``'s own flushes: tokens it buffered
 before the snapshot would be appended a second time after it. So the rebuild runs under
 ``journal_lock`` (the writer's flush lock), and ``journal_snapshot`` must hand over, with the
@@ -96,18 +101,34 @@ class StoreKeeper:
     async def check(self) -> str | None:
         """Rebuild when the topology is gone or Redis restarted since the last look; why, or None."""
         server, present = await self.store.server_id(), await self.store.has_topology()
+        placed = await self._placed()
         if not present:
-            why = "the topology is gone (Redis came back empty, or was flushed)"
+            why = "the topology is gone (Redis came back empty, or was flushed) or refused (forged)"
         elif self.server is not None and server != self.server:
             why = "Redis restarted (it may lack the writes made while it was down)"
         else:
             self.server = server
-            return None
+            return None if placed else await self._write_placement_back()
         count = await self.rebuild()
         self.server = server
         self.rebuilds += 1
         logger.warning("%s: rebuilt the topology, the expert placement and the journal of %d open request(s)",
                        why, count)
+        return why
+
+    async def _placed(self) -> bool:
+        """Whether every chain's expert placement is there and verifies (True without expert workers).
+        Read at every tick, so that a forged one is refused (and reported) here too."""
+        if self.rewrite_placement is None:
+            return True
+        chains = [c.index for c in self.topology.chains if c.expert_workers]
+        return all([await self.store.has_placement(chain) for chain in chains])
+
+    async def _write_placement_back(self) -> str:
+        """The placement again, when only it is gone or refused (forged); why."""
+        await self.rewrite_placement()
+        why = "an expert placement is gone or refused (forged)"
+        logger.warning("%s: wrote the gateway's placement back", why)
         return why
 
     async def rebuild(self) -> int:

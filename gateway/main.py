@@ -11,19 +11,24 @@ import sys
 from gateway.gateway import GatewayOptions, serve
 from gateway.hub import RESUME_WINDOW_S
 from gateway.router import FAILOVER_WAIT_S
-from stagemesh.runtime.startup import StartupError
+from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args
+from stagemesh.runtime.tls import add_tls_args
 
 logger = logging.getLogger("gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description="The client-facing gateway of a stagemesh mesh.")
-    p.add_argument("--redis-url", required=True, help="redis://host:port/db holding the mesh's topology and registry")
+    add_redis_args(p)
+    add_tls_args(p)
     p.add_argument("--deployment", default="default", help="the mesh's name in Redis (same as its workers')")
     p.add_argument("--host", default="127.0.0.1", help="interface the gRPC (and HTTP) server binds")
     p.add_argument("--port", type=int, required=True, help="gRPC port of the Scheduling service (the frontends connect)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the dashboard (/), /api/status, /metrics and /healthz over HTTP here")
+    p.add_argument("--http-host", default=None,
+                   help="interface the HTTP server binds (default: --host); its pages ask for no API key, "
+                        "so keep it private (the frontends pass them through with the key check)")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one micro-batch")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one micro-batch at most")
     p.add_argument("--max-waiting", type=int, default=1024,
@@ -42,12 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        redis_url, tls = mesh_args(args, "gateway")
+        signer = signer_from_args(args)
+    except StartupError as err:
+        logger.error("gateway failed: %s", err)
+        return 1
     opts = GatewayOptions(
-        redis_url=args.redis_url,
+        redis_url=redis_url,
         deployment=args.deployment,
         host=args.host,
         port=args.port,
         http_port=args.http_port,
+        http_host=args.http_host,
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         failover_wait_s=args.failover_wait_s,
         overlap=args.overlap,
         resume_window_s=args.resume_window_s,
+        tls=tls,
+        signer=signer,
     )
     try:
         asyncio.run(serve(opts))

@@ -24,6 +24,10 @@ collector as a ``Snapshot``; ``collect`` only turns it into metric families. Ser
                                                         {"<layer>:<expert>": rows})
     per chain, labels {chain}:
       stagemesh_chain_healthy, _requests_running, _requests_waiting, _kv_blocks_reserved, _kv_blocks_capacity
+    the gateway's own reads of Redis (``stagemesh.mesh.signing``):
+      stagemesh_documents_signed                        1 when it checks the documents' signatures (a mesh key)
+      stagemesh_refused_documents_total{kind}           forged documents it refused (each counted once), by
+                                                        kind: topology, placement, worker, journal
 
 Each figure's series name and help text are declared with the figure (``stagemesh.mesh.figures``).
 A figure a worker does not publish gives no sample (never a made-up 0).
@@ -41,6 +45,7 @@ from prometheus_client.registry import Collector
 from gateway.router import ChainHandle
 from gateway.stage_stats import bubble_fractions
 from stagemesh.mesh.figures import COUNTER, GAUGE, ExpertFigures, StageFigures, WorkerFigures
+from stagemesh.mesh.signing import KINDS
 from stagemesh.mesh.store import WorkerInfo
 
 STAGE = ("chain", "stage")
@@ -56,6 +61,10 @@ class Snapshot:
     """worker id -> its latest heartbeat figures (``Store.get_metrics``)."""
     error: str | None = None
     """Why Redis could not be read (then only the chains are reported)."""
+    signed: bool | None = None
+    """Whether the gateway's store checks signatures; None without a store."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """kind -> documents the gateway's store refused so far (``Store.refusals``)."""
 
 
 class MeshCollector(Collector):
@@ -69,6 +78,7 @@ class MeshCollector(Collector):
         yield GaugeMetricFamily("stagemesh_redis_up", "1 when the gateway could read Redis at this scrape.",
                                 value=0 if snap.error else 1)
         yield from _chain_families(snap.chains)
+        yield from _refusal_families(snap)
         stages = [w for w in snap.workers if w.role == "stage"]
         yield from _stage_families(stages, snap.figures, time.time())
         yield from _expert_families([w for w in snap.workers if w.role == "expert"], snap.figures)
@@ -91,6 +101,20 @@ def _chain_families(chains: list[ChainHandle]) -> Iterator[Metric]:
         reserved.add_metric(chain, scheduler.kv_blocks_used)
         total.add_metric(chain, scheduler.config.num_blocks)
     yield from (healthy, running, waiting, reserved, total)
+
+
+def _refusal_families(snap: Snapshot) -> Iterator[Metric]:
+    if snap.signed is None:
+        return
+    yield GaugeMetricFamily("stagemesh_documents_signed", "1 when the gateway checks the signatures of the "
+                            "documents it reads from Redis (it has the mesh key); 0 under --insecure.",
+                            value=int(snap.signed))
+    refused = CounterMetricFamily("stagemesh_refused_documents", "Documents in Redis the gateway refused because "
+                                  "their signature was missing or wrong (forged), each counted once, by kind.",
+                                  labels=("kind",))
+    for kind in KINDS:
+        refused.add_metric([kind], snap.refused.get(kind, 0))
+    yield refused
 
 
 def _stage_families(stages: list[WorkerInfo], figures: dict[str, dict], now: float) -> Iterator[Metric]:

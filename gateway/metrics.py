@@ -22,6 +22,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from gateway.history import RecentLatencies
 from gateway.mesh_collector import MeshCollector, Snapshot
 from gateway.router import Router
 from stagemesh.errors import StagemeshError
@@ -52,6 +53,8 @@ class GatewayMetrics:
         )
         self.mesh = MeshCollector()
         self.registry.register(self.mesh)
+        self.recent = RecentLatencies()
+        """The same TTFT / ITL values, kept raw until the dashboard's history samples them (``gateway.history``)."""
 
     def track(self) -> RequestTracker:
         """A tracker for one Generate call, started now."""
@@ -65,6 +68,7 @@ class GatewayMetrics:
                 snapshot.workers, snapshot.figures = await asyncio.gather(store.list_workers(), store.get_metrics())
             except StagemeshError as err:
                 snapshot.error = err.message
+            snapshot.signed, snapshot.refused = store.signed, dict(store.refusals.counts)
         # NOTE: no await between setting the snapshot and reading it: concurrent scrapes on the
         # one event loop cannot interleave here.
         self.mesh.snapshot = snapshot
@@ -95,8 +99,10 @@ class RequestTracker:
             self._ttft, self._itl = self._metrics.ttft.labels(self.chain), self._metrics.itl.labels(self.chain)
         if self._tokens == 0:
             self._ttft.observe(now - self._start)
+            self._metrics.recent.add(self.chain, "ttft", now - self._start)
         else:
             self._itl.observe(now - self._last)
+            self._metrics.recent.add(self.chain, "itl", now - self._last)
         self._tokens += 1
         self._last = now
 

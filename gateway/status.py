@@ -11,8 +11,11 @@ Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` 
 
 ``gateway`` holds what the proto has no field for: readiness, the deployment, and per chain
 the scheduler's view (KV blocks reserved, steps in flight, failures) and its outages (times it
-left service, and why it last did). A chain's counts other than ``requests_served`` are those of
-its current engine (a chain back from an outage gets a fresh one).
+left service, and why it last did); ``documents``: whether the gateway checks the signatures of
+what it reads from Redis, and the forged documents it refused (``stagemesh.mesh.signing``);
+``alert``: why the mesh reads degraded although it serves (a forged document refused lately).
+A chain's counts other than ``requests_served`` are those of its current engine (a chain back
+from an outage gets a fresh one).
 
 Step latency p50/p99 and the pipeline bubble are derived from the stages' busy intervals
 (``gateway.stage_stats``); the rest of the load is the workers' own figures.
@@ -34,6 +37,9 @@ from stagemesh.errors import StagemeshError
 from stagemesh.mesh.figures import WorkerFigures, WorkerLoad, figures_of
 from stagemesh.mesh.store import Store, WorkerInfo
 from stagemesh.mesh.topology import Chain, Topology
+
+ALERT_S = 600.0
+"""How long after a forged document was refused the status reads degraded (``StatusReporter.alert``)."""
 
 
 class StatusReporter:
@@ -95,7 +101,20 @@ class StatusReporter:
             "pid": os.getpid(),
             "deployment": self.store.deployment,
             "chains": [_scheduler_view(h) for h in self.router.chains],
+            "documents": {"signed": self.store.signed, **self.store.refusals.to_json()},
+            "alert": self.alert(),
         }
+
+    def alert(self, now: float | None = None) -> str | None:
+        """Why the mesh reads degraded though it may serve: a forged document in Redis refused in the
+        last ``ALERT_S`` seconds (someone who can write to Redis is tampering); None otherwise."""
+        refusals = self.store.refusals
+        last = refusals.last
+        if last is None or (age := (now or time.time()) - last.at) > ALERT_S:
+            return None
+        return (f"refused {sum(refusals.counts.values())} forged document(s) in Redis, the last a {last.kind} at "
+                f"{last.key!r} {age:.0f} s ago ({last.why}); the mesh runs on its own signed copies, but something "
+                f"that can write to Redis is tampering with it")
 
     def _handle(self, chain_id: int) -> ChainHandle | None:
         return next((h for h in self.router.chains if h.chain_id == chain_id), None)

@@ -11,6 +11,7 @@ from stage_worker.topology import StagePlace
 from stagemesh.model.moe import Experts, ExpertsOnRankZero
 from stagemesh.model.parallel import TPGroup
 from stagemesh.runners.stage import StageRunner
+from stagemesh.runtime.load_progress import Progress
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,12 @@ class StageOptions:
 
 
 def build_runner(
-    place: StagePlace, opts: StageOptions, device: str, tp: TPGroup = TPGroup(), experts: Experts | None = None
+    place: StagePlace, opts: StageOptions, device: str, tp: TPGroup = TPGroup(), experts: Experts | None = None,
+    progress: Progress | None = None,
 ) -> StageRunner:
     """This rank's runner: its TP slice of the stage's layers on ``device``; ``experts``: the
-    routed experts of its MoE layers when they run elsewhere (expert workers)."""
+    routed experts of its MoE layers when they run elsewhere (expert workers); ``progress``: told
+    after each layer loaded (rank 0's, which the worker logs for `stagemesh up`)."""
     if experts is None and opts.remote_experts and tp.rank > 0:
         experts = ExpertsOnRankZero()
     return StageRunner(
@@ -52,4 +55,5 @@ def build_runner(
         num_kv_blocks=opts.kv_blocks or place.kv_blocks,
         block_size=place.block_size,
         experts=experts,
+        progress=progress,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from stagemesh.errors import Unavailable
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import stage_pb2
 from stagemesh.wire.streams import ForwardStream
 
@@ -17,11 +18,11 @@ from stagemesh.wire.streams import ForwardStream
 class DownstreamLink:
     """Sends this stage's outputs to the next stage and routes the answers back, in order."""
 
-    def __init__(self, address: str, name: str):
+    def __init__(self, address: str, name: str, tls: MeshTLS | None = None):
         self.address = address
         self.name = name
         """The next stage's name in messages, e.g. ``c0-s1``."""
-        self._stream = ForwardStream(address, self._unreachable)
+        self._stream = ForwardStream(address, self._unreachable, tls=tls)
 
     def send(self, request: stage_pb2.StageRequest, answer: asyncio.Future) -> asyncio.Future[stage_pb2.StageResponse]:
         """Queue ``request`` for the next stage; ``answer`` gets its response (or an error one),

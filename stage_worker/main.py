@@ -30,7 +30,8 @@ from stagemesh.mesh.layout import validate_layout
 from stagemesh.mesh.store import Store
 from stagemesh.runtime import cpus, faults
 from stagemesh.runtime.server import WorkerServer, run
-from stagemesh.runtime.startup import StartupError, start_worker
+from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
+from stagemesh.runtime.tls import MeshTLS, add_tls_args
 from stagemesh.v1 import stage_pb2
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m stage_worker", description="Run one pipeline stage of a stagemesh chain."
     )
-    p.add_argument("--redis-url", required=True, help="Redis holding the topology, e.g. redis://127.0.0.1:6379/0")
+    add_redis_args(p)
+    add_tls_args(p)
     p.add_argument("--chain", type=int, required=True, help="data-parallel chain of this stage")
     p.add_argument("--stage", type=int, required=True, help="pipeline stage index within the chain")
     p.add_argument("--deployment", default="default", help="deployment name (Redis key namespace)")
@@ -70,22 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s stage-c{args.chain}-s{args.stage} %(name)s: %(message)s",
     )
     try:
+        args.redis_url, tls = mesh_args(args, "stage")
         cpus.take(args.cpus, 0, args.threads)
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, tls))
     except StartupError as err:
         log.error("stage c%d-s%d cannot start: %s", args.chain, args.stage, err)
         return 1
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, tls: MeshTLS | None) -> int:
     async def serve(place: StagePlace, store: Store) -> int:
         _check_layout(place)
-        return await run(WorkerServer(STAGE_SERVICE, args.grace_s), StageWorker(args, place, store))
+        return await run(WorkerServer(STAGE_SERVICE, args.grace_s, tls=tls), StageWorker(args, place, store, tls))
 
     def find(doc):
         return find_stage(doc, args.chain, args.stage)
 
-    return await start_worker(args.redis_url, args.deployment, args.topology_wait_s, find, serve)
+    return await start_worker(args.redis_url, args.deployment, args.topology_wait_s, find, serve,
+                              signer=signer_from_args(args))
 
 
 def _check_layout(place: StagePlace) -> None:

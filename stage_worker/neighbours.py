@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 from stage_worker.topology import StagePlace
 from stagemesh.runtime.health import serving
+from stagemesh.runtime.tls import MeshTLS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def stage_neighbours(place: StagePlace) -> tuple[str, ...]:
     return () if place.next_address is None else (place.next_address,)
 
 
-async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[bool], Awaitable[None]]) -> None:
+async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[bool], Awaitable[None]],
+                            tls: MeshTLS | None = None) -> None:
     """Calls ``set_serving(True)`` while every neighbour is SERVING, ``set_serving(False)`` when one
     is not (only on changes; the first call comes once the first check is done). Runs until cancelled."""
     if not addresses:
@@ -40,7 +42,7 @@ async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[b
         return
     current: bool | None = None
     while True:
-        answers = await asyncio.gather(*(serving(a) for a in addresses))
+        answers = await asyncio.gather(*(serving(a, tls=tls) for a in addresses))
         ok = all(answers)
         if ok != current:
             if current is not None or not ok:

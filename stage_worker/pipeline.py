@@ -41,6 +41,7 @@ from stagemesh.mesh.figures import StageFigures
 from stagemesh.runners.stage import StageRunner
 from stagemesh.runtime.faults import FaultSeam
 from stagemesh.runtime.histogram import LatencyHistogram
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.types import StepPlan
 from stagemesh.v1 import stage_pb2
 from stagemesh.wire.codec.messages import failed_step_to_pb, result_from_pb, result_to_pb
@@ -66,23 +67,26 @@ class StageCounters:
         """Bytes of hidden states forwarded to the next stage (step thread only)."""
         self.step_latency = LatencyHistogram()
         self._intervals: deque[tuple[float, float]] = deque(maxlen=BUSY_INTERVALS_KEPT)
+        self._interval_steps: deque[int] = deque(maxlen=BUSY_INTERVALS_KEPT)
+        """The step id of each of ``_intervals``: the dashboard's timeline follows one micro-batch down the chain."""
         self._lock = threading.Lock()
         self._last_report = (time.time(), 0.0, 0, 0)
         """(time, busy_s, steps, tokens) at the previous report: the rates' window starts there."""
 
-    def record(self, t_start: float, t_end: float, tokens: int) -> None:
+    def record(self, t_start: float, t_end: float, tokens: int, step_id: int = -1) -> None:
         with self._lock:
             self.steps += 1
             self.tokens += tokens
             self.busy_s += t_end - t_start
             self._intervals.append((t_start, t_end))
+            self._interval_steps.append(step_id)
             self.step_latency.observe(t_end - t_start)
 
     def report(self, runner: StageRunner | None) -> StageFigures:
         """The figures; the busy fraction and the rates cover the time since the previous report."""
         now = time.time()
         with self._lock:
-            intervals = [list(pair) for pair in self._intervals]
+            intervals, interval_steps = [list(pair) for pair in self._intervals], list(self._interval_steps)
             busy_s, steps, tokens, histogram = self.busy_s, self.steps, self.tokens, self.step_latency.figure()
         last_time, last_busy, last_steps, last_tokens = self._last_report
         self._last_report = (now, busy_s, steps, tokens)
@@ -104,13 +108,14 @@ class StageCounters:
             kv_blocks_total=cache.num_blocks if cache else 0,
             running_sequences=len(cache.block_tables) if cache else 0,
             busy_intervals=intervals,
+            busy_steps=interval_steps,
         )
 
 
 class StagePipeline:
     """Runs this stage's micro-batches in arrival order; ``submit`` returns each one's answer."""
 
-    def __init__(self, place: StagePlace, faults: FaultSeam | None = None):
+    def __init__(self, place: StagePlace, faults: FaultSeam | None = None, tls: MeshTLS | None = None):
         self.place = place
         self.faults = faults if faults is not None else FaultSeam(place.name)
         """Injected faults, consulted once per step (none unless the Admin service injects some)."""
@@ -121,7 +126,7 @@ class StagePipeline:
         self.figures = StageCounters()
         self._loop = asyncio.get_running_loop()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{place.name}")
-        self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name)
+        self._downstream = None if place.next_address is None else DownstreamLink(place.next_address, place.next_name, tls)
         self._sampled = SampledTokens(place.name) if place.spec.is_first and not place.spec.is_last else None
         """The first stage of a longer chain: the tokens sampled downstream, for pending tokens."""
         self._unanswered: dict[asyncio.Future, int] = {}
@@ -188,6 +193,11 @@ class StagePipeline:
 
     def _run(self, step: StageStep, answer: asyncio.Future) -> None:
         plan = step.plan
+        refused = self._refused(step)
+        if refused is not None:
+            self.figures.computed += 1
+            self._loop.call_soon_threadsafe(self._deliver, plan, refused, answer)
+            return
         try:
             outcome = self._step(step)
         except Exception as err:  # noqa: BLE001 - a failed step is answered, never fatal
@@ -201,6 +211,20 @@ class StagePipeline:
             self.figures.computed += 1
         self._loop.call_soon_threadsafe(self._deliver, plan, outcome, answer)
 
+    def _refused(self, step: StageStep) -> stage_pb2.StageResponse | None:
+        """The answer of a malformed or foreign step on the first stage of a longer chain, before
+        it reaches the pending-token state (``SampledTokens``), which another sequence's next step
+        reads: the runner checks every step again, but only once that state has seen it."""
+        if self._sampled is None:
+            return None
+        try:
+            self.stage.runner.check(step.plan, step.hidden, before_fill=True)
+        except StagemeshError as err:
+            self.figures.steps_failed += 1
+            log.warning("stage %s: step %d refused: %s", self.place.name, step.plan.step_id, err)
+            return failed_step_to_pb(step.plan.step_id, err)
+        return None
+
     def _step(self, step: StageStep) -> stage_pb2.StageRequest | stage_pb2.StageResponse:
         plan = step.plan
         self.faults.before_step()  # the one fault-injection seam: may stall, may raise
@@ -211,7 +235,7 @@ class StagePipeline:
         out = self.stage.step(step if plan is step.plan else replace(step, plan=plan))
         wait_computed(out)
         t_end = time.time()
-        self.figures.record(t_start, t_end, plan.num_tokens)
+        self.figures.record(t_start, t_end, plan.num_tokens, plan.step_id)
         if self.place.spec.is_last:
             return result_to_pb(out)
         # the plan as this stage ran it (pending tokens filled in), on its output

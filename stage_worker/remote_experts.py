@@ -37,6 +37,7 @@ from stagemesh.errors import Internal, StagemeshError, Unavailable
 from stagemesh.mesh.placement import NoReplica, Share, grouped_spans, holders, split_rows
 from stagemesh.mesh.store import ExpertReplica, Store
 from stagemesh.runtime.deadline import Deadline, DeadlinePolicy
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import expert_pb2, expert_pb2_grpc
 from stagemesh.wire.codec.experts import ExpertBatch, expert_output_from_pb, expert_request_to_pb, failed_expert_to_pb
 from stagemesh.wire.streams import ForwardStream, StreamRpc
@@ -69,8 +70,10 @@ class RemoteExperts:
     """``Experts`` (see ``stagemesh.model.moe``) served by chain ``chain``'s expert workers."""
 
     def __init__(self, name: str, replicas: list[ExpertReplica], loop: asyncio.AbstractEventLoop,
-                 *, deadline: Deadline | None = None):
+                 *, deadline: Deadline | None = None, tls: MeshTLS | None = None):
         self.name = name
+        self.tls = tls
+        """The stage's mesh identity, which its calls to expert workers present (mTLS); None: plaintext."""
         """The stage's name in messages, e.g. ``c0-s1``."""
         self.replicas = replicas
         """The placement as last read: replaced whole by ``follow_placement`` (never mutated)."""
@@ -180,7 +183,8 @@ class RemoteExperts:
         if link is None or link.address != address:
             if link is not None:
                 link.reset(f"the placement moved it to {address}")
-            link = self._links[worker] = ForwardStream(address, partial(self._unreachable, worker, address), EXPERT_RUN)
+            link = self._links[worker] = ForwardStream(address, partial(self._unreachable, worker, address), EXPERT_RUN,
+                                                        tls=self.tls)
         return link
 
     def _unreachable(self, worker: str, address: str, detail: str) -> Unavailable:

@@ -11,6 +11,7 @@ import grpc
 from stage_worker.decode import decode_step
 from stage_worker.pipeline import StagePipeline
 from stagemesh.errors import InvalidArgument
+from stagemesh.runtime.decode_guard import Undecodable, in_band_decode_errors
 from stagemesh.runtime.faults import OpenStreams, unless_dropped
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from stagemesh.wire.codec.tensors import dtype_name
@@ -30,6 +31,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         """The open Forward streams, for an injected ``DropStreams`` (tracked only when fault injection is on)."""
         self._receivers: set[asyncio.Task] = set()
 
+    @in_band_decode_errors
     async def Forward(self, request_iterator, context):
         """One answer per request, in request order.
 
@@ -66,6 +68,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     def _submit(self, request: stage_pb2.StageRequest) -> asyncio.Future[stage_pb2.StageResponse]:
         """Decode once, here at the stage's edge; a malformed request is answered at once."""
+        if isinstance(request, Undecodable):  # its step id is in the bytes that could not be read
+            return self._pipeline.refuse(0, InvalidArgument(f"stage {self._pipeline.place.name}: {request.detail}"))
         try:
             step = decode_step(request, self._pipeline.place.name)
         except InvalidArgument as err:

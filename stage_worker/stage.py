@@ -20,6 +20,7 @@ from stage_worker.tp import RankGroup, all_gather_int, join_group, leave_group, 
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.model.moe import Experts
 from stagemesh.runners.stage import StageRunner
+from stagemesh.runtime.load_progress import reporter
 from stagemesh.runtime.net import free_port
 from stagemesh.serving.types import StepResult
 
@@ -154,7 +155,7 @@ def launch_tp(
     def build() -> TPStage:
         group = join_group(0, place.tp, init_method, backend, place.devices[0])
         deferred = DeferredExpertErrors(experts) if experts is not None else None
-        runner = build_runner(place, opts, place.devices[0], group.tp, deferred)
+        runner = build_runner(place, opts, place.devices[0], group.tp, deferred, reporter(log, "layers"))
         per_rank = all_gather_int(weight_bytes(runner), group.control)  # returns once every rank has loaded
         log.info("stage %s: %d tp ranks on %s over %s, weight bytes per rank %s",
                  place.name, place.tp, list(place.devices), backend, per_rank)

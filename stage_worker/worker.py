@@ -24,9 +24,11 @@ from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.store import Store, WorkerInfo
 from stagemesh.runtime.faults import FaultInjector, add_admin
 from stagemesh.runtime.heartbeat import Heartbeat
+from stagemesh.runtime.load_progress import reporter
 from stagemesh.runtime.net import bind_address
 from stagemesh.runtime.server import Role, WorkerServer
 from stagemesh.runtime.startup import StartupError
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import stage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,17 @@ class StageWorker(Role):
     """One stage worker's part in the lifecycle (``stagemesh.runtime.server.run``): its weights,
     its TP ranks, its next stage and expert workers."""
 
-    def __init__(self, args: argparse.Namespace, place: StagePlace, store: Store):
+    def __init__(self, args: argparse.Namespace, place: StagePlace, store: Store, tls: MeshTLS | None = None):
         self.args, self.place, self.store = args, place, store
+        self.tls = tls
+        """The stage's mesh identity: what its calls to the next stage and the expert workers present."""
         self.opts = StageOptions(
             kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads, cpus=args.cpus,
             tp_backend=args.tp_backend, log_level=args.log_level,
         )
         self.faults = FaultInjector(place.worker_id, getattr(args, "enable_fault_injection", False))
         """Fault injection through the Admin service (refused unless --enable-fault-injection)."""
-        self.pipeline = StagePipeline(place, self.faults.seam)
+        self.pipeline = StagePipeline(place, self.faults.seam, tls)
         self.servicer = StageServicer(self.pipeline, self.faults.streams)
         self.server: WorkerServer | None = None
         self.heartbeat: Heartbeat | None = None
@@ -115,14 +119,17 @@ class StageWorker(Role):
             self.ranks, make_stage = launch_tp(self.place, opts, self.experts)
             return make_stage
         place, opts, experts = self.place, self.opts, self.experts
-        return lambda: LocalStage(build_runner(place, opts, place.device, experts=experts), place.name)
+        progress = reporter(log, "layers")  # `stagemesh up` follows these lines (stagemesh.runtime.load_progress)
+        return lambda: LocalStage(build_runner(place, opts, place.device, experts=experts, progress=progress),
+                                  place.name)
 
     async def serve(self, server: WorkerServer) -> None:
         """SERVING while the next stage serves (``stage_worker.neighbours``), heartbeats, the experts'
         placement followed."""
         if self.experts is not None:
             self._placement = asyncio.create_task(self.experts.follow_placement(self.store, self.place.chain))
-        self._neighbours = asyncio.create_task(follow_neighbours(stage_neighbours(self.place), server.set_serving))
+        self._neighbours = asyncio.create_task(follow_neighbours(stage_neighbours(self.place), server.set_serving,
+                                                                self.tls))
         self.heartbeat = Heartbeat(self.store, self._worker_info(), self._figures)
         self.heartbeat.start()
         log.info("stage %s serving layers %s on %s at %s", self.place.name, self.place.spec.label,
@@ -133,7 +140,7 @@ class StageWorker(Role):
         topology = await self.store.get_topology()
         replicas = chain_replicas(topology.chain(self.place.chain)) if topology is not None else []
         if replicas:
-            self.experts = RemoteExperts(self.place.name, replicas, asyncio.get_running_loop())
+            self.experts = RemoteExperts(self.place.name, replicas, asyncio.get_running_loop(), tls=self.tls)
             log.info("stage %s routes its MoE layers' rows to expert workers %s", self.place.name,
                      [r.worker_id for r in replicas])
 

@@ -21,12 +21,13 @@ from stagemesh.errors import (
     InvalidArgument,
     ResourceExhausted,
     StagemeshError,
+    Unauthenticated,
     Unavailable,
 )
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = ("AsyncClient", "Client", "GeneratedToken", "GenerateResult")
+_CLIENT_NAMES = ("AsyncClient", "Client", "GeneratedToken", "GenerateResult", "TokenLogprobs")
 
 __all__ = [
     *_CLIENT_NAMES,
@@ -36,12 +37,13 @@ __all__ = [
     "InvalidArgument",
     "ResourceExhausted",
     "StagemeshError",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from stagemesh.client import AsyncClient, Client, GeneratedToken, GenerateResult  # noqa: F401
+    from stagemesh.client import AsyncClient, Client, GeneratedToken, GenerateResult, TokenLogprobs  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

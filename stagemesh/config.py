@@ -142,6 +142,13 @@ class ModelConfig:
             raise ValueError(f"rope scaling {self.rope_scaling!r} is not supported; use default, linear or llama3")
 
 
+def layer_range(start: float, end: float) -> str:
+    """The one notation of a stage's layers wherever people read them (logs, errors, `stagemesh
+    status`, the dashboard's ``layerRange``): half-open bounds, e.g. ``[0, 12)`` for layers 0..11
+    and ``[0, 3.5)`` for layers 0..2 plus layer 3's attention (``layer_bounds``)."""
+    return f"[{start:g}, {end:g})"
+
+
 def layer_bounds(start: int, end: int, mlp_only_start: bool, attn_only_end: bool) -> tuple[int | float, int | float]:
     """A stage's whole-layer range and half-layer flags as bounds in layers (``x.5`` between
     layer x's attention and its MLP), as ``StageSpec.bounds`` and the status document give them."""
@@ -206,9 +213,8 @@ class StageSpec:
 
     @property
     def label(self) -> str:
-        """For logs and messages, e.g. ``[0, 3.5)``."""
-        start, end = self.bounds
-        return f"[{start:g}, {end:g})"
+        """For logs and messages, e.g. ``[0, 3.5)`` (``layer_range``)."""
+        return layer_range(*self.bounds)
 
     @classmethod
     def whole(cls, num_layers: int) -> "StageSpec":

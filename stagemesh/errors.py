@@ -53,6 +53,12 @@ class DeadlineExceeded(StagemeshError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(StagemeshError):
+    """The call carried no API key, or one the mesh does not accept (``api_key=`` / ``STAGEMESH_API_KEY``)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class Internal(StagemeshError):
     """A bug or a broken deployment; the message says which part failed."""
 
@@ -61,7 +67,7 @@ class Internal(StagemeshError):
 
 _BY_CODE = {
     cls.code: cls
-    for cls in (InvalidArgument, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded, Internal)
+    for cls in (InvalidArgument, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded, Unauthenticated, Internal)
 }
 
 

@@ -1,8 +1,13 @@
-// The stagemesh dashboard: polls /api/status (the `stagemesh status --json` document) and redraws.
+// The stagemesh dashboard. The gateway renders the page with the current values and embeds the three
+// documents (#initial-data); this script draws the charts and the timeline from them at once, then
+// polls /api/status (the `stagemesh status --json` document) and /api/timeline every second and
+// /api/history every two seconds, and redraws. Charts: charts.js; timeline: timeline.js.
 // Plain DOM, no framework, no build step. Every value is set with textContent (never innerHTML).
 "use strict";
 
-const POLL_MS = Number(new URLSearchParams(location.search).get("poll_ms")) || 1000;
+const PARAMS = new URLSearchParams(location.search);
+const POLL_MS = Number(PARAMS.get("poll_ms")) || 1000;
+const TIMELINE_S = Number(PARAMS.get("timeline_s")) || 1;
 const STALE_S = 5; // a worker whose last heartbeat is older than this shows DOWN even if still listed healthy
 
 function el(tag, attrs = {}, ...children) {
@@ -60,11 +65,10 @@ function expertLoad(worker) {
 
 function holdings(worker) {
   if (worker.role !== "expert") {
-    // Whole layers [start, end); x.5 cuts layer x between its attention and its MLP.
+    // Half-open bounds, as `stagemesh status` and the logs write them (stagemesh.config.layer_range):
+    // [0, 12) is layers 0..11; x.5 cuts layer x between its attention and its MLP.
     const [start, end] = worker.layers || [0, 0];
-    const first = Number.isInteger(start) ? `${start}` : `${Math.floor(start)} (mlp)`;
-    const last = Number.isInteger(end) ? `${end - 1}` : `${Math.floor(end)} (attn)`;
-    return el("td", { class: "text" }, `layers ${first}–${last}`);
+    return el("td", { class: "text" }, `layers [${start}, ${end})`);
   }
   const cell = el("td", { class: "experts" }, el("div", {}, `experts ${expertsText(worker.experts)}`));
   const load = expertLoad(worker);
@@ -160,21 +164,56 @@ function showError(message) {
   box.textContent = message || "";
 }
 
+async function getJson(path) {
+  const reply = await fetch(path, { cache: "no-store" });
+  if (!reply.ok) throw new Error(`${path.split("?")[0]} answered ${reply.status}`);
+  return reply.json();
+}
+
+let history = null;
+
+function drawHistory() {
+  Charts.render(document.getElementById("history"), history);
+}
+
+function drawTimeline(doc) {
+  Timeline.render(document.getElementById("timeline"), document.getElementById("experts"), doc);
+}
+
 async function poll() {
   try {
-    const reply = await fetch("/api/status", { cache: "no-store" });
-    if (!reply.ok) throw new Error(`/api/status answered ${reply.status}`);
-    const doc = await reply.json();
+    const [doc, timeline] = await Promise.all([getJson("/api/status"), getJson(`/api/timeline?window_s=${TIMELINE_S}`)]);
     render(doc);
-    showError(doc.gateway && doc.gateway.error);
+    drawTimeline(timeline);
+    showError(doc.gateway && (doc.gateway.error || doc.gateway.alert));
   } catch (err) {
     const state = document.getElementById("gateway-state");
     state.textContent = "gateway unreachable";
     state.className = "badge down";
-    showError(`cannot read /api/status: ${err.message}`);
+    showError(`cannot read the gateway's status: ${err.message}`);
   } finally {
     setTimeout(poll, POLL_MS);
   }
 }
 
-poll();
+async function pollHistory() {
+  try {
+    const since = history && history.now ? `?since=${history.now}` : "";
+    history = Charts.merge(history, await getJson(`/api/history${since}`));
+    drawHistory();
+  } catch (err) {
+    // the status poll says when the gateway is unreachable
+  } finally {
+    setTimeout(pollHistory, 1000 * ((history && history.sample_s) || 2));
+  }
+}
+
+// First paint: the server's tables are there already; draw the charts and the timeline from the
+// documents it embedded, before any request.
+const initial = JSON.parse(document.getElementById("initial-data").textContent || "{}");
+history = initial.history || null;
+if (initial.status) render(initial.status);
+drawHistory();
+drawTimeline(initial.timeline);
+setTimeout(poll, POLL_MS);
+setTimeout(pollHistory, 1000 * ((history && history.sample_s) || 2));

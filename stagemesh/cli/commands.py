@@ -9,26 +9,35 @@ import os
 import sys
 from pathlib import Path
 
+from stagemesh.cli import stream
+from stagemesh.cli.connect import add_client_flags, connect_from_args
+from stagemesh.cli.help_format import show_defaults
 from stagemesh.cli.requests_io import add_sampling_flags, sampling_from_args
+from stagemesh.deploy.hub import add_model_arguments, resolve_model
 from stagemesh.errors import StagemeshError
+from stagemesh.runtime import api_keys
+from stagemesh.runtime.api_keys import ApiKeys
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", help="checkpoint directory: run the in-process engine on it")
+    add_model_arguments(p, "run the in-process engine on this model", group=where)
     where.add_argument("--addr", help="HOST:PORT of a running mesh's gateway")
     p.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
     p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--input", help='JSONL file: {"prompt": ...} or {"token_ids": [...]} per line, optional per-line sampling keys')
     add_sampling_flags(p.add_argument_group("sampling (the defaults of --input's per-line keys)"))
     p.add_argument("--json", action="store_true", help="one JSON object per input line, in input order")
+    p.add_argument("--stream", action="store_true", help="print the text as its tokens come (one request)")
     local = p.add_argument_group("in-process engine (--model)")
     local.add_argument("--pp", type=int, default=1, help="pipeline stages, run in this process")
     local.add_argument("--device", default="cpu", help="torch device of every stage, e.g. cpu, cuda, cuda:1")
-    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="dtype of the weights and KV cache (default: the checkpoint's)")
     local.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
-    local.add_argument("--block-size", type=int, default=16)
+    local.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     local.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one step")
+    add_client_flags(p)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -39,7 +48,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from stagemesh.cli.inprocess import InProcessEngine
 
         engine = InProcessEngine(
-            args.model,
+            resolve_model(args.model, args.revision).path,
             pp=args.pp,
             device=args.device,
             dtype=args.dtype,
@@ -47,16 +56,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             max_num_batched_tokens=args.max_batch_tokens,
         )
+        if args.stream:
+            return _stream(engine.stream(stream.one_line(lines, args.json)))
         outcomes = asyncio.run(engine.run(lines))
+    elif args.stream:
+        return _stream(_remote_stream(args, stream.one_line(lines, args.json)))
     else:
         from stagemesh.cli.remote import run_remote
 
-        outcomes = asyncio.run(run_remote(args.addr, lines))
+        outcomes = asyncio.run(run_remote(args.addr, lines, connect_from_args(args)))
     return write_outcomes(outcomes, args.json, sys.stdout, sys.stderr)
 
 
+def _stream(pieces) -> int:
+    from stagemesh.cli.stream import print_pieces
+
+    asyncio.run(print_pieces(pieces, sys.stdout))
+    return 0
+
+
+async def _remote_stream(args: argparse.Namespace, line):
+    from stagemesh.cli.stream import remote_pieces
+
+    async with connect_from_args(args).client(args.addr) as client:
+        async for piece in remote_pieces(client, line):
+            yield piece
+
+
 def _up_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_model_arguments(p, "the model every worker loads")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (one worker process each)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (one process and one device each)")
     p.add_argument("--tp-backend", choices=["nccl", "gloo"], default=None,
@@ -82,7 +110,8 @@ def _up_args(p: argparse.ArgumentParser) -> None:
                    help="let the workers' Admin.InjectFault fail, stall or drop their steps (chaos testing only)")
     p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
                    help="leave the worker processes unbound (by default each gets cores of its own when there are enough)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the workers compute (cuda: one GPU per TP rank and per expert worker)")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway and workers listen on")
     p.add_argument("--port", type=int, default=50051, help="client gRPC port, shared by the frontends")
     p.add_argument("--frontends", type=int, default=None,
@@ -94,17 +123,29 @@ def _up_args(p: argparse.ArgumentParser) -> None:
                    help="the model's name in the OpenAI API (default: the checkpoint directory's name)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a local redis-server")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the weights and KV cache (default: the checkpoint's)")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
     p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a new temp dir)")
     p.add_argument("--try", dest="try_prompt", default=None, metavar="PROMPT", help="once ready, generate from PROMPT and print it")
+    api_keys.add_arguments(p.add_argument_group("API keys: asked for on the client port and the HTTP port"))
+    sec = p.add_argument_group("mesh security: mTLS between the mesh's processes and a Redis password, on by default")
+    sec.add_argument("--insecure", action="store_true",
+                     help="no TLS between the mesh's processes and no Redis password (the ready line says INSECURE)")
+    sec.add_argument("--tls-dir", type=Path, default=None,
+                     help="the mesh's certificates from `stagemesh certs DIR` (default: made for the run)")
+    from stagemesh.runtime.tls import add_serving_cert_args
+
+    add_serving_cert_args(sec)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from stagemesh.deploy.launch import UpOptions, run_up
+    from stagemesh.deploy.up import run_up
+    from stagemesh.deploy.up_plan import UpOptions
 
+    source = resolve_model(args.model, args.revision)  # once, here: the workers get the directory
     opts = UpOptions(
-        model=Path(args.model),
+        model=source.path,
         pp=args.pp,
         tp=args.tp,
         dp=args.dp,
@@ -115,7 +156,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         http_port=args.http_port,
-        served_model_name=args.served_model_name,
+        served_model_name=args.served_model_name or source.repo_id,
         frontends=args.frontends,
         redis_url=args.redis_url,
         deployment=args.deployment,
@@ -131,8 +172,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resume_window_s=args.resume_window_s,
         fault_injection=args.fault_injection,
         cpu_bind=args.cpu_bind,
+        api_keys=ApiKeys.from_args(args),
+        **_security_options(args),
     )
     return run_up(opts)
+
+
+def _security_options(args: argparse.Namespace) -> dict:
+    """``UpOptions``' ``insecure``, ``tls_dir`` and ``serving_cert`` from `up`'s flags."""
+    from stagemesh.runtime.tls import serving_cert_from_args
+
+    if args.insecure and args.tls_dir is not None:
+        raise ValueError("--insecure and --tls-dir contradict each other: give one")
+    return {"insecure": args.insecure, "tls_dir": args.tls_dir, "serving_cert": serving_cert_from_args(args)}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -140,20 +192,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from stagemesh.cli.remote import fetch_status, format_status
 
-    doc = asyncio.run(fetch_status(args.addr))
+    doc = asyncio.run(fetch_status(args.addr, connect_from_args(args)))
     print(json.dumps(doc, indent=2) if args.json else format_status(doc))
     return 0
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (the mesh's model, for the compared systems and the figures)")
+    add_model_arguments(p, "the mesh's model, for the compared systems and the figures")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of the mesh brought up for the run")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage of that mesh")
     p.add_argument("--dp", type=int, default=1, help="data-parallel chains of that mesh")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the mesh and the compared systems compute")
     p.add_argument("--addr", default=None, help="HOST:PORT of a running mesh to benchmark instead of bringing one up")
     p.add_argument("--redis-url", default=None, help="with --addr: that mesh's Redis, for per-stage busy figures")
-    p.add_argument("--requests", type=int, required=True)
+    p.add_argument("--requests", type=int, required=True, help="requests in the run")
     p.add_argument("--input-len", type=int, required=True, help="prompt tokens (the minimum with --input-len-max)")
     p.add_argument("--input-len-max", type=int, default=None, help="prompt lengths uniform in [--input-len, this]")
     p.add_argument("--output-len", type=int, required=True, help="generated tokens (the minimum with --output-len-max)")
@@ -171,6 +223,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
     p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="one JSON document with every figure")
+    p.add_argument("--insecure", action="store_true",
+                   help="bring the mesh up without mTLS between its processes or a Redis password (run once with, "
+                        "once without: what the mesh's TLS costs)")
+    add_client_flags(p)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -187,7 +243,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     spec = BenchSpec(
-        model=Path(args.model),
+        model=resolve_model(args.model, args.revision).path,
         shape=shape,
         pp=args.pp,
         tp=args.tp,
@@ -201,6 +257,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         overlap=args.overlap,
         cpu_bind=args.cpu_bind,
+        insecure=args.insecure,
+        connect=connect_from_args(args),
     )
     return run(spec, args.json)
 
@@ -217,13 +275,32 @@ def _compose_args(sub) -> None:
     tp.set_defaults(func=compose.run_topology)
     hc = sub.add_parser("health", help="exit 0 iff the gRPC server at --addr answers grpc.health.v1 SERVING")
     hc.add_argument("--addr", required=True, help="HOST:PORT of a worker or gateway")
+    from stagemesh.runtime.tls import add_tls_args
+
+    add_tls_args(hc, role=True)
     hc.set_defaults(func=_cmd_health)
+    certs = sub.add_parser("certs", help="make a mesh's secrets: a CA, a certificate per role, mesh.key, a Redis password")
+    certs.add_argument("dir", type=Path, help="the directory to create (0700); every process's --tls-dir")
+    certs.add_argument("--force", action="store_true", help="replace the secrets of a directory that has some")
+    certs.add_argument("--days", type=int, default=365, help="how long the certificates are valid")
+    certs.set_defaults(func=_cmd_certs)
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from stagemesh.deploy.certs import make_secrets
+
+    written = make_secrets(args.dir, force=args.force, days=args.days)
+    print(f"{len(written)} files in {args.dir} (0700): ca.pem (the mesh CA; ca.key issues more), a .pem/.key per role "
+          "(gateway, frontend, stage, expert, admin), mesh.key, redis-password, redis.conf; give every process "
+          f"--tls-dir {args.dir}")
+    return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
     from stagemesh.runtime.health import serving_sync
+    from stagemesh.runtime.tls import tls_from_args
 
-    serving = serving_sync(args.addr)
+    serving = serving_sync(args.addr, tls=tls_from_args(args))
     print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
     return 0 if serving else 1
 
@@ -248,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="chains, workers and their load, from a mesh's gateway")
     st.add_argument("--addr", required=True, help="HOST:PORT of a running mesh's gateway")
     st.add_argument("--json", action="store_true", help="the whole status document as JSON")
+    add_client_flags(st)
     st.set_defaults(func=_cmd_status)
     bench = sub.add_parser("bench", help="throughput, latency and roofline of a mesh, against transformers and the in-process engine")
     _bench_args(bench)
@@ -258,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo-model", help="write a small random MoE checkpoint with a tokenizer (no download)")
     demo.add_arguments(dm)
     dm.set_defaults(func=_cmd_demo_model)
+    show_defaults(parser)  # last: every subcommand's --help, whoever added it
     return parser
 
 

@@ -274,21 +274,25 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``stagemesh demo-model``."""
-    parser.add_argument("dir", type=Path, help="directory to write the checkpoint into")
-    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("dir", type=Path, help="directory to write the checkpoint into (new or empty, unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a directory that is not empty, replacing its checkpoint files")
+    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="model family (architecture)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--hidden-size", type=int, default=128, help="width of the residual stream")
     parser.add_argument("--intermediate-size", type=int, default=256, help="width of the dense MLP")
     parser.add_argument("--num-heads", type=int, default=4, help="attention (query) heads")
     parser.add_argument("--num-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="embedding rows; the tokenizer gets exactly this many ids")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the stored weights")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``stagemesh demo-model``; prints the directory written (the command's output)."""
+    _check_target(args.dir, args.force)
     out = write_demo_model(
         args.dir,
         family=args.family,
@@ -304,3 +308,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote a random {args.family} checkpoint to {out}")
     return 0
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """ValueError unless ``out`` is new or empty, or ``force``; with ``force``, the weight files of an
+    earlier checkpoint there go first (a different shard count would leave stale ones the loader reads)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: demo-model writes a checkpoint directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"{out} is not empty ({shown}): demo-model writes into a new or empty directory; "
+                         "give --force to write into it anyway, replacing its checkpoint files")
+    for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"] if entries else []:
+        stale.unlink(missing_ok=True)

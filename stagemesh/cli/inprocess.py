@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from stagemesh.cli.requests_io import InputLine, Outcome
@@ -55,23 +56,42 @@ class InProcessEngine:
 
     async def run(self, lines: list[InputLine]) -> list[Outcome]:
         """Every line at once through continuous batching; outcomes in input order."""
-        engine = Engine(
+        async with self._engine() as engine:
+            return list(await asyncio.gather(*(self._one(engine, line) for line in lines)))
+
+    async def stream(self, line: InputLine) -> AsyncIterator[tuple[int | None, str]]:
+        """One request's tokens as they come: (token id, the text it adds). The text is decoded
+        from all tokens so far, and held back while it ends in half a UTF-8 character."""
+        async with self._engine() as engine:
+            request = Request(f"local-{next(self._ids)}", self.encode(line), line.params)
+            ids, shown = [], ""
+            async for event in engine.generate(request):
+                piece = ""
+                if event.token_id is not None:
+                    ids.append(event.token_id)
+                    text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+                    if not text.endswith("\ufffd") and text.startswith(shown):
+                        piece, shown = text[len(shown):], text
+                yield event.token_id, piece
+
+    def _engine(self) -> Engine:
+        return Engine(
             self.chain,
             self.scheduler_config,
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
         )
-        async with engine:
-            return list(await asyncio.gather(*(self._one(engine, line) for line in lines)))
 
     async def _one(self, engine: Engine, line: InputLine) -> Outcome:
         try:
             ids = self.encode(line)
             request = Request(f"local-{next(self._ids)}", ids, line.params)
-            out = Outcome([])
+            out = Outcome([], logprobs=[] if line.params.logprobs else None)
             async for event in engine.generate(request):
                 if event.token_id is not None:
                     out.token_ids.append(event.token_id)
+                    if out.logprobs is not None:
+                        out.logprobs.append(event.logprobs)
                 out.finish_reason = event.finish_reason
         except StagemeshError as e:
             return Outcome([], error=e)

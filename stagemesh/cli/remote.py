@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from stagemesh.cli.connect import DEFAULT, Connect
 from stagemesh.cli.requests_io import InputLine, Outcome
 from stagemesh.client import AsyncClient
+from stagemesh.config import layer_range
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.figures import WorkerLoad
 
 
-async def run_remote(addr: str, lines: list[InputLine]) -> list[Outcome]:
+async def run_remote(addr: str, lines: list[InputLine], connect: Connect = DEFAULT) -> list[Outcome]:
     """Every line at once through the gateway at ``addr``; outcomes in input order."""
-    async with AsyncClient(addr) as client:
+    async with connect.client(addr) as client:
         return list(await asyncio.gather(*(_one(client, line) for line in lines)))
 
 
@@ -23,12 +25,13 @@ async def _one(client: AsyncClient, line: InputLine) -> Outcome:
     except StagemeshError as e:
         return Outcome([], error=e)
     text = result.text if line.prompt is not None or result.text else None
-    return Outcome(list(result.token_ids), text=text, finish_reason=result.finish_reason)
+    logprobs = None if result.logprobs is None else list(result.logprobs)
+    return Outcome(list(result.token_ids), text=text, finish_reason=result.finish_reason, logprobs=logprobs)
 
 
-async def fetch_status(addr: str) -> dict:
+async def fetch_status(addr: str, connect: Connect = DEFAULT) -> dict:
     """The status document of the gateway at ``addr``."""
-    async with AsyncClient(addr) as client:
+    async with connect.client(addr) as client:
         return await client.status()
 
 
@@ -43,11 +46,18 @@ def format_status(doc: dict) -> str:
     out.append("")
     out += _table(
         ("ROLE", "CHAIN", "STAGE", "LAYERS", "ADDRESS", "DEVICE", "TP", "PID", "HEALTHY", "QUEUE", "KV USED", "BUSY"),
-        [(w["role"], _id(w["chain"]), _id(w["stage"]), "{}-{}".format(*w["layers"]), w["address"], w["device"],
+        [(w["role"], _id(w["chain"]), _id(w["stage"]), _layers(w), w["address"], w["device"],
           w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), *_load_cells(WorkerLoad(**w["load"])))
          for w in doc.get("workers", ())],
     )
+    if alert := (doc.get("gateway") or {}).get("alert"):  # a forged document refused lately (docs/security.md)
+        out += ["", f"DEGRADED: {alert}"]
     return "\n".join(out)
+
+
+def _layers(worker: dict) -> str:
+    """A stage's layers as everywhere else (``layer_range``); "-" for a worker that holds none."""
+    return layer_range(*worker["layers"]) if worker["role"] == "stage" else "-"
 
 
 def _load_cells(load: WorkerLoad) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from stagemesh.errors import InvalidArgument, StagemeshError
 from stagemesh.serving.params import KINDS, NAMES, PARAMS, SamplingParams, param_of, with_values
+from stagemesh.serving.types import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,23 @@ class Outcome:
     text: str | None = None
     finish_reason: str | None = None
     error: StagemeshError | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    """With ``--logprobs``: one per generated token."""
 
     def to_json(self) -> dict:
+        """``logprobs`` (with ``--logprobs``): per token ``{"logprob", "top_logprobs": [[id, logprob], ...]}``."""
         if self.error is not None:
             return {"error": {"code": self.error.code, "message": self.error.message}}
-        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
+        doc = {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            doc["logprobs"] = [_logprobs_json(lp) for lp in self.logprobs]
+        return doc
+
+
+def _logprobs_json(lp: TokenLogprobs | None) -> dict:
+    if lp is None:
+        return {"logprob": None, "top_logprobs": []}
+    return {"logprob": lp.logprob, "top_logprobs": [list(pair) for pair in lp.top]}
 
 
 def id_list(text: str) -> tuple[int, ...]:

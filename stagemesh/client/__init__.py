@@ -5,6 +5,6 @@ Prefer importing from ``stagemesh`` itself: ``from stagemesh import Client``.
 
 from stagemesh.client._aio import AsyncClient
 from stagemesh.client._sync import Client
-from stagemesh.client._types import GeneratedToken, GenerateResult
+from stagemesh.client._types import GeneratedToken, GenerateResult, TokenLogprobs
 
-__all__ = ["AsyncClient", "Client", "GeneratedToken", "GenerateResult"]
+__all__ = ["AsyncClient", "Client", "GeneratedToken", "GenerateResult", "TokenLogprobs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -14,9 +15,11 @@ from stagemesh.client._common import (
     UNARY_TIMEOUT,
     StreamCursor,
     assemble,
+    channel_credentials,
     deadline,
     gateway_errors,
     generate_request,
+    key_metadata,
 )
 from stagemesh.client._common import with_sampling_doc as sampling_doc
 from stagemesh.client._types import GeneratedToken, GenerateResult
@@ -30,13 +33,17 @@ class AsyncClient:
     Create it inside a running event loop; ``async with AsyncClient(addr) as client: ...``.
     """
 
-    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S):
+    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S,
+                 api_key: str | None = None, ca_file: str | Path | None = None, tls: bool = False):
         self.addr = addr
         self.timeout = timeout
         self.resume_s = resume_s
         self._reached = False
         """A call of this client got an answer: a server was there (``StreamCursor.fail_fast``)."""
-        self._channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self._metadata = key_metadata(api_key)
+        credentials = channel_credentials(ca_file, tls)
+        self._channel = (grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) if credentials is None
+                         else grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     @sampling_doc
@@ -78,7 +85,7 @@ class AsyncClient:
     async def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> AsyncIterator[GeneratedToken]:
         cursor = StreamCursor(request, timeout, self.resume_s, address=self.addr, fail_fast=not self._reached)
         while True:
-            call = self._stub.Generate(cursor.request, timeout=cursor.timeout())
+            call = self._stub.Generate(cursor.request, timeout=cursor.timeout(), metadata=self._metadata)
             try:
                 async for msg in call:
                     self._reached = True
@@ -96,7 +103,7 @@ class AsyncClient:
         request = gateway_pb2.CancelRequest(request_id=request_id)
         timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
         with gateway_errors(self.addr, timeout):
-            reply = await self._stub.Cancel(request, timeout=timeout)
+            reply = await self._stub.Cancel(request, timeout=timeout, metadata=self._metadata)
         self._reached = True
         return reply.cancelled
 
@@ -105,7 +112,7 @@ class AsyncClient:
         request = gateway_pb2.StatusRequest()
         timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
         with gateway_errors(self.addr, timeout):
-            reply = await self._stub.Status(request, timeout=timeout)
+            reply = await self._stub.Status(request, timeout=timeout, metadata=self._metadata)
         self._reached = True
         return status_from_pb(reply)
 

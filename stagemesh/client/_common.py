@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import random
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
-from stagemesh.client._types import GeneratedToken, GenerateResult
+from stagemesh.client._types import GeneratedToken, GenerateResult, TokenLogprobs
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
+from stagemesh.runtime.api_keys import ENV_KEY, check_key
 from stagemesh.serving.params import PARAMS, SamplingParams, param_of, with_seed, with_values
 from stagemesh.v1 import gateway_pb2
 from stagemesh.wire.codec.messages import GenerateChunk, GenerateInput, chunk_from_pb, generate_request_to_pb
@@ -125,6 +128,34 @@ _SAMPLING_DOC = "\n".join([
 ])
 
 
+def key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: ``authorization: Bearer KEY`` for ``api_key`` (None: the
+    ``STAGEMESH_API_KEY`` environment variable; "" or neither: no key); InvalidArgument for a key
+    that cannot travel in a header (a space, a newline, ...)."""
+    key = os.environ.get(ENV_KEY, "").strip() if api_key is None else api_key
+    if not key:
+        return ()
+    try:
+        check_key(key, "api_key" if api_key is not None else f"${ENV_KEY}")
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    return (("authorization", f"Bearer {key}"),)
+
+
+def channel_credentials(ca_file: str | Path | None, tls: bool) -> grpc.ChannelCredentials | None:
+    """TLS to the client port: trusting the certificates of ``ca_file`` (PEM), or with ``tls`` the
+    system's roots; None (plaintext) with neither. InvalidArgument when ``ca_file`` cannot be read."""
+    if ca_file is None and not tls:
+        return None
+    roots = None
+    if ca_file is not None:
+        try:
+            roots = Path(ca_file).read_bytes()
+        except OSError as err:
+            raise InvalidArgument(f"cannot read ca_file {ca_file}: {err}") from None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
 def deadline(timeout: float | None, client_timeout: float | None, fallback: float | None) -> float | None:
     """A call's deadline: its own ``timeout``, else the client's, else ``fallback``."""
     if timeout is not None:
@@ -150,6 +181,7 @@ def tokens_of(msg: gateway_pb2.GenerateResponse) -> list[GeneratedToken]:
             return []
         return [GeneratedToken(chunk.request_id, None, chunk.text, chunk.index, chunk.finish_reason)]
     last = len(chunk.token_ids) - 1
+    logprobs = chunk.logprobs or (None,) * len(chunk.token_ids)
     return [
         GeneratedToken(
             request_id=chunk.request_id,
@@ -157,8 +189,9 @@ def tokens_of(msg: gateway_pb2.GenerateResponse) -> list[GeneratedToken]:
             text=chunk.text if i == last else "",
             index=chunk.index + i,
             finish_reason=chunk.finish_reason if i == last else None,
+            logprobs=lp,
         )
-        for i, token in enumerate(chunk.token_ids)
+        for i, (token, lp) in enumerate(zip(chunk.token_ids, logprobs))
     ]
 
 
@@ -233,14 +266,17 @@ def _told_not_to_retry(err: grpc.RpcError) -> bool:
 
 def assemble(tokens: Iterable[GeneratedToken], request_id: str | None) -> GenerateResult:
     """The GenerateResult of a whole stream of items."""
-    ids, text, finish, rid = [], [], None, request_id or ""
+    ids, text, finish, rid, logprobs = [], [], None, request_id or "", []
     for tok in tokens:
         rid = tok.request_id or rid
         if tok.token_id is not None:
             ids.append(tok.token_id)
+            logprobs.append(tok.logprobs)
         text.append(tok.text)
         finish = tok.finish_reason or finish
-    return GenerateResult(request_id=rid, token_ids=tuple(ids), text="".join(text), finish_reason=finish)
+    asked = any(lp is not None for lp in logprobs)
+    return GenerateResult(request_id=rid, token_ids=tuple(ids), text="".join(text), finish_reason=finish,
+                          logprobs=tuple(lp or TokenLogprobs(None) for lp in logprobs) if asked else None)
 
 
 def error_from_rpc(err: grpc.RpcError, *, address: str = "", timeout: float | None = None) -> StagemeshError:
@@ -253,6 +289,13 @@ def error_from_rpc(err: grpc.RpcError, *, address: str = "", timeout: float | No
     if address and _no_connection(err):
         message = (f"no stagemesh server answers at {address}: is `stagemesh up` running there, and is that "
                    f"its client address (host:port)? ({details})")
+        if "CERTIFICATE_VERIFY_FAILED" in (details or ""):
+            message += "; its TLS certificate is not signed by a CA this client trusts: pass ca_file= (its CA, PEM)"
+        elif _handshake_failed(err):
+            message += "; its client port may speak TLS while this client does not, or the reverse: pass ca_file= " \
+                       "(or tls=True) for a TLS port, neither for a plaintext one"
+    elif name == "UNAUTHENTICATED" and "api_key" not in (details or ""):
+        message = f"{details or 'the call was not authenticated'}: pass api_key= (or set ${ENV_KEY})"
     elif name == "DEADLINE_EXCEEDED" and timeout is not None and details in (None, "", "Deadline Exceeded"):
         message = (f"no answer within {timeout:g} s (the call's timeout); pass a larger timeout= "
                    "(or Client(timeout=...)) for longer generations")
@@ -262,6 +305,11 @@ def error_from_rpc(err: grpc.RpcError, *, address: str = "", timeout: float | No
 _NO_CONNECTION = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed",
                   "Connection refused")
 """What gRPC says when nothing answers at the address (as opposed to a stream that broke)."""
+
+
+def _handshake_failed(err: grpc.RpcError) -> bool:
+    details = ((err.details() if hasattr(err, "details") else None) or "").lower()
+    return any(text in details for text in ("handshake", "ssl", "tls", "socket closed", "connection reset"))
 
 
 def _no_connection(err: grpc.RpcError) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -13,9 +14,11 @@ from stagemesh.client._common import (
     UNARY_TIMEOUT,
     StreamCursor,
     assemble,
+    channel_credentials,
     deadline,
     gateway_errors,
     generate_request,
+    key_metadata,
 )
 from stagemesh.client._common import with_sampling_doc as sampling_doc
 from stagemesh.client._types import GeneratedToken, GenerateResult
@@ -31,9 +34,16 @@ class Client:
     A stream broken by UNAVAILABLE resumes by itself for up to ``resume_s`` seconds (``stream``).
     Every failure raises a ``stagemesh.StagemeshError`` subclass (``InvalidArgument``,
     ``DeadlineExceeded``, ``Unavailable``, ...), never a grpc type.
+
+    ``api_key``: the key a mesh started with API keys asks for, sent with every call (default:
+    the ``STAGEMESH_API_KEY`` environment variable); without a valid one every call raises
+    ``Unauthenticated``, which is never retried. ``ca_file``: a PEM file of the CA that signed the
+    client port's certificate, for a port that serves TLS; ``tls=True`` trusts the system's roots
+    instead.
     """
 
-    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S):
+    def __init__(self, addr: str, *, timeout: float | None = None, resume_s: float = RESUME_S,
+                 api_key: str | None = None, ca_file: str | Path | None = None, tls: bool = False):
         self.addr = addr
         self.timeout = timeout
         self.resume_s = resume_s
@@ -41,7 +51,10 @@ class Client:
         """A call of this client got an answer: a server was there (``StreamCursor.fail_fast``)."""
         """How long a stream broken by UNAVAILABLE (a frontend or the gateway went away) keeps
         resuming, from the token it stopped at, before the error is raised."""
-        self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self._metadata = key_metadata(api_key)
+        credentials = channel_credentials(ca_file, tls)
+        self._channel = (grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) if credentials is None
+                         else grpc.secure_channel(addr, credentials, options=CHANNEL_OPTIONS))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     @sampling_doc
@@ -88,7 +101,7 @@ class Client:
     def _stream(self, request: gateway_pb2.GenerateRequest, timeout: float | None) -> Iterator[GeneratedToken]:
         cursor = StreamCursor(request, timeout, self.resume_s, address=self.addr, fail_fast=not self._reached)
         while True:
-            call = self._stub.Generate(cursor.request, timeout=cursor.timeout())
+            call = self._stub.Generate(cursor.request, timeout=cursor.timeout(), metadata=self._metadata)
             try:
                 for msg in call:
                     self._reached = True
@@ -105,7 +118,7 @@ class Client:
         request = gateway_pb2.CancelRequest(request_id=request_id)
         timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
         with gateway_errors(self.addr, timeout):
-            reply = self._stub.Cancel(request, timeout=timeout)
+            reply = self._stub.Cancel(request, timeout=timeout, metadata=self._metadata)
         self._reached = True
         return reply.cancelled
 
@@ -122,7 +135,7 @@ class Client:
         request = gateway_pb2.StatusRequest()
         timeout = deadline(timeout, self.timeout, UNARY_TIMEOUT)
         with gateway_errors(self.addr, timeout):
-            reply = self._stub.Status(request, timeout=timeout)
+            reply = self._stub.Status(request, timeout=timeout, metadata=self._metadata)
         self._reached = True
         return status_from_pb(reply)
 

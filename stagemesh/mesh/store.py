@@ -12,25 +12,39 @@
   them the gateway has marked down (stages route only to the live ones).
 
 NOTE: this file passes 400 lines on purpose: STYLE.md keeps every Redis key and command in
-one module, and the five groups are a handful of short methods each over shared key helpers.
+one module, and the five groups are a handful of short methods each over shared key helpers
+(and the signing helpers, whose MACs are in ``stagemesh.mesh.signing``).
 
 Every key starts with ``stagemesh:<deployment>:`` so two meshes can share one Redis. Callers
 never see a redis exception: an unreachable server raises ``Unavailable``, anything else
 ``Internal`` (both from ``stagemesh.errors``).
+
+Signed documents (``stagemesh.mesh.signing``): a store given a ``Signer`` signs the documents
+processes act on (the topology, each worker's registration, each chain's placement, each journal
+entry and its tokens) and refuses one it reads whose MAC is missing or wrong: it logs an error
+naming the key, counts it in ``refusals``, and answers its last good copy of that document
+(topology, placement) or leaves it out (a registration, a journal entry); with no good copy it
+raises ``RefusedDocument``. Not signed, because nothing acts on them beyond display or a hint
+the gateway checks itself: the heartbeat keys, the id sets, the metrics. A store without a
+signer (``--insecure``) writes and reads unsigned documents, as before signing.
 
 Key layout (``P`` = ``stagemesh:<deployment>``)::
 
     P:workers                   set of worker ids
     P:worker:<id>               JSON WorkerInfo (no TTL)
     P:alive:<id>                "1", expires ttl_s after the last heartbeat
-    P:topology                  JSON Topology
-    P:journal:<rid>             hash: prompt (JSON list), params (JSON), chain
-    P:journal:<rid>:tokens      string: the emitted token ids, each followed by a comma
+    P:topology                  JSON Topology (signed)
+    P:journal:<rid>             hash: prompt (JSON list), params (JSON), chain, mac (signed: of
+                                prompt and params)
+    P:journal:<rid>:tokens      string: the emitted token ids, each followed by a comma; signed,
+                                each appended chunk ends ``#<mac>;`` (its MAC binds its offset)
     P:chain:<c>:requests        set of request ids journaled on chain c
     P:metrics                   set of worker ids that have put metrics
     P:metrics:<id>              hash: figure name -> JSON value, expires with a TTL
-    P:placement:<c>             hash: expert worker id -> JSON {address, experts}
-    P:placement:<c>:down        set of expert worker ids marked down
+    P:placement:<c>             JSON {"replicas": [{worker, address, experts, live}]} (signed)
+
+(signed) values are ``hmac-sha256:<mac>\n<JSON>`` when the store has a signer; so is
+``P:worker:<id>``.
 """
 
 from __future__ import annotations
@@ -42,13 +56,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import AuthorizationError as RedisAuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stagemesh.errors import Internal, Unavailable
+from stagemesh.mesh.signing import DocumentId, Forged, Refusals, RefusedDocument, Signer, split
 from stagemesh.mesh.topology import Topology
 
 ROLES = ("stage", "expert", "gateway")
@@ -144,14 +162,13 @@ class ExpertReplica:
     live: bool = True
     """False while the gateway has marked it down: stages send it no rows."""
 
-    def to_json(self) -> str:
-        return json.dumps({"address": self.address, "experts": self.experts})
+    def to_doc(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "address": self.address, "experts": self.experts, "live": self.live}
 
     @classmethod
-    def from_json(cls, worker_id: str, text: str, live: bool) -> ExpertReplica:
-        doc = json.loads(text)
+    def from_doc(cls, doc: dict[str, Any]) -> ExpertReplica:
         experts = {int(layer): list(ids) for layer, ids in doc["experts"].items()}  # JSON keys are strings
-        return cls(worker_id, doc["address"], experts, live)
+        return cls(doc["worker"], doc["address"], experts, bool(doc["live"]))
 
 
 def _translate_errors(method):
@@ -161,6 +178,10 @@ def _translate_errors(method):
     async def wrapper(self: Store, *args, **kwargs):
         try:
             return await method(self, *args, **kwargs)
+        except (RedisAuthenticationError, RedisAuthorizationError) as err:
+            raise Unavailable(f"Redis at {self.url} refused the password ({err}): give the mesh's Redis password in "
+                              "the URL, redis://:PASSWORD@host:port/db (`stagemesh up` keeps its run's in the "
+                              "secrets dir of its ready line, file redis-url)") from err
         except (RedisConnectionError, RedisTimeoutError) as err:
             raise Unavailable(f"Redis at {self.url} is unreachable ({err}); is redis-server running?") from err
         except RedisError as err:
@@ -169,24 +190,43 @@ def _translate_errors(method):
     return wrapper
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: what messages and logs may show."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 class Store:
     """Typed access to one deployment's control state in Redis. Use ``await Store.connect(url)``."""
 
-    def __init__(self, client: aioredis.Redis, url: str, deployment: str = "default"):
+    def __init__(self, client: aioredis.Redis, url: str, deployment: str = "default", signer: Signer | None = None):
         if not deployment or ":" in deployment:
             raise ValueError(f"deployment={deployment!r}: must be non-empty and contain no ':'")
         self._r = client
-        self.url = url
+        self.url = redacted(url)
+        """Where it is, for messages: the URL without its password."""
         self.deployment = deployment
         self._prefix = f"stagemesh:{deployment}"
+        self._signer = signer
+        self.refusals = Refusals()
+        """The documents this store refused (their signature missing or wrong), for status and metrics."""
+        self._good: dict[str, Any] = {}
+        """Redis key -> the last document read there that verified (the topology, placements)."""
+        self._journaled: dict[str, int] = {}
+        """Request id -> tokens this store appended to its journal entry (signed: each chunk's offset)."""
 
     @classmethod
-    async def connect(cls, url: str, deployment: str = "default", *, timeout_s: float = 5.0) -> Store:
-        """Connect to ``url`` (``redis://host:port/db``) and check it answers PING."""
+    async def connect(
+        cls, url: str, deployment: str = "default", *, timeout_s: float = 5.0, signer: Signer | None = None
+    ) -> Store:
+        """Connect to ``url`` (``redis://host:port/db``) and check it answers PING; ``signer``: sign and
+        check the documents (``stagemesh.mesh.signing.load_signer``), None for unsigned ones."""
         client = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
-        store = cls(client, url, deployment)
+        store = cls(client, url, deployment, signer)
         try:
             await store.ping()
         except BaseException:
@@ -216,13 +256,40 @@ class Store:
     def _key(self, *parts: object) -> str:
         return ":".join((self._prefix, *map(str, parts)))
 
+    # --- signed documents -------------------------------------------------------------------
+
+    @property
+    def signed(self) -> bool:
+        """Whether this store signs and checks its documents (it has the mesh key)."""
+        return self._signer is not None
+
+    def _seal(self, kind: str, name: object, body: str) -> str:
+        """``body`` as written: signed when the store has a signer."""
+        return body if self._signer is None else self._signer.seal(DocumentId(self.deployment, kind, str(name)), body)
+
+    def _unseal(self, kind: str, name: object, key: str, text: str) -> str:
+        """The body of the document read at ``key``; RefusedDocument (noted in ``refusals``) when it
+        does not verify. Without a signer, any signature is stripped unchecked."""
+        if self._signer is None:
+            return split(text)[0]
+        try:
+            return self._signer.unseal(DocumentId(self.deployment, kind, str(name)), text)
+        except Forged as err:
+            raise self.refusals.refuse(kind, key, text, err) from None
+
+    def _good_copy(self, key: str, err: RefusedDocument) -> Any:
+        """The last document at ``key`` that verified, in place of a refused one; ``err`` when there is none."""
+        if key not in self._good:
+            raise err
+        return self._good[key]
+
     # --- registry -------------------------------------------------------------------------
 
     @_translate_errors
     async def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
         """Record ``info`` and mark the worker alive for ``ttl_s`` seconds."""
         async with self._r.pipeline() as pipe:
-            pipe.set(self._key("worker", info.worker_id), info.to_json())
+            pipe.set(self._key("worker", info.worker_id), self._seal("worker", info.worker_id, info.to_json()))
             pipe.sadd(self._key("workers"), info.worker_id)
             pipe.set(self._key("alive", info.worker_id), "1", px=_ms(ttl_s))
             await pipe.execute()
@@ -252,7 +319,16 @@ class Store:
                 pipe.exists(self._key("alive", worker_id))
             results = await pipe.execute()
         infos, alive = results[0::2], results[1::2]
-        return [WorkerInfo.from_json(text, bool(a)) for text, a in zip(infos, alive) if text is not None]
+        workers = []
+        for worker_id, text, a in zip(ids, infos, alive):
+            if text is None:
+                continue
+            try:
+                body = self._unseal("worker", worker_id, self._key("worker", worker_id), text)
+            except RefusedDocument:
+                continue  # logged and counted: a forged registration is no worker
+            workers.append(WorkerInfo.from_json(body, bool(a)))
+        return workers
 
     @_translate_errors
     async def mark_down(self, worker_id: str) -> None:
@@ -274,23 +350,45 @@ class Store:
 
     @_translate_errors
     async def set_topology(self, topology: Topology) -> None:
-        await self._r.set(self._key("topology"), topology.to_json())
+        await self._r.set(self._key("topology"), self._seal("topology", "", topology.to_json()))
 
     @_translate_errors
     async def set_topology_if_absent(self, topology: Topology) -> bool:
-        """Write ``topology`` unless one is there (Redis came back empty); whether it wrote it."""
-        return bool(await self._r.set(self._key("topology"), topology.to_json(), nx=True))
+        """Write ``topology`` unless one is there (Redis came back empty) that verifies (signed: a
+        refused one is replaced); whether it wrote it."""
+        if await self._r.set(self._key("topology"), self._seal("topology", "", topology.to_json()), nx=True):
+            return True
+        if self._signer is None or await self.has_topology():
+            return False
+        await self.set_topology(topology)
+        return True
 
     @_translate_errors
     async def has_topology(self) -> bool:
-        """Whether a topology is written (False: never written, or Redis lost it)."""
-        return bool(await self._r.exists(self._key("topology")))
+        """Whether a topology is written (False: never written, Redis lost it, or signed: it is refused)."""
+        if self._signer is None:
+            return bool(await self._r.exists(self._key("topology")))
+        key = self._key("topology")
+        text = await self._r.get(key)
+        try:
+            return text is not None and bool(self._unseal("topology", "", key, text))
+        except RefusedDocument:
+            return False
 
     @_translate_errors
     async def get_topology(self) -> Topology | None:
-        """The deployment's topology; None before one is written. ValueError when it is malformed."""
-        text = await self._r.get(self._key("topology"))
-        return None if text is None else Topology.from_json(text)
+        """The deployment's topology; None before one is written. ValueError when it is malformed;
+        a refused one (signed) gives the last good copy, else RefusedDocument."""
+        key = self._key("topology")
+        text = await self._r.get(key)
+        if text is None:
+            return None
+        try:
+            body = self._unseal("topology", "", key, text)
+        except RefusedDocument as err:
+            return self._good_copy(key, err)
+        topology = self._good[key] = Topology.from_json(body)
+        return topology
 
     # --- journal --------------------------------------------------------------------------
 
@@ -309,13 +407,29 @@ class Store:
                 if old_chain is not None:
                     pipe.srem(self._key("chain", old_chain, "requests"), request_id)
                 pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
-                pipe.hset(
-                    self._key("journal", request_id),
-                    mapping={"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params),
-                             "chain": chain},
-                )
+                pipe.hset(self._key("journal", request_id), mapping=self._journal_meta(request_id, prompt_token_ids,
+                                                                                      params, chain))
                 pipe.sadd(self._key("chain", chain, "requests"), request_id)
             await pipe.execute()
+        if self._signer is not None:
+            self._journaled.update(dict.fromkeys(entries, 0))
+
+    def _journal_meta(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
+                      chain: int) -> dict[str, Any]:
+        """The fields of a journal entry; signed: with the MAC of its prompt and parameters.
+
+        NOTE: the chain is left out of the MAC: it only says which chain's set lists the request
+        (``journal_move`` rewrites it), and a gateway takes over the requests of every chain."""
+        meta = {"prompt": json.dumps(list(prompt_token_ids)), "params": json.dumps(params), "chain": chain}
+        if self._signer is not None:
+            meta["mac"] = self._signer.mac(self._journal_id(request_id), _journal_body(meta))
+        return meta
+
+    def _journal_id(self, request_id: str, offset: int | None = None) -> DocumentId:
+        """A journal entry's prompt and parameters; with ``offset``, its tokens chunk from that index."""
+        if offset is None:
+            return DocumentId(self.deployment, "journal", request_id)
+        return DocumentId(self.deployment, "journal-tokens", f"{request_id}@{offset}")
 
     async def _journal_chains(self, request_ids: list[str]) -> list[str | None]:
         """The chain each request is journaled on (None: not journaled), in one round trip."""
@@ -335,11 +449,28 @@ class Store:
         NOTE: one ``APPEND`` per request inside a Lua script, not one pipelined command per
         request: redis-py packs every command in Python, and at 128 streams those commands were
         the gateway's largest cost (py-spy). Each request's tokens are text, ``"101,102,"``."""
-        items = [(self._key("journal", rid, "tokens"), "".join(f"{t}," for t in ids))
+        items = [(self._key("journal", rid, "tokens"), self._token_chunk(rid, ids))
                  for rid, ids in tokens_by_request.items() if ids]
         if items:
             keys, values = zip(*items)
             await self._r.eval(_APPEND_ALL, len(keys), *keys, *values)
+            if self._signer is not None:
+                for rid, ids in tokens_by_request.items():
+                    self._journaled[rid] = self._journaled.get(rid, 0) + len(ids)
+
+    def _token_chunk(self, request_id: str, token_ids: list[int]) -> str:
+        """Tokens as appended: ``"101,102,"``; signed, ``"101,102,#<mac>;"`` where the MAC binds the
+        chunk's offset (the tokens this store appended before), so chunks cannot be reordered,
+        dropped from the middle or moved to another request.
+
+        NOTE: the offset is this store's count since it opened the entry (``journal_open_many``);
+        an append that never reached Redis (a dropped batch) leaves Redis behind that count, and
+        the entry is then refused on read, which failover already survives (the gateway's own
+        record wins)."""
+        csv = "".join(f"{t}," for t in token_ids)
+        if self._signer is None:
+            return csv
+        return f"{csv}#{self._signer.mac(self._journal_id(request_id, self._journaled.get(request_id, 0)), csv)};"
 
     @_translate_errors
     async def journal_get(self, request_id: str) -> JournalEntry | None:
@@ -350,13 +481,41 @@ class Store:
             meta, tokens = await pipe.execute()
         if not meta:
             return None
+        try:
+            self._check_journal(request_id, meta)
+            token_ids = self._journal_tokens(request_id, tokens or "")
+        except RefusedDocument:
+            return None  # logged and counted: the gateway's own record, or the frontend's resubmission, wins
         return JournalEntry(
             request_id=request_id,
             prompt_token_ids=tuple(json.loads(meta["prompt"])),
             params=json.loads(meta["params"]),
             chain=int(meta["chain"]),
-            token_ids=tuple(int(t) for t in (tokens or "").split(",") if t),
+            token_ids=token_ids,
         )
+
+    def _check_journal(self, request_id: str, meta: dict[str, str]) -> None:
+        """RefusedDocument unless the entry's prompt and parameters verify (signed)."""
+        if self._signer is not None:
+            body = _journal_body(meta)
+            try:
+                self._signer.check(self._journal_id(request_id), body, meta.get("mac"))
+            except Forged as err:
+                raise self.refusals.refuse("journal", self._key("journal", request_id), body, err) from None
+
+    def _journal_tokens(self, request_id: str, text: str) -> tuple[int, ...]:
+        """The token ids of a tokens string; RefusedDocument when a chunk does not verify (signed)."""
+        token_ids: list[int] = []
+        for chunk in filter(None, text.split(";")):
+            csv, _, mac = chunk.partition("#")
+            if self._signer is not None:
+                try:
+                    self._signer.check(self._journal_id(request_id, len(token_ids)), csv, mac)
+                except Forged as err:
+                    raise self.refusals.refuse("journal", self._key("journal", request_id, "tokens"), text,
+                                               err) from None
+            token_ids.extend(int(t) for t in csv.split(",") if t)
+        return tuple(token_ids)
 
     @_translate_errors
     async def journal_move(self, request_id: str, chain: int) -> None:
@@ -384,6 +543,8 @@ class Store:
                     pipe.srem(self._key("chain", old_chain, "requests"), request_id)
                 pipe.delete(self._key("journal", request_id), self._key("journal", request_id, "tokens"))
             await pipe.execute()
+        for request_id in request_ids:
+            self._journaled.pop(request_id, None)
 
     @_translate_errors
     async def journal_by_chain(self, chain: int) -> list[str]:
@@ -394,32 +555,35 @@ class Store:
 
     @_translate_errors
     async def set_placement(self, chain: int, replicas: list[ExpertReplica]) -> None:
-        """Replace chain ``chain``'s expert placement (and which replicas are down)."""
-        async with self._r.pipeline() as pipe:
-            pipe.delete(self._key("placement", chain), self._key("placement", chain, "down"))
-            if replicas:
-                pipe.hset(self._key("placement", chain), mapping={r.worker_id: r.to_json() for r in replicas})
-            down = [r.worker_id for r in replicas if not r.live]
-            if down:
-                pipe.sadd(self._key("placement", chain, "down"), *down)
-            await pipe.execute()
+        """Replace chain ``chain``'s expert placement, each replica with its liveness (one document,
+        rewritten whole when a replica goes down or up: the gateway holds it all)."""
+        body = json.dumps({"replicas": [r.to_doc() for r in sorted(replicas, key=lambda r: r.worker_id)]})
+        await self._r.set(self._key("placement", chain), self._seal("placement", chain, body))
 
     @_translate_errors
     async def get_placement(self, chain: int) -> list[ExpertReplica]:
-        """Chain ``chain``'s expert workers, sorted by id, with ``live``; empty when none is placed."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._key("placement", chain))
-            pipe.smembers(self._key("placement", chain, "down"))
-            held, down = await pipe.execute()
-        return [ExpertReplica.from_json(w, held[w], w not in down) for w in sorted(held)]
+        """Chain ``chain``'s expert workers, sorted by id, with ``live``; empty when none is placed.
+        A refused one (signed) gives the last good copy, else RefusedDocument."""
+        key = self._key("placement", chain)
+        text = await self._r.get(key)
+        if text is None:
+            return []
+        try:
+            body = self._unseal("placement", chain, key, text)
+        except RefusedDocument as err:
+            return list(self._good_copy(key, err))
+        replicas = self._good[key] = [ExpertReplica.from_doc(r) for r in json.loads(body)["replicas"]]
+        return list(replicas)
 
     @_translate_errors
-    async def set_replica_live(self, chain: int, worker_id: str, live: bool) -> None:
-        """Mark one expert worker's replicas up (``live``) or down in chain ``chain``'s placement."""
-        if live:
-            await self._r.srem(self._key("placement", chain, "down"), worker_id)
-        else:
-            await self._r.sadd(self._key("placement", chain, "down"), worker_id)
+    async def has_placement(self, chain: int) -> bool:
+        """Whether chain ``chain`` has a placement that verifies (False: none, or signed: it is refused)."""
+        key = self._key("placement", chain)
+        text = await self._r.get(key)
+        try:
+            return text is not None and bool(self._unseal("placement", chain, key, text))
+        except RefusedDocument:
+            return False
 
     # --- metrics --------------------------------------------------------------------------
 
@@ -456,6 +620,11 @@ class Store:
             pipe.hset(key, mapping={name: json.dumps(value) for name, value in figures.items()})
             pipe.pexpire(key, _ms(ttl_s))
             pipe.sadd(self._key("metrics"), worker_id)
+
+
+def _journal_body(meta: dict[str, Any]) -> str:
+    """What a journal entry's MAC covers: its prompt and parameters, as stored."""
+    return f"{meta.get('prompt', '')}\n{meta.get('params', '')}"
 
 
 def _ms(seconds: float) -> int:

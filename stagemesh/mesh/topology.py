@@ -1,6 +1,6 @@
 """The topology: where every worker of the deployment runs, as frozen dataclasses. Torch-free.
 
-The launcher plans it (``stagemesh.deploy.launch.plan_topology``; compose's planner service
+The launcher plans it (``stagemesh.deploy.up_plan.plan_topology``; compose's planner service
 runs the same plan), ``Store.set_topology`` writes it to Redis as one JSON document, and every
 worker and the gateway read it back (``Store.get_topology``)::
 

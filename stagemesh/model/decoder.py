@@ -6,6 +6,8 @@ Stage 0 embeds token ids; the last stage applies the final norm and ``lm_head``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -81,14 +83,17 @@ class StageModel(nn.Module):
     def num_kv_heads(self) -> int:
         return next(layer.attn for layer in self.layers if layer.attn is not None).num_kv_heads
 
-    def load(self, reader: CheckpointReader) -> None:
-        """Read this stage's (and this rank's) tensors — and nothing else — from the checkpoint."""
+    def load(self, reader: CheckpointReader, progress: Callable[[int, int], None] | None = None) -> None:
+        """Read this stage's (and this rank's) tensors — and nothing else — from the checkpoint;
+        ``progress(done, total)`` after each layer."""
         names = self.config.tensors
         embed, head = f"{names.embed}.weight", f"{names.lm_head}.weight"
         if self.embed is not None:
             self.embed.load(reader, embed)
-        for layer in self.layers:
+        for done, layer in enumerate(self.layers, 1):
             layer.load(reader, names)
+            if progress is not None:
+                progress(done, len(self.layers))
         if self.norm is not None:
             self.norm.load(reader, f"{names.final_norm}.weight")
             tied = self.config.tie_word_embeddings or not reader.has(head)

@@ -32,6 +32,8 @@ class KVCache:
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
         self.block_tables: dict[int, list[int]] = {}
+        self.seq_tokens: dict[int, int] = {}
+        """Sequence id -> tokens its blocks hold (what ``ensure`` was last asked for)."""
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -43,10 +45,12 @@ class KVCache:
         missing = blocks_needed(num_tokens, self.block_size) - len(table)
         if missing > 0:
             table.extend(self.allocator.allocate(missing))
+        self.seq_tokens[seq_id] = num_tokens
         return table
 
     def free(self, seq_id: int) -> None:
         table = self.block_tables.pop(seq_id, None)
+        self.seq_tokens.pop(seq_id, None)
         if table:
             self.allocator.free(table)
 

@@ -1,4 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, each row with its own seeded stream.
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, each row with its own seeded stream;
+and the log-probabilities of the sampled tokens for the rows that ask (``token_logprobs``).
 
 NOTE: random rows use the Gumbel-max trick (argmax of logits/T + Gumbel noise samples from
 softmax(logits/T)). The noise is a counter-based hash of (seed, token index, vocab id)
@@ -10,7 +11,7 @@ and after a failover re-prefill — and no per-row Python loop or torch.Generato
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,7 +22,9 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row sampling parameters as tensors ([B] each): one per ``SampleSpec`` field."""
+    """Per-row sampling parameters as tensors ([B] each): one per ``SampleSpec`` field that picks
+    the token. ``logprobs`` / ``top_logprobs`` ask for something back instead: the stage runner
+    reads them from the specs in Python (``token_logprobs``), so they are no tensors here."""
 
     seed: torch.Tensor  # int64
     index: torch.Tensor  # int64, tokens generated so far
@@ -32,10 +35,11 @@ class SamplingBatch:
 
     @classmethod
     def of(cls, specs: Sequence[SampleSpec], device: torch.device | str) -> "SamplingBatch":
-        """The batch of ``specs`` (one row each), built field by field from ``SAMPLE_FIELDS``."""
+        """The batch of ``specs`` (one row each), built field by field (each a ``SAMPLE_FIELDS`` one)."""
         return cls(**{
-            name: torch.tensor([getattr(s, name) for s in specs], dtype=_DTYPES[kind], device=device)
-            for name, kind in SAMPLE_FIELDS.items()
+            f.name: torch.tensor([getattr(s, f.name) for s in specs], dtype=_DTYPES[SAMPLE_FIELDS[f.name]],
+                                 device=device)
+            for f in fields(cls)
         })
 
 
@@ -52,6 +56,18 @@ def sample(logits: torch.Tensor, p: SamplingBatch) -> torch.Tensor:
     scaled = _filter_min_p(_filter_top_k_top_p(logits / temp[:, None], p.top_k, p.top_p), p.min_p)
     drawn = (scaled + _gumbel(p.seed, p.index, logits.shape[1])).argmax(dim=-1)
     return torch.where(random_rows, drawn, greedy)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution: log_softmax of ``logits`` [B, V]
+    (float32, before temperature and the top-k/top-p/min-p filters, as vLLM returns by default).
+    Returns the log-probability of ``tokens`` [B] -> [B], and the ids and log-probabilities of the
+    ``top_n`` most likely tokens, most likely first -> [B, top_n] each."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
+    top = logprobs.topk(top_n, dim=-1)  # [B, top_n]
+    return chosen, top.indices, top.values
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

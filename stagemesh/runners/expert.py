@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,10 @@ class ExpertRunner:
     """Runs grouped rows through the experts this worker holds: ``run(layer, expert_ids, counts, x)``."""
 
     def __init__(
-        self, model_dir: str | Path, experts: dict[int, list[int]], *, device: str = "cpu", dtype: str | None = None
+        self, model_dir: str | Path, experts: dict[int, list[int]], *, device: str = "cpu", dtype: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
+        """``progress(done, total)``: called after each MoE layer's experts loaded."""
         self.config = ModelConfig.from_dir(model_dir)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.config)
@@ -47,6 +50,8 @@ class ExpertRunner:
                 local = LocalExperts(self.config, sorted(ids), TPGroup()).to(self.dtype)
             local.load(reader, layer)
             self.layers[layer] = local.eval()
+            if progress is not None:
+                progress(len(self.layers), len(experts))
         self.figures = ExpertCounters()
 
     @property
@@ -61,6 +66,11 @@ class ExpertRunner:
     def run(self, layer: int, expert_ids: tuple[int, ...], counts: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
         """x: [sum(counts), H] grouped by ``expert_ids`` (increasing) -> the experts' outputs, same rows."""
         local = self._layer(layer)
+        if x.dim() != 2 or x.shape[1] != self.config.hidden_size or not x.dtype.is_floating_point:
+            raise InvalidArgument(
+                f"expert worker got rows of {str(x.dtype).removeprefix('torch.')} {list(x.shape)}; it needs a floating "
+                f"tensor of [rows, {self.config.hidden_size}] (hidden_size)"
+            )
         index = {e: i for i, e in enumerate(local.expert_ids)}
         missing = [e for e in expert_ids if e not in index]
         if missing:

@@ -26,6 +26,8 @@ from typing import TypeVar
 import grpc
 
 from stagemesh.errors import StagemeshError, error_for
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -276,10 +278,11 @@ def fault_from_pb(msg: admin_pb2.InjectFaultRequest) -> Fault:
     raise ValueError("InjectFaultRequest names no fault: set one of fail, stall, drop, clear")
 
 
-def inject_fault(address: str, fault: Fault, timeout_s: float = 5.0) -> str:
-    """Inject ``fault`` into the worker at ``address``; what it will do, in words. A refusal
-    (fault injection off, a bad fault, the worker unreachable) raises ``StagemeshError``."""
-    with grpc.insecure_channel(address) as channel:
+def inject_fault(address: str, fault: Fault, timeout_s: float = 5.0, tls: MeshTLS | None = None) -> str:
+    """Inject ``fault`` into the worker at ``address`` (over the mesh's mTLS with ``tls``, e.g. an admin
+    certificate); what it will do, in words. A refusal (fault injection off, a bad fault, the worker
+    unreachable) raises ``StagemeshError``."""
+    with mesh_tls.channel(address, tls) as channel:
         try:
             reply = admin_pb2_grpc.AdminStub(channel).InjectFault(fault_to_pb(fault), timeout=timeout_s)
         except grpc.RpcError as err:
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stagemesh.runtime.faults",
                                 description="Inject one fault into a stage or expert worker (stagemesh.v1.Admin).")
     p.add_argument("address", help="HOST:PORT of a stage or expert worker started with --enable-fault-injection")
+    mesh_tls.add_tls_args(p, role=True)
     kinds = p.add_subparsers(dest="kind", required=True)
     fail = kinds.add_parser("fail", help="fail its next N steps/calls")
     fail.add_argument("--count", type=int, default=1)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     make = {"fail": lambda: FailNext(args.count, args.code), "stall": lambda: Stall(args.stall_s, args.for_s),
             "drop": DropStreams, "clear": ClearFaults}
     try:
-        print(inject_fault(args.address, make[args.kind]()))
+        print(inject_fault(args.address, make[args.kind](), tls=mesh_tls.tls_from_args(args)))
     except (ValueError, StagemeshError) as err:
         print(f"error: {err}")
         return 1

@@ -3,7 +3,8 @@
 ``serving`` (async) and ``serving_sync`` (blocking: the launcher, ``stagemesh health``) open a
 channel per check; ``HealthProbe`` keeps one per address for a watcher that checks the same
 workers every second (the gateway); ``status`` is the bare call on a channel the caller holds.
-Every check has a deadline: a server that does not answer in time is not serving.
+Every check has a deadline: a server that does not answer in time is not serving. With a
+``MeshTLS`` (``stagemesh.runtime.tls``) the checks go over the mesh's mTLS; None: plaintext.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -33,18 +37,19 @@ async def status(channel: grpc.aio.Channel, *, service: str = "", timeout_s: flo
     return (await _check(channel, service, timeout_s)).status
 
 
-async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
+async def serving(address: str, timeout_s: float = CHECK_TIMEOUT_S, tls: MeshTLS | None = None) -> bool:
     """Whether the server at ``address`` answers SERVING (service "") within ``timeout_s``."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with mesh_tls.aio_channel(address, tls) as channel:
         try:
             return await status(channel, timeout_s=timeout_s) == SERVING
         except grpc.RpcError:
             return False
 
 
-def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, service: str = "") -> bool:
+def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, service: str = "",
+                 tls: MeshTLS | None = None) -> bool:
     """``serving``, blocking; of ``service`` ("" : the server as a whole)."""
-    with grpc.insecure_channel(address) as channel:
+    with mesh_tls.channel(address, tls) as channel:
         try:
             return _check(channel, service, timeout_s).status == SERVING
         except grpc.RpcError:
@@ -54,15 +59,16 @@ def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, service: str 
 class HealthProbe:
     """Checks workers' health over one cached channel per address."""
 
-    def __init__(self, timeout_s: float = CHECK_TIMEOUT_S):
+    def __init__(self, timeout_s: float = CHECK_TIMEOUT_S, tls: MeshTLS | None = None):
         self.timeout_s = timeout_s
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def serving(self, address: str) -> bool:
         """Whether the worker at ``address`` answers SERVING within the timeout."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = mesh_tls.aio_channel(address, self.tls)
         try:
             return await status(channel, timeout_s=self.timeout_s) == SERVING
         except grpc.RpcError:

@@ -22,8 +22,10 @@ from typing import TypeVar
 import grpc.aio
 from grpc_health.v1 import health, health_pb2_grpc
 
+from stagemesh.runtime.decode_guard import DecodeGuard
 from stagemesh.runtime.health import NOT_SERVING, SERVING
 from stagemesh.runtime.startup import StartupError
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.wire.streams import MESSAGE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,18 @@ AddServicer = Callable[[grpc.aio.Server], None]
 class WorkerServer:
     """One gRPC server with ``grpc.health.v1`` for "" and ``service``, and the stop signal that ends it."""
 
-    def __init__(self, service: str, grace_s: float, options: tuple = SERVER_OPTIONS):
+    def __init__(self, service: str, grace_s: float, options: tuple = SERVER_OPTIONS,
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (), *, tls: MeshTLS | None = None):
         self.service = service
         """Full name of the served service, e.g. ``stagemesh.v1.Stage`` (its health name)."""
         self.grace_s = grace_s
         """On stop, how long in-flight calls may finish (``server.stop(grace)``)."""
         self.options = options
+        self.interceptors = interceptors
+        """Run before every call's handler (a frontend's API-key check: ``frontend.auth``)."""
+        self.tls = tls
+        """This process's mesh identity: its ports take only the mesh CA's client certificates and each
+        caller's role is checked (``stagemesh.runtime.tls``); None: plaintext (an ``--insecure`` mesh)."""
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.stopping = asyncio.Event()
@@ -62,16 +70,24 @@ class WorkerServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
-    async def start(self, bind: str, add_servicer: AddServicer, *, also: tuple[str, ...] = ()) -> None:
+    async def start(self, bind: str, add_servicer: AddServicer, *, also: tuple[str, ...] = (),
+                    public: bool = False, public_credentials: grpc.ServerCredentials | None = None) -> None:
         """Serve ``add_servicer``'s service and health (NOT_SERVING) on ``bind`` (and on each
-        address in ``also``); StartupError when it cannot listen."""
-        self.server = grpc.aio.server(options=self.options)
-        add_servicer(self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address in ``also``), with the mesh's mTLS when ``tls`` is set; StartupError when it cannot listen.
+
+        ``public``: ``bind`` is a client-facing port (a frontend's), served with ``public_credentials``
+        (server-side TLS) or plaintext, never the mesh's mTLS; ``also`` stays a mesh port."""
+        mesh_checks = self.tls.interceptors() if self.tls is not None else ()
+        self.server = grpc.aio.server(options=self.options, interceptors=(*self.interceptors, *mesh_checks))
+        guarded = DecodeGuard(self.server)  # undecodable requests: INVALID_ARGUMENT (runtime.decode_guard)
+        add_servicer(guarded)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)
         await self.set_serving(False)
+        mesh = self.tls.server_credentials() if self.tls is not None else None
         for address in (bind, *also):
+            credentials = public_credentials if public and address == bind else mesh
             try:
-                if self.server.add_insecure_port(address) == 0:
+                if _add_port(self.server, address, credentials) == 0:
                     raise RuntimeError("port unavailable")
             except RuntimeError as err:
                 raise StartupError(f"cannot listen on {address} ({err}); is another process using the port?") from err
@@ -104,6 +120,13 @@ class WorkerServer:
         if self.server is not None:
             await self.server.stop(self.grace_s)
         await role.close()
+
+
+def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port bound (0: none), over TLS with ``credentials``, else plaintext."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
 
 
 class Role:

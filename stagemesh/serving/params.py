@@ -28,6 +28,8 @@ from typing import Any, Mapping
 from stagemesh.errors import InvalidArgument
 
 MAX_SEED = 2**63
+MAX_TOP_LOGPROBS = 20
+"""The most likely tokens a request may ask the log-probabilities of at each position (OpenAI's bound)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,14 @@ class SamplingParams:
     )
     ignore_eos: bool = param(
         False, "Do not stop at the model's EOS ids (benchmarks use this for fixed output lengths)."
+    )
+    logprobs: bool = param(
+        False, "Return each generated token's log-probability under the model's own distribution (the logits "
+        "before temperature, top-k, top-p and min-p, as vLLM does).", row=True,
+    )
+    top_logprobs: int = param(
+        0, f"With logprobs: also the {MAX_TOP_LOGPROBS} or fewer most likely tokens at each position and their "
+        "log-probabilities.", Bounds(0, MAX_TOP_LOGPROBS), row=True,
     )
 
 

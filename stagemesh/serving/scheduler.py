@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
 from stagemesh.serving.params import SEED_RANGE, sample_spec
-from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent
+from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class Scheduler:
                 if not seq.in_flight:
                     self._finish(seq)
             elif chunk.sample is not None:
-                events.append(self._append_token(seq, result.tokens[chunk.seq_id]))
+                events.append(self._append_token(seq, result.tokens[chunk.seq_id], result.logprobs.get(chunk.seq_id)))
         return events
 
     def _landed(self, chunk: SeqChunk) -> _Sequence | None:
@@ -300,13 +300,13 @@ class Scheduler:
         if missing:
             raise ValueError(f"step {plan.step_id} returned no token for sequences {missing}: the chain is broken")
 
-    def _append_token(self, seq: _Sequence, token: int) -> TokenEvent:
+    def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> TokenEvent:
         seq.token_ids.append(token)
         seq.num_generated += 1
         reason = self._finish_reason(seq, token)
         if reason is not None:
             self._finish(seq)
-        return TokenEvent(seq.request_id, token, seq.num_generated - 1, reason)
+        return TokenEvent(seq.request_id, token, seq.num_generated - 1, reason, logprobs)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         p = seq.request.params

@@ -14,7 +14,8 @@ from stagemesh.errors import InvalidArgument
 from stagemesh.serving.params import SampleSpec, SamplingParams
 
 __all__ = [
-    "SamplingParams", "Request", "SampleSpec", "PENDING_TOKEN", "SeqChunk", "StepPlan", "StepResult", "TokenEvent",
+    "SamplingParams", "Request", "SampleSpec", "PENDING_TOKEN", "SeqChunk", "StepPlan", "TokenLogprobs", "StepResult",
+    "TokenEvent",
 ]
 
 
@@ -88,12 +89,26 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The log-probabilities of one generated token under the model's own distribution
+    (log_softmax of the last stage's logits, before temperature, top-k, top-p and min-p)."""
+
+    logprob: float | None
+    """The generated token's; None when it is not known (a token generated before a gateway
+    restart: the journal keeps token ids only)."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the ``top_logprobs`` most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What the last stage sends back for one step: one sampled token per sampling chunk."""
 
     step_id: int
     tokens: dict[int, int] = field(default_factory=dict)
     """seq_id -> sampled token id."""
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    """seq_id -> its token's log-probabilities, for the chunks whose ``SampleSpec.logprobs`` is set."""
 
 
 @dataclass(frozen=True)
@@ -107,3 +122,5 @@ class TokenEvent:
     """Position of this token among the request's generated tokens (0-based)."""
     finish_reason: str | None = None
     """``stop`` (EOS or a stop id), ``length`` (max_new_tokens or context), or None while running."""
+    logprobs: TokenLogprobs | None = None
+    """The token's log-probabilities, when its request asked for them (``SamplingParams.logprobs``)."""

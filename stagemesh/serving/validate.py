@@ -76,6 +76,9 @@ def _validate_params(p: SamplingParams, *, vocab_size: int) -> None:
     for tok in p.stop_token_ids:
         if not 0 <= tok < vocab_size:
             raise InvalidArgument(f"stop token id {tok!r} is outside the vocabulary [0, {vocab_size})")
+    if p.top_logprobs and not p.logprobs:
+        raise InvalidArgument(f"top_logprobs={p.top_logprobs} needs logprobs=true (the top tokens come with the "
+                              "generated token's own log-probability)")
 
 
 def _validate_value(name: str, value: Any, bounds: Bounds | None) -> None:

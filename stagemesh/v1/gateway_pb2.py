@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stagemesh.v1 import sampling_pb2 as stagemesh_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagemesh/v1/gateway.proto\x12\x0cstagemesh.v1\x1a\x1bstagemesh/v1/sampling.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.stagemesh.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x18\n\x0bresume_from\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05inputB\x0e\n\x0c_resume_from\"m\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x8b\x01\n\x0b\x43hainStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x12\n\nnum_stages\x18\x03 \x01(\x05\x12\x17\n\x0frequests_served\x18\x04 \x01(\x04\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\"\xae\x03\n\nWorkerLoad\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x15\n\rbusy_fraction\x18\x05 \x01(\x01\x12\x18\n\x10tokens_processed\x18\x06 \x01(\x04\x12\x1a\n\x12step_latency_p50_s\x18\x07 \x01(\x01\x12\x1a\n\x12step_latency_p99_s\x18\x08 \x01(\x01\x12\x1b\n\x13micro_batches_per_s\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x17\n\x0f\x62ubble_fraction\x18\x0b \x01(\x01\x12\x12\n\nbytes_sent\x18\x0c \x01(\x04\x12\x41\n\rexpert_tokens\x18\x14 \x03(\x0b\x32*.stagemesh.v1.WorkerLoad.ExpertTokensEntry\x1a\x33\n\x11\x45xpertTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x18\n\tExpertIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc6\x03\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x01(\x05\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0f\n\x07healthy\x18\n \x01(\x08\x12\x0f\n\x07tp_size\x18\x0b \x01(\x05\x12\x17\n\x0fheartbeat_age_s\x18\x0c \x01(\x01\x12&\n\x04load\x18\r \x01(\x0b\x32\x18.stagemesh.v1.WorkerLoad\x12\x43\n\rlayer_experts\x18\x14 \x03(\x0b\x32,.stagemesh.v1.WorkerStatus.LayerExpertsEntry\x12\x16\n\x0emlp_only_start\x18\x15 \x01(\x08\x12\x15\n\rattn_only_end\x18\x16 \x01(\x08\x1aL\n\x11LayerExpertsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.stagemesh.v1.ExpertIds:\x02\x38\x01\"\x96\x01\n\x0eStatusResponse\x12)\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x19.stagemesh.v1.ChainStatus\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.stagemesh.v1.WorkerStatus\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04json\x18\x05 \x01(\t2\xe0\x01\n\x07Gateway\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.stagemesh.v1.CancelRequest\x1a\x1c.stagemesh.v1.CancelResponse\x12\x43\n\x06Status\x12\x1b.stagemesh.v1.StatusRequest\x1a\x1c.stagemesh.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagemesh/v1/gateway.proto\x12\x0cstagemesh.v1\x1a\x1bstagemesh/v1/sampling.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.stagemesh.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x18\n\x0bresume_from\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05inputB\x0e\n\x0c_resume_from\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.stagemesh.v1.TokenLogprobs\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x8b\x01\n\x0b\x43hainStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x12\n\nnum_stages\x18\x03 \x01(\x05\x12\x17\n\x0frequests_served\x18\x04 \x01(\x04\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\"\xae\x03\n\nWorkerLoad\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x15\n\rbusy_fraction\x18\x05 \x01(\x01\x12\x18\n\x10tokens_processed\x18\x06 \x01(\x04\x12\x1a\n\x12step_latency_p50_s\x18\x07 \x01(\x01\x12\x1a\n\x12step_latency_p99_s\x18\x08 \x01(\x01\x12\x1b\n\x13micro_batches_per_s\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x17\n\x0f\x62ubble_fraction\x18\x0b \x01(\x01\x12\x12\n\nbytes_sent\x18\x0c \x01(\x04\x12\x41\n\rexpert_tokens\x18\x14 \x03(\x0b\x32*.stagemesh.v1.WorkerLoad.ExpertTokensEntry\x1a\x33\n\x11\x45xpertTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x18\n\tExpertIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc6\x03\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x01(\x05\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0f\n\x07healthy\x18\n \x01(\x08\x12\x0f\n\x07tp_size\x18\x0b \x01(\x05\x12\x17\n\x0fheartbeat_age_s\x18\x0c \x01(\x01\x12&\n\x04load\x18\r \x01(\x0b\x32\x18.stagemesh.v1.WorkerLoad\x12\x43\n\rlayer_experts\x18\x14 \x03(\x0b\x32,.stagemesh.v1.WorkerStatus.LayerExpertsEntry\x12\x16\n\x0emlp_only_start\x18\x15 \x01(\x08\x12\x15\n\rattn_only_end\x18\x16 \x01(\x08\x1aL\n\x11LayerExpertsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.stagemesh.v1.ExpertIds:\x02\x38\x01\"\x96\x01\n\x0eStatusResponse\x12)\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x19.stagemesh.v1.ChainStatus\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.stagemesh.v1.WorkerStatus\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04json\x18\x05 \x01(\t2\xe0\x01\n\x07Gateway\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.stagemesh.v1.CancelRequest\x1a\x1c.stagemesh.v1.CancelResponse\x12\x43\n\x06Status\x12\x1b.stagemesh.v1.StatusRequest\x1a\x1c.stagemesh.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,28 +40,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_end=96
   _globals['_GENERATEREQUEST']._serialized_start=99
   _globals['_GENERATEREQUEST']._serialized_end=296
-  _globals['_GENERATERESPONSE']._serialized_start=298
-  _globals['_GENERATERESPONSE']._serialized_end=407
-  _globals['_CANCELREQUEST']._serialized_start=409
-  _globals['_CANCELREQUEST']._serialized_end=444
-  _globals['_CANCELRESPONSE']._serialized_start=446
-  _globals['_CANCELRESPONSE']._serialized_end=481
-  _globals['_STATUSREQUEST']._serialized_start=483
-  _globals['_STATUSREQUEST']._serialized_end=498
-  _globals['_CHAINSTATUS']._serialized_start=501
-  _globals['_CHAINSTATUS']._serialized_end=640
-  _globals['_WORKERLOAD']._serialized_start=643
-  _globals['_WORKERLOAD']._serialized_end=1073
-  _globals['_WORKERLOAD_EXPERTTOKENSENTRY']._serialized_start=1022
-  _globals['_WORKERLOAD_EXPERTTOKENSENTRY']._serialized_end=1073
-  _globals['_EXPERTIDS']._serialized_start=1075
-  _globals['_EXPERTIDS']._serialized_end=1099
-  _globals['_WORKERSTATUS']._serialized_start=1102
-  _globals['_WORKERSTATUS']._serialized_end=1556
-  _globals['_WORKERSTATUS_LAYEREXPERTSENTRY']._serialized_start=1480
-  _globals['_WORKERSTATUS_LAYEREXPERTSENTRY']._serialized_end=1556
-  _globals['_STATUSRESPONSE']._serialized_start=1559
-  _globals['_STATUSRESPONSE']._serialized_end=1709
-  _globals['_GATEWAY']._serialized_start=1712
-  _globals['_GATEWAY']._serialized_end=1936
+  _globals['_GENERATERESPONSE']._serialized_start=299
+  _globals['_GENERATERESPONSE']._serialized_end=455
+  _globals['_CANCELREQUEST']._serialized_start=457
+  _globals['_CANCELREQUEST']._serialized_end=492
+  _globals['_CANCELRESPONSE']._serialized_start=494
+  _globals['_CANCELRESPONSE']._serialized_end=529
+  _globals['_STATUSREQUEST']._serialized_start=531
+  _globals['_STATUSREQUEST']._serialized_end=546
+  _globals['_CHAINSTATUS']._serialized_start=549
+  _globals['_CHAINSTATUS']._serialized_end=688
+  _globals['_WORKERLOAD']._serialized_start=691
+  _globals['_WORKERLOAD']._serialized_end=1121
+  _globals['_WORKERLOAD_EXPERTTOKENSENTRY']._serialized_start=1070
+  _globals['_WORKERLOAD_EXPERTTOKENSENTRY']._serialized_end=1121
+  _globals['_EXPERTIDS']._serialized_start=1123
+  _globals['_EXPERTIDS']._serialized_end=1147
+  _globals['_WORKERSTATUS']._serialized_start=1150
+  _globals['_WORKERSTATUS']._serialized_end=1604
+  _globals['_WORKERSTATUS_LAYEREXPERTSENTRY']._serialized_start=1528
+  _globals['_WORKERSTATUS_LAYEREXPERTSENTRY']._serialized_end=1604
+  _globals['_STATUSRESPONSE']._serialized_start=1607
+  _globals['_STATUSRESPONSE']._serialized_end=1757
+  _globals['_GATEWAY']._serialized_start=1760
+  _globals['_GATEWAY']._serialized_end=1984
 # @@protoc_insertion_point(module_scope)

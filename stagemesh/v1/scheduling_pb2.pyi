@@ -44,7 +44,7 @@ class RequestError(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("handles", "token_ids", "finished", "errors")
+    __slots__ = ("handles", "token_ids", "finished", "errors", "logprobs")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,12 +52,21 @@ class EventBatch(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _sampling_pb2.TokenLogprobs
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_sampling_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     handles: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
     finished: _containers.ScalarMap[int, str]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
-    def __init__(self, handles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., finished: _Optional[_Mapping[int, str]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
+    logprobs: _containers.MessageMap[int, _sampling_pb2.TokenLogprobs]
+    def __init__(self, handles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., finished: _Optional[_Mapping[int, str]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., logprobs: _Optional[_Mapping[int, _sampling_pb2.TokenLogprobs]] = ...) -> None: ...

@@ -1,3 +1,4 @@
+from stagemesh.v1 import sampling_pb2 as _sampling_pb2
 from stagemesh.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -8,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageRequest(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "min_p", "free", "hidden", "epoch")
+    __slots__ = ("step_id", "seq_ids", "starts", "lengths", "token_ids", "sample", "temperature", "top_k", "top_p", "seed", "index", "min_p", "logprobs", "top_logprobs", "free", "hidden", "epoch")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     STARTS_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +22,8 @@ class StageRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MIN_P_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -36,22 +39,33 @@ class StageRequest(_message.Message):
     seed: _containers.RepeatedScalarFieldContainer[int]
     index: _containers.RepeatedScalarFieldContainer[int]
     min_p: _containers.RepeatedScalarFieldContainer[float]
+    logprobs: _containers.RepeatedScalarFieldContainer[bool]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[int]
     free: _containers.RepeatedScalarFieldContainer[int]
     hidden: _tensor_pb2.Tensor
     epoch: int
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., min_p: _Optional[_Iterable[float]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample: _Optional[_Iterable[bool]] = ..., temperature: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[int]] = ..., top_p: _Optional[_Iterable[float]] = ..., seed: _Optional[_Iterable[int]] = ..., index: _Optional[_Iterable[int]] = ..., min_p: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[bool]] = ..., top_logprobs: _Optional[_Iterable[int]] = ..., free: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StageResponse(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "tokens", "error")
+    __slots__ = ("step_id", "seq_ids", "tokens", "error", "logprobs")
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _sampling_pb2.TokenLogprobs
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_sampling_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     error: _tensor_pb2.Error
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[_tensor_pb2.Error, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.MessageMap[int, _sampling_pb2.TokenLogprobs]
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[_tensor_pb2.Error, _Mapping]] = ..., logprobs: _Optional[_Mapping[int, _sampling_pb2.TokenLogprobs]] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("role", "chain", "stage", "num_stages", "layer_start", "layer_end", "num_layers", "device", "tp_size", "dtype", "hidden_size", "num_kv_blocks", "block_size", "kv_blocks_used", "pid", "model", "mlp_only_start", "attn_only_end")

@@ -26,6 +26,8 @@ import grpc
 import grpc.aio
 
 from stagemesh.errors import Unavailable
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from stagemesh.wire.codec.messages import failed_step_to_pb
 
@@ -69,8 +71,10 @@ FORWARD = StreamRpc("Forward", lambda channel: stage_pb2_grpc.StageStub(channel)
 class ForwardStream:
     """Sends ``StageRequest``s (or another ``rpc``'s requests) to ``address`` and hands back its answers, in order."""
 
-    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc = FORWARD):
+    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc = FORWARD, *, tls: MeshTLS | None = None):
         self.address = address
+        self.tls = tls
+        """The mesh identity its calls are made with (mTLS); None: plaintext."""
         self._unreachable = unreachable
         self._rpc = rpc
         self._call: _ForwardCall | None = None
@@ -80,7 +84,7 @@ class ForwardStream:
         """Queue ``request``; the future gets the stage's answer, or an UNAVAILABLE one if the call breaks."""
         if self._call is None or self._call.broken:
             # NOTE: a fresh channel per call: an old one may sit in reconnect backoff for minutes.
-            self._call = _ForwardCall(self.address, self._unreachable, self._rpc)
+            self._call = _ForwardCall(self.address, self._unreachable, self._rpc, self.tls)
             self._readers.add(self._call.reader)
             self._call.reader.add_done_callback(self._readers.discard)
         return self._call.send(request)
@@ -100,11 +104,11 @@ class ForwardStream:
 class _ForwardCall:
     """One open ``Forward`` call: a request queue in, a reader task settling answers out."""
 
-    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc):
+    def __init__(self, address: str, unreachable: Unreachable, rpc: StreamRpc, tls: MeshTLS | None):
         self.broken = False
         self._unreachable = unreachable
         self._rpc = rpc
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = mesh_tls.aio_channel(address, tls, CHANNEL_OPTIONS)
         self._outbox: asyncio.Queue[stage_pb2.StageRequest | None] = asyncio.Queue()
         self._pending: deque[tuple[int, asyncio.Future[stage_pb2.StageResponse]]] = deque()
         # NOTE: no deadline: the call lives as long as its process; keepalive guards it.

@@ -17,9 +17,10 @@ import time
 import pytest
 
 from stagemesh.runtime.faults import DropStreams, FailNext, Fault, Stall, inject_fault
+from stagemesh.runtime.tls import MeshTLS
 from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, streams, wait_whole
 from tests.checkpoints import make_hf_checkpoint
-from tests.integration.mesh_helpers import stagemesh_up
+from tests.integration.mesh_helpers import admin_tls, stagemesh_up
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with stagemesh_up(model_dir, logs, "--pp", "2", "--dp", "2", "--fault-injection") as (addr, _, _):
-        yield addr, logs
+    with stagemesh_up(model_dir, logs, "--pp", "2", "--dp", "2", "--fault-injection") as (addr, _, up):
+        yield addr, logs, admin_tls(up)  # the workers' Admin service takes mesh certificates only
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,14 @@ def _address(addr: str, chain: int, stage: int) -> str:
     return next(w["address"] for w in doc["workers"] if (w["role"], w["chain"], w["stage"]) == ("stage", chain, stage))
 
 
-def _with_fault(addr: str, requests: list[dict], target: str, fault: Fault) -> tuple[list[list[int]], list[str]]:
+def _with_fault(addr: str, requests: list[dict], target: str, fault: Fault,
+                tls: MeshTLS | None) -> tuple[list[list[int]], list[str]]:
     """The streams, with ``fault`` injected into the worker at ``target`` mid-generation."""
     told: list[str] = []
 
     def inject(total: int) -> None:
         if total == INJECT_AFTER:
-            told.append(inject_fault(target, fault))
+            told.append(inject_fault(target, fault, tls=tls))
 
     got = asyncio.run(streams(addr, requests, inject))
     assert told, "the fault was never injected: the streams ended first"
@@ -68,25 +70,25 @@ def _with_fault(addr: str, requests: list[dict], target: str, fault: Fault) -> t
 
 
 def test_a_stage_failing_its_next_steps_costs_no_token(mesh, model_dir, fault_free):
-    addr, _ = mesh
+    addr, _, tls = mesh
     requests, expected = fault_free
-    got, told = _with_fault(addr, requests, _address(addr, 0, 1), FailNext(3))
+    got, told = _with_fault(addr, requests, _address(addr, 0, 1), FailNext(3), tls)
     assert told == ["stage-c0-s1: will fail its next 3 step(s)/call(s) with UNAVAILABLE"]
     same_tokens(model_dir, requests, expected, got)
 
 
 def test_a_stage_dropping_its_streams_costs_no_token(mesh, model_dir, fault_free):
-    addr, _ = mesh
+    addr, _, tls = mesh
     requests, expected = fault_free
-    got, told = _with_fault(addr, requests, _address(addr, 1, 0), DropStreams())
+    got, told = _with_fault(addr, requests, _address(addr, 1, 0), DropStreams(), tls)
     assert told == ["stage-c1-s0: dropped 1 open stream(s)"]  # the gateway's stream into chain 1
     same_tokens(model_dir, requests, expected, got)
 
 
 def test_a_stage_stalling_past_the_step_deadline_is_fenced_and_costs_no_token(mesh, model_dir, fault_free):
-    addr, logs = mesh
+    addr, logs, tls = mesh
     requests, expected = fault_free
-    got, _ = _with_fault(addr, requests, _address(addr, 0, 1), Stall(stall_s=6.0, for_s=1.0))
+    got, _ = _with_fault(addr, requests, _address(addr, 0, 1), Stall(stall_s=6.0, for_s=1.0), tls)
     same_tokens(model_dir, requests, expected, got)
     fired = [line for line in (logs / "gateway.log").read_text().splitlines() if "did not answer step" in line]
     assert fired, "the step deadline never fired"
@@ -96,7 +98,7 @@ def test_a_gateway_killed_while_a_chain_is_frozen_comes_back_with_the_other_and_
                                                                                               fault_free):
     """The new gateway takes the open requests over on the chain that serves: it does not wait
     for the frozen one (which joins once it answers again)."""
-    addr, logs = mesh
+    addr, logs, _ = mesh
     requests, expected = fault_free
     doc = status(addr)
     frozen = next(w["pid"] for w in doc["workers"] if (w["role"], w["chain"], w["stage"]) == ("stage", 1, 0))

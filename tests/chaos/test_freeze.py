@@ -28,7 +28,7 @@ import pytest
 from stagemesh.runtime.faults import FailNext, inject_fault
 from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, timed_streams, wait_whole
 from tests.checkpoints import make_hf_checkpoint
-from tests.integration.mesh_helpers import children, stagemesh_up
+from tests.integration.mesh_helpers import admin_tls, children, stagemesh_up
 
 pytestmark = pytest.mark.slow
 
@@ -188,14 +188,14 @@ def test_every_replica_failing_mid_step_on_a_tp_stage_costs_no_token_and_leaves_
     (``stage_worker.stage.DeferredExpertErrors``), so the ranks stay in step, the chain comes back,
     and the streams move on (before, the group hung for good: a SIGSTOPped rank 0 that woke up to
     both replicas' deadlines passed did it)."""
-    addr, _, _ = mesh
+    addr, up, _ = mesh
     requests, expected = fault_free
     experts = [w["address"] for w in status(addr)["workers"] if (w["role"], w["chain"]) == ("expert", 0)]
     assert len(experts) == 2
 
     def fail_both() -> None:
         for address in experts:
-            inject_fault(address, FailNext(2))
+            inject_fault(address, FailNext(2), tls=admin_tls(up))
 
     got, _ = asyncio.run(timed_streams(addr, requests, fail_both, FREEZE_AFTER))
     same_tokens(model_dir, requests, expected, got)

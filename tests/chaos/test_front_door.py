@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from stagemesh.runtime.health import serving_sync
+from stagemesh.runtime.tls import MeshTLS
 from tests.chaos.chaos_helpers import timed_streams
 from tests.checkpoints import make_hf_checkpoint
-from tests.integration.mesh_helpers import children, client_connections, pid_alive, stagemesh_up
+from tests.integration.mesh_helpers import admin_tls, children, client_connections, pid_alive, stagemesh_up
 
 pytestmark = pytest.mark.slow
 
@@ -66,25 +68,25 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def wait_for_new(up_pid: int, module: str, old: int, serving: int, timeout: float = 30.0) -> int:
+def wait_for_new(up: subprocess.Popen, module: str, old: int, serving: int, timeout: float = 30.0) -> int:
     """The restarted process's pid, once ``serving`` processes of ``module`` serve clients again
     (their own ports answer SERVING: the next trial starts with all of them up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = [p for p in children(up_pid, module) if p != old]
-        if new and len([p for p in children(up_pid, module) if own_port_serving(p)]) >= serving:
+        new = [p for p in children(up.pid, module) if p != old]
+        if new and len([p for p in children(up.pid, module) if own_port_serving(p, admin_tls(up))]) >= serving:
             return new[0]
         time.sleep(0.1)
     raise AssertionError(f"the launcher did not restart {module} within {timeout:.0f} s")
 
 
-def own_port_serving(pid: int) -> bool:
-    """``pid`` answers SERVING on its own port (``--own-port``; the gateway: ``--port``)."""
+def own_port_serving(pid: int, tls: MeshTLS | None) -> bool:
+    """``pid`` answers SERVING on its own port (``--own-port``; the gateway: ``--port``): mesh ports, mTLS."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     flag = b"--own-port" if b"--own-port" in argv else b"--port"
     port = int(argv[argv.index(flag) + 1])
     service = "" if flag == b"--own-port" else "stagemesh.v1.Scheduling"
-    return serving_sync(f"127.0.0.1:{port}", 1.0, service)
+    return serving_sync(f"127.0.0.1:{port}", 1.0, service, tls)
 
 
 def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
@@ -93,7 +95,7 @@ def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
         (gateway,) = children(proc.pid, "gateway")
         results, gap = asyncio.run(run_streams(addr, lambda: kill(gateway)))
         assert results == reference  # every stream whole, in order, each token once
-        assert not pid_alive(gateway) and wait_for_new(proc.pid, "gateway", gateway, serving=1)
+        assert not pid_alive(gateway) and wait_for_new(proc, "gateway", gateway, serving=1)
         assert "took over" in (logs / "gateway.log").read_text()  # the new one read the journal
         print(f"gateway SIGKILL {trial + 1}/{TRIALS}: {STREAMS} streams whole; longest gap a stream saw {gap:.2f} s")
 
@@ -112,6 +114,6 @@ def test_a_frontend_killed_mid_generation_costs_no_token(mesh, reference):
         results, gap = asyncio.run(run_streams(addr, kill_the_busiest))
         assert results == reference
         (frontend, clients), = killed
-        assert clients > 0 and wait_for_new(proc.pid, "frontend", frontend, serving=2)
+        assert clients > 0 and wait_for_new(proc, "frontend", frontend, serving=2)
         print(f"frontend SIGKILL {trial + 1}/{TRIALS} with {clients} client connection(s): {STREAMS} streams whole; "
               f"longest gap a stream saw {gap:.2f} s")

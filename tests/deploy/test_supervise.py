@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from stagemesh.deploy import launch
-from stagemesh.deploy.launch import Mesh, UpOptions
+from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_server import server_pid, start_local_redis
 from stagemesh.deploy.supervise import Lifeline, RestartPolicy
+from stagemesh.deploy.up_plan import UpOptions, write_topology
 from stagemesh.mesh.store import Store
 from stagemesh.mesh.topology import Chain, Stage, Topology
 from stagemesh.runtime.health import serving_sync
@@ -233,7 +233,7 @@ def test_the_mesh_restarts_its_redis_on_the_same_port_with_its_data_and_rewrites
     mesh.redis_life = Lifeline(POLICY, started_at=0.0, probed=True)
     mesh.redis_life.became_ready(0.0)  # as Mesh.start has it: it answered
     try:
-        asyncio.run(launch._write_topology(mesh.redis_url, "default", mesh.topology))
+        asyncio.run(write_topology(mesh.redis_url, "default", mesh.topology))
         asyncio.run(_store_call(mesh.redis_url, lambda s: s.journal_open("r1", [1, 2], {}, 0)))
         for lose_data in (False, True, False):
             pid = server_pid(mesh.redis.port)

@@ -256,7 +256,7 @@ def test_health_version_models_and_refusals_of_the_request_itself(model_dir):
             out["models"] = [m.id for m in (await oa.models.list()).data]
             out["model"] = (await oa.models.retrieve("tiny")).id
             for name, call in (("other model", oa.completions.create(model="gpt-4", prompt="x")),
-                               ("logprobs", oa.completions.create(model="tiny", prompt="x", logprobs=2)),
+                               ("logprobs", oa.completions.create(model="tiny", prompt="x", logprobs=21)),
                                ("too long", oa.completions.create(model="tiny", prompt="x", max_tokens=256))):
                 with pytest.raises(openai.APIStatusError) as refused:
                     await call
@@ -274,7 +274,7 @@ def test_health_version_models_and_refusals_of_the_request_itself(model_dir):
     assert out["wrong method"][0] == 405
     assert out["models"] == ["tiny"] and out["model"] == "tiny"
     assert out["other model"][0] == 404 and out["other model"][1]["code"] == "model_not_found"
-    assert out["logprobs"][0] == 400 and "logprobs are not supported yet" in out["logprobs"][1]["message"]
+    assert out["logprobs"][0] == 400 and "logprobs=21 must be an integer in [0, 20]" in out["logprobs"][1]["message"]
     assert out["too long"][0] == 400 and out["too long"][1]["code"] == "context_length_exceeded"
 
 

@@ -61,7 +61,8 @@ def test_other_prompts_are_refused_naming_the_field(prompt):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "logprobs are not supported yet"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "logprobs=21 must be an integer in [0, 20]"),
+    ({"prompt": "x", "logprobs": True}, "logprobs", "must be an integer in [0, 20]"),
     ({"prompt": "x", "echo": True}, "echo", "echo is not supported"),
     ({"prompt": "x", "suffix": "y"}, "suffix", "suffix is not supported"),
     ({"prompt": "x", "best_of": 3}, "best_of", "best_of is not supported"),
@@ -104,6 +105,22 @@ def test_sampling_fields_keep_their_names_and_defaults_stay():
     assert greedy.params.temperature == 0
 
 
+def test_logprobs_become_sampling_parameters():
+    def params(parse, **body):
+        base = {"prompt": "x"} if parse is parse_completion else {"messages": [{"role": "user", "content": "x"}]}
+        p = parse({**base, **body}).options.params
+        return p.logprobs, p.top_logprobs
+
+    assert params(parse_completion) == (False, 0)
+    assert params(parse_completion, logprobs=None) == (False, 0)
+    assert params(parse_completion, logprobs=0) == (True, 0)  # the generated token's own only
+    assert params(parse_completion, logprobs=20) == (True, 20)
+    assert params(parse_chat, logprobs=False) == (False, 0)
+    assert params(parse_chat, logprobs=True) == (True, 0)
+    assert params(parse_chat, logprobs=True, top_logprobs=5) == (True, 5)
+    assert params(parse_chat, logprobs=False, top_logprobs=0) == (False, 0)
+
+
 def test_max_tokens_past_the_context_is_a_400_that_says_so_and_defaults_fit():
     opts = parse_completion({"prompt": "x", "max_tokens": 20}).options
     assert max_new_tokens(opts, 44, 64) == 20
@@ -134,8 +151,10 @@ def test_chat_messages_as_a_template_reads_them():
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages",
      "'image_url' content part"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages", "content must be a string"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported yet"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", "not supported yet"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs", "must be true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "top_logprobs=21 must be an integer in [0, 20]: the mesh returns the log-probabilities of at most 20"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "tools are not"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
      "response_format", "not supported yet"),

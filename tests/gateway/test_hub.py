@@ -15,7 +15,7 @@ from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.params import SamplingParams
 from stagemesh.wire.codec.scheduling import Submission
 from tests.gateway.test_failover import gateway
-from tests.serving.test_engine import expected
+from tests.serving.test_engine import expected, logprobs_of
 
 
 def sub(handle: int, prompt: tuple[int, ...], n: int, rid: str = "") -> Submission:
@@ -191,3 +191,41 @@ def test_a_chain_failing_mid_request_costs_a_frontend_no_token():
     assert {h: got[h] for h in prompts} == {h: expected(p, 12) for h, p in prompts.items()}
     assert finished(batches) == {h: "length" for h in prompts}
     assert not router.chains[0].healthy
+
+
+def logprobs_by_handle(batches) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for b in batches:
+        for i, h in enumerate(b.handles):
+            out.setdefault(h, []).append(b.logprobs.get(i))
+    return out
+
+
+def test_logprobs_reach_the_frontend_and_a_resume_sends_them_again_those_before_a_restart_unknown():
+    asked = SamplingParams(max_new_tokens=12, ignore_eos=True, seed=3, logprobs=True)
+
+    async def main():
+        async with gateway(n=1) as (router, _, journal, _):
+            hub = FrontendHub(router, journal, GatewayMetrics())
+            a, b = hub.attach("a"), hub.attach("b")
+            hub.submit(a, Submission(1, "r", array("q", (6, 2)), asked))
+            first = await drain(a, lambda bs: len(tokens_by_handle(bs).get(1, [])) >= 3)
+            hub.detach(a)
+            hub.submit(b, Submission(2, "r", array("q", (6, 2)), asked, resume=True))
+            again = await drain(b, lambda bs: 2 in finished(bs))
+            known = expected((2, 7), 12)[:5]  # a previous gateway journaled these: token ids only
+            hub.adopt([JournalEntry("old", (2, 7), params_doc(asked), 0, tuple(known))])
+            hub.submit(b, Submission(3, "old", array("q", (2, 7)), asked, resume=True,
+                                     known_token_ids=array("q", known)))
+            adopted = await drain(b, lambda bs: 3 in finished(bs))
+            return first, again, adopted
+
+    first, again, adopted = asyncio.run(main())
+    tokens = expected((6, 2), 12)
+    seen = logprobs_by_handle(first)[1]
+    assert seen == [logprobs_of(t) for t in tokens[:len(seen)]]
+    assert tokens_by_handle(again)[2] == tokens
+    assert logprobs_by_handle(again)[2] == [logprobs_of(t) for t in tokens]  # every one, from index 0
+    old = expected((2, 7), 12)
+    assert tokens_by_handle(adopted)[3] == old
+    assert logprobs_by_handle(adopted)[3] == [None] * 5 + [logprobs_of(t) for t in old[5:]]

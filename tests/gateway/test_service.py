@@ -316,7 +316,7 @@ def test_status_lists_both_stage_workers_healthy(mesh, capsys):
 
     assert cli_main(["status", "--addr", mesh.addr]) == 0
     table = capsys.readouterr().out
-    assert mesh.stage_addresses[0] in table and mesh.stage_addresses[1] in table and "3-5" in table
+    assert mesh.stage_addresses[0] in table and mesh.stage_addresses[1] in table and "[3, 5)" in table
 
 
 # --- the chain client on its own ---------------------------------------------------------------

@@ -18,11 +18,15 @@ from stagemesh import AsyncClient
 from stagemesh.deploy.redis_server import free_port
 from stagemesh.mesh.store import Store
 from stagemesh.runtime import cpus
+from stagemesh.runtime.tls import MeshTLS
 
 
 @contextmanager
 def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 180.0):
-    """Yields (gateway address, redis url, the `up` process); SIGTERMs it afterwards."""
+    """Yields (gateway address, redis url, the `up` process); SIGTERMs it afterwards.
+
+    The Redis URL carries the run's password (read from the run's secrets dir, which the ready line
+    names; an ``--insecure`` mesh has none); ``admin_tls(the process)`` reaches the workers directly."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--port", str(port), "--log-dir", str(log_dir), *args],
@@ -34,6 +38,13 @@ def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 18
     try:
         line = _wait_for_ready(proc, timeout, log_dir)
         redis_url = re.search(r"redis (\S+)", line).group(1)
+        proc.ready_line = line
+        secrets = re.search(r"secrets (\S+)", line)
+        proc.secrets_dir = Path(secrets.group(1)) if secrets else None
+        certs = re.search(r"certificates (\S+)", line)
+        proc.tls_dir = Path(certs.group(1)) if certs else proc.secrets_dir and proc.secrets_dir / "tls"
+        if proc.secrets_dir is not None:
+            redis_url = (proc.secrets_dir / "redis-url").read_text().strip()
         yield f"127.0.0.1:{port}", redis_url, proc
     finally:
         if proc.poll() is None:
@@ -43,6 +54,12 @@ def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 18
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def admin_tls(up: subprocess.Popen) -> MeshTLS | None:
+    """The admin identity of the mesh that ``stagemesh_up``'s process ``up`` runs, for reaching its
+    workers, gateway or a frontend's own port directly; None for an ``--insecure`` one."""
+    return None if up.tls_dir is None else MeshTLS.load(up.tls_dir, "admin")
 
 
 def _wait_for_ready(proc: subprocess.Popen, timeout: float, log_dir: Path) -> str:
@@ -55,7 +72,7 @@ def _wait_for_ready(proc: subprocess.Popen, timeout: float, log_dir: Path) -> st
             if not line and proc.poll() is not None:
                 break
             seen.append(line)
-            if "ready" in line:
+            if line.startswith("stagemesh ready"):  # not the "logs in" line: its path may hold "ready"
                 return line
         elif proc.poll() is not None:
             break

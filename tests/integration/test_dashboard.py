@@ -1,5 +1,7 @@
 """The gateway's HTTP side on a real pp=2 mesh: /metrics after traffic, /api/status against the
-gRPC status document, and the dashboard page in a real headless Chromium.
+gRPC status document, and the dashboard page in a real headless Chromium: its server-rendered first
+paint, its history charts and pipeline timeline on an idle and on a loaded mesh (screenshots of
+both under the test's tmp_path), and a killed worker shown DOWN.
 
 NOTE: the mesh is started with ``stagemesh.deploy.launch.Mesh`` (what `stagemesh up` runs) rather than
 the `up` command, because `up` stops the whole mesh once one of its children exits, and the
@@ -12,8 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -22,8 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stagemesh import Client
 from stagemesh.cli.commands import main as cli_main
-from stagemesh.deploy.launch import Mesh, UpOptions
+from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_server import free_port
+from stagemesh.deploy.up_plan import UpOptions
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.browser import headless_chromium
 
@@ -37,6 +46,20 @@ ROWS_JS = """return Array.from(document.querySelectorAll('#workers tr.worker'))
                     .map(r => [r.dataset.address, r.dataset.health, r.innerText]);"""
 EXPERT_LOAD_JS = "return document.querySelectorAll('#workers tr[data-role=expert] [data-expert]').length;"
 TOKENS = 6
+PAGE_JS = """
+const rowOf = (node) => node.closest('.history-row');
+const charts = Array.from(document.querySelectorAll('#history figure.chart')).map((f) => ({
+  kind: rowOf(f).dataset.kind, stage: rowOf(f).dataset.stage || '', chart: f.dataset.chart,
+  points: Number(f.dataset.points), last: f.dataset.last, paths: f.querySelectorAll('path.line').length}));
+const bars = {};
+document.querySelectorAll('#timeline rect.step').forEach((r) => { bars[r.dataset.stage] = (bars[r.dataset.stage] || 0) + 1; });
+return {charts, bars,
+        lanes: Array.from(document.querySelectorAll('#timeline g.stage-row')).map((g) => g.dataset.stage),
+        idle: Array.from(document.querySelectorAll('#timeline .timeline-chain')).map((c) => c.dataset.idle),
+        heat: Array.from(document.querySelectorAll('#experts .heat')).map((h) => h.dataset.expert)};
+"""
+"""What the page draws: every chart (its row, points drawn, last value), the timeline's bars per stage."""
+STAGES = ["c0-s0", "c0-s1"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +83,9 @@ def _get(mesh: Mesh, path: str) -> bytes:
         return reply.read()
 
 
-def _health(address: str) -> int | None:
-    with grpc.insecure_channel(address) as channel:
+def _health(address: str, tls: MeshTLS | None) -> int | None:
+    """A worker's health, asked with the launcher's own (admin) certificate: the mesh's ports are mTLS."""
+    with mesh_tls.channel(address, tls) as channel:
         try:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
         except grpc.RpcError:
@@ -117,7 +141,95 @@ def test_metrics_after_traffic_and_api_status_is_the_grpc_document(mesh, capsys)
         assert w["heartbeat_age_s"] < 3
     assert stages[0]["load"]["bytes_sent"] > 0
     for w in api["workers"]:  # every worker, stage or expert, answers grpc.health.v1 SERVING
-        assert _health(w["address"]) == health_pb2.HealthCheckResponse.SERVING, w
+        assert _health(w["address"], mesh.tls) == health_pb2.HealthCheckResponse.SERVING, w
+
+
+def _screenshot(page, path) -> None:
+    """The whole page as a PNG at ``path``; it must be a PNG as wide as the window and not blank."""
+    height = page.execute_script("return document.documentElement.scrollHeight")
+    page.set_window_size(1600, max(1000, height + 120))
+    page.save_screenshot(str(path))
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", path
+    width, _ = struct.unpack(">II", png[16:24])
+    assert width >= 1200 and len(png) > 30_000, (path, width, len(png))
+
+
+def _charts_drawn(shown: dict) -> bool:
+    """A chart per declared series group for the chain and each stage, each with a line of 2+ points."""
+    rows = {(c["kind"], c["stage"]) for c in shown["charts"]}
+    return rows >= {("chain", ""), *(("stage", s) for s in STAGES)} and all(c["points"] >= 2 for c in shown["charts"]
+                                                                           if c["chart"] in ("tokens", "kv", "busy"))
+
+
+@contextmanager
+def load(address: str, streams: int = 3) -> Iterator[list[int]]:
+    """Requests from a few threads, one client each, until the block ends; yields the count done."""
+    stop, done = threading.Event(), [0]
+
+    def run(n: int) -> None:
+        with Client(address, timeout=120) as client:
+            while not stop.is_set():
+                client.generate(token_ids=list(range(3, 12 + n)), max_new_tokens=24, ignore_eos=True)
+                done[0] += 1
+
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+
+def test_dashboard_first_paint_charts_and_timeline_idle_and_loaded(mesh, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    doc = json.loads(_get(mesh, "/api/status"))
+    html = _get(mesh, "/").decode()  # what the browser paints first, before any script runs
+    for worker in doc["workers"]:
+        assert f'data-address="{worker["address"]}"' in html and 'data-health="up"' in html, worker
+    assert '<tr data-chain="0" class="up">' in html and '<script id="initial-data" type="application/json">' in html
+    history = json.loads(_get(mesh, "/api/history"))
+    assert [s["name"] for s in history["stages"]] == STAGES and history["chains"][0]["t"]
+    since = json.loads(_get(mesh, f"/api/history?since={history['now']}"))  # samples may have come since
+    assert all(t > history["now"] for t in since["chains"][0]["t"]), (history["now"], since["chains"][0]["t"])
+
+    with headless_chromium() as page:
+        page.get(f"http://{mesh.opts.host}:{mesh.opts.http_port}/")
+
+        def shown() -> dict:
+            return page.execute_script(PAGE_JS)
+
+        WebDriverWait(page, 30, poll_frequency=0.5).until(lambda _: _charts_drawn(shown()))
+        idle = shown()
+        assert idle["lanes"] == STAGES, idle
+        assert not HAS_EP or idle["heat"], idle  # the experts' heat rows, whatever their load
+        _screenshot(page, tmp_path / "dashboard-idle.png")
+
+        with load(mesh.gateway_address) as done:
+            def loaded() -> bool:
+                now = shown()
+                tokens = [float(c["last"] or 0) for c in now["charts"] if c["chart"] == "tokens"]
+                return (now["idle"] == ["false"] and all(now["bars"].get(s, 0) >= 3 for s in STAGES)
+                        and len(tokens) == 1 + len(STAGES) and min(tokens) > 0)  # the chain's and every stage's
+
+            WebDriverWait(page, 90, poll_frequency=0.5).until(lambda _: loaded())
+            busy = shown()
+            _screenshot(page, tmp_path / "dashboard-loaded.png")
+        assert done[0] > 0
+    assert all(busy["bars"][s] >= 3 for s in STAGES), busy["bars"]
+    drawn = {(c["kind"], c["stage"], c["chart"]): c for c in busy["charts"]}
+    for chart in ("tokens", "ttft", "itl", "queue", "kv", "busy"):
+        assert drawn["chain", "", chart]["paths"] >= 1, chart
+    assert drawn["chain", "", "ttft"]["points"] >= 1 and drawn["chain", "", "itl"]["points"] >= 1, drawn
+    for stage in STAGES:
+        assert drawn["stage", stage, "tokens"]["points"] >= 2 and drawn["stage", stage, "step"]["points"] >= 1
+    if HAS_EP:
+        assert busy["heat"], busy
+    print(f"screenshots: {tmp_path / 'dashboard-idle.png'} {tmp_path / 'dashboard-loaded.png'}")
 
 
 def test_dashboard_renders_every_worker_and_shows_a_killed_one_down_without_reload(mesh):

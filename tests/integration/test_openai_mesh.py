@@ -24,8 +24,9 @@ import pytest
 
 from frontend.chat_template import ChatTemplate, encode_chat
 from stagemesh import Client
-from stagemesh.deploy.launch import Mesh, UpOptions
+from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_server import free_port
+from stagemesh.deploy.up_plan import UpOptions
 from stagemesh.tokenizer import Tokenizer
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.mesh_helpers import children, stagemesh_up
@@ -154,8 +155,9 @@ def test_a_stop_string_cuts_the_text_where_it_starts(mesh, oa):
 def test_refusals_are_openai_errors(mesh, oa):
     with pytest.raises(openai.BadRequestError, match="context is 512 tokens, but 601 were asked for"):
         oa.completions.create(model=MODEL, prompt=[5], max_tokens=600)
-    with pytest.raises(openai.BadRequestError, match="logprobs are not supported yet"):
-        oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs=21 must be an integer in \[0, 20\]"):
+        oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True,
+                                   top_logprobs=21)
     with pytest.raises(openai.BadRequestError, match="temperature=-1"):
         oa.completions.create(model=MODEL, prompt="x", temperature=-1)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -181,7 +183,9 @@ def test_every_frontend_serves_the_shared_http_port(mesh):
 
 
 def test_up_passes_the_served_model_name_and_keeps_the_gateways_port(tmp_path):
-    up = Mesh(UpOptions(model=tmp_path, http_port=8080, served_model_name="llama-3", log_dir=tmp_path, frontends=1))
+    # --host 0.0.0.0: the gateway's private pages (no API-key check) still listen on loopback only
+    up = Mesh(UpOptions(model=tmp_path, host="0.0.0.0", http_port=8080, served_model_name="llama-3", log_dir=tmp_path,
+                        frontends=1))
     args = up._http_args()
     assert args[:2] == ["--http-port", "8080"] and args[-2:] == ["--served-model-name", "llama-3"]
     assert args[2] == "--gateway-http" and args[3] == f"127.0.0.1:{up.gateway_http_port}"

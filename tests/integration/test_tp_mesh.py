@@ -13,17 +13,25 @@ import signal
 import subprocess
 import time
 
-import grpc
 import pytest
 from safetensors import safe_open
 
 from stagemesh import Client, StagemeshError
+from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
 from stagemesh.wire.codec.messages import plan_to_pb
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import run_cli
-from tests.integration.mesh_helpers import expected_cores, generate_all, pid_alive, stagemesh_up, worker_figures
+from tests.integration.mesh_helpers import (
+    admin_tls,
+    expected_cores,
+    generate_all,
+    pid_alive,
+    stagemesh_up,
+    worker_figures,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +104,10 @@ def _stage(client: Client, stage: int) -> dict:
     return next(w for w in client.status()["workers"] if w["role"] == "stage" and w["stage"] == stage)
 
 
-def _forward_one(address: str) -> stage_pb2.StageResponse:
-    """One decode step sent straight to a stage worker's Forward stream."""
+def _forward_one(address: str, tls: MeshTLS | None) -> stage_pb2.StageResponse:
+    """One decode step sent straight to a stage worker's Forward stream (with the mesh's admin certificate)."""
     plan = StepPlan(7, (SeqChunk(99, 0, (5, 6, 7), SampleSpec(seed=0, index=0)),))
-    with grpc.insecure_channel(address) as channel:
+    with mesh_tls.channel(address, tls) as channel:
         return next(stage_pb2_grpc.StageStub(channel).Forward(iter([plan_to_pb(plan)]), timeout=5))
 
 
@@ -120,7 +128,7 @@ def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fa
                 assert time.monotonic() - t_kill < 5, "the stage still reads healthy 5 s after its rank 1 died"
                 time.sleep(0.1)
             t_down = time.monotonic() - t_kill
-            answer = _forward_one(stage["address"])  # the stage itself says why
+            answer = _forward_one(stage["address"], admin_tls(up))  # the stage itself says why
             assert answer.error.code == "UNAVAILABLE", answer
             assert "tp rank 1 of stage c0-s0 died" in answer.error.message, answer
 

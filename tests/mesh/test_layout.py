@@ -12,7 +12,7 @@ import pytest
 from expert_worker.place import find_expert_worker
 from stage_worker.topology import find_stage
 from stagemesh.config import ModelConfig, StageSpec
-from stagemesh.deploy.launch import UpOptions, plan_topology
+from stagemesh.deploy.up_plan import UpOptions, plan_topology
 from stagemesh.mesh.layout import place_experts, split_layers, stage_devices, validate_layout
 from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.topology import Topology
@@ -201,7 +201,7 @@ def test_ep_is_validated_with_the_layout():
 
 
 def test_the_topology_gives_each_chain_its_expert_workers_on_their_own_gpus(tmp_path, monkeypatch):
-    monkeypatch.setattr("stagemesh.deploy.launch._visible_gpus", lambda: 8)
+    monkeypatch.setattr("stagemesh.deploy.up_plan.visible_gpus", lambda: 8)
     doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, expert_replicas=2, device="cuda"))
     experts = json.loads(doc.to_json())["chains"][0]["experts"]
     assert [(e["worker"], e["device"]) for e in experts] == [(0, "cuda:2"), (1, "cuda:3"), (2, "cuda:4")]
@@ -223,7 +223,7 @@ def test_replicas_without_expert_workers_are_refused(tmp_path):
 
 
 def test_dp_chains_are_complete_replicas_on_their_own_ports_and_gpus(tmp_path, monkeypatch):
-    monkeypatch.setattr("stagemesh.deploy.launch._visible_gpus", lambda: 10)
+    monkeypatch.setattr("stagemesh.deploy.up_plan.visible_gpus", lambda: 10)
     doc = plan_topology(UpOptions(model=_model_dir(tmp_path, MIXTRAL), pp=2, ep=3, dp=2, device="cuda"))
     assert [c.index for c in doc.chains] == [0, 1]
     devices = [[s.device for s in c.stages] + [e.device for e in c.expert_workers] for c in doc.chains]

@@ -223,6 +223,8 @@ def test_unreachable_redis_raises_unavailable_naming_the_url():
 
 
 def test_the_expert_placement_round_trips_and_replicas_go_down_and_up(redis_url):
+    from dataclasses import replace
+
     from stagemesh.mesh.store import ExpertReplica
 
     replicas = [
@@ -235,8 +237,7 @@ def test_the_expert_placement_round_trips_and_replicas_go_down_and_up(redis_url)
         await store.set_placement(0, replicas)
         assert await store.get_placement(0) == replicas, "layer keys come back as ints, liveness kept"
         assert await store.get_placement(1) == [], "placements are per chain"
-        await store.set_replica_live(0, "expert-c0-e1", True)
-        await store.set_replica_live(0, "expert-c0-e0", False)
+        await store.set_placement(0, [replace(replicas[0], live=False), replace(replicas[1], live=True)])
         assert [(r.worker_id, r.live) for r in await store.get_placement(0)] == [
             ("expert-c0-e0", False), ("expert-c0-e1", True)]
         await store.set_placement(0, replicas[:1])

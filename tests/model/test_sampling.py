@@ -85,3 +85,19 @@ def test_min_p_off_leaves_the_seeded_stream_bit_identical():
     default = sample(logits, _batch(8, temperature=0.8, top_k=20, top_p=0.9, seed=seeds, index=index))
     off = sample(logits, _batch(8, temperature=0.8, top_k=20, top_p=0.9, min_p=0.0, seed=seeds, index=index))
     assert torch.equal(default, off)
+
+
+def test_token_logprobs_are_the_raw_log_softmax_and_its_top_k():
+    from stagemesh.model.sampling import token_logprobs
+
+    logits = torch.randn(4, 50) * 3
+    tokens = torch.tensor([3, 7, 0, 49])
+    chosen, top_ids, top_values = token_logprobs(logits, tokens, 5)
+    reference = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(chosen, reference[torch.arange(4), tokens])
+    expected = reference.topk(5, dim=-1)
+    assert top_ids.tolist() == expected.indices.tolist()
+    assert torch.allclose(top_values, expected.values)
+    assert top_values[:, 0].tolist() == reference.max(-1).values.tolist()  # most likely first
+    _, none_ids, none_values = token_logprobs(logits, tokens, 0)
+    assert none_ids.shape == (4, 0) and none_values.shape == (4, 0)

@@ -19,7 +19,7 @@ from stagemesh.runners.stage import StageRunner
 from stagemesh.serving.types import SampleSpec, SeqChunk, StepPlan
 from tests.checkpoints import make_hf_checkpoint
 
-GREEDY = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, index=0)
+GREEDY = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, index=0, logprobs=True, top_logprobs=3)
 PROMPTS = [[5, 9, 17, 33, 2, 8, 101], [44, 3], [7, 7, 7, 12, 90, 61, 30, 29, 11, 4, 3]]
 
 
@@ -29,16 +29,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _generate(runner: StageRunner, steps: int) -> list[list[int]]:
-    """Greedy prefill of PROMPTS then ``steps`` decodes, plans written by hand."""
-    seqs = [list(p) for p in PROMPTS]
+def _generate(runner: StageRunner, steps: int) -> tuple[list[list[int]], list[float]]:
+    """Greedy prefill of PROMPTS then ``steps`` decodes, plans written by hand; the tokens, and
+    every log-probability returned (the tokens' and their top 3's), flat."""
+    seqs, logprobs = [list(p) for p in PROMPTS], []
     plan = StepPlan(0, tuple(SeqChunk(i, 0, tuple(p), GREEDY) for i, p in enumerate(seqs)))
     for step in range(steps + 1):
         result = runner.step(plan, None)
         for i in range(len(seqs)):
             seqs[i].append(result.tokens[i])
+            logprobs += [result.logprobs[i].logprob, *(v for _, v in result.logprobs[i].top)]
         plan = StepPlan(step + 1, tuple(SeqChunk(i, len(s) - 1, (s[-1],), GREEDY) for i, s in enumerate(seqs)))
-    return [s[len(p) :] for s, p in zip(seqs, PROMPTS)]
+    return [s[len(p) :] for s, p in zip(seqs, PROMPTS)], logprobs
 
 
 def _hidden(runner: StageRunner) -> torch.Tensor:
@@ -78,7 +80,8 @@ def test_tp2_matches_tp1(family, tmp_path):
         mp.spawn(_rank_main, args=(2, _free_port(), model_dir, out), nprocs=2, join=True)
         got = dict(out)
 
-    assert got["tokens"] == want_tokens
+    assert got["tokens"][0] == want_tokens[0]
+    assert got["tokens"][1] == pytest.approx(want_tokens[1], abs=1e-5)  # logprobs: vocab-parallel lm_head too
     torch.testing.assert_close(got["hidden"], want_hidden, rtol=1e-5, atol=1e-5)
     # Each rank holds about half the weights: only norms, routers and the like are replicated.
     assert got["bytes"] < 0.56 * full_bytes, (got["bytes"], full_bytes)

@@ -52,10 +52,10 @@ def test_pending_token_is_refused_where_no_token_backs_it(model_dir):
         r.step(never_sampled, None)
     assert 7 not in r.cache.block_tables  # refused before any KV block was taken
     freed = StepPlan(2, (SeqChunk(0, len(PROMPTS[0]), (PENDING_TOKEN,), GREEDY),), free=(0,))
-    with pytest.raises(InvalidArgument, match="sequence 0 asks"):
-        r.step(freed, None)
+    with pytest.raises(InvalidArgument, match="sequence 0 starts at position 5, but this stage holds 0"):
+        r.step(freed, None)  # freed: no KV left to continue, let alone a token to fill in
     in_a_longer_chunk = StepPlan(3, (SeqChunk(1, len(PROMPTS[1]), (PENDING_TOKEN, 3), GREEDY),))
-    with pytest.raises(InvalidArgument, match="only a one-token chunk may have one"):
+    with pytest.raises(InvalidArgument, match="only as the one token of a chunk"):
         r.step(in_a_longer_chunk, None)
 
 

@@ -9,7 +9,7 @@ import pytest
 from stagemesh.errors import Cancelled, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.serving.types import PENDING_TOKEN, Request, SamplingParams, StepPlan, StepResult
+from stagemesh.serving.types import PENDING_TOKEN, Request, SamplingParams, StepPlan, StepResult, TokenLogprobs
 
 V = 97
 
@@ -19,7 +19,7 @@ class SumChain:
 
     It keeps each sequence's tokens as its "KV cache", so it also checks chunk positions and
     that frees arrive; like a single-stage runner, it fills a ``PENDING_TOKEN`` in with the
-    token it sampled last for that sequence.
+    token it sampled last for that sequence. A chunk whose spec asks for logprobs gets ``logprobs_of``.
     """
 
     def __init__(self, delay: float = 0.0, fail_when=None):
@@ -47,7 +47,7 @@ class SumChain:
         for seq_id in plan.free:
             self.kv.pop(seq_id, None)
             self.sampled.pop(seq_id, None)
-        tokens = {}
+        tokens, logprobs = {}, {}
         for chunk in plan.chunks:
             ctx = self.kv.setdefault(chunk.seq_id, [])
             if chunk.start != len(ctx):
@@ -58,11 +58,18 @@ class SumChain:
             ctx.extend(ids)
             if chunk.sample is not None:
                 tokens[chunk.seq_id] = sum(ctx) % V
+                if chunk.sample.logprobs:
+                    logprobs[chunk.seq_id] = logprobs_of(tokens[chunk.seq_id])
         self.sampled.update(tokens)
-        return StepResult(plan.step_id, tokens)
+        return StepResult(plan.step_id, tokens, logprobs)
 
     def freed(self) -> set[int]:
         return {s for p in self.plans for s in p.free}
+
+
+def logprobs_of(token: int) -> TokenLogprobs:
+    """``SumChain``'s made-up log-probabilities of ``token`` (exact in float32)."""
+    return TokenLogprobs(-token / 4, ((token, -token / 4),))
 
 
 def expected(prompt: tuple[int, ...], n: int, stop: tuple[int, ...] = ()) -> list[int]:

@@ -16,7 +16,8 @@ from stagemesh.serving.params import NAMES, PARAMS, SAMPLE_FIELDS, Bounds, Sampl
 from stagemesh.v1 import sampling_pb2, stage_pb2
 
 CHANGED = SamplingParams(
-    max_new_tokens=5, temperature=0.5, top_k=7, top_p=0.8, min_p=0.1, seed=3, stop_token_ids=(4, 9), ignore_eos=True
+    max_new_tokens=5, temperature=0.5, top_k=7, top_p=0.8, min_p=0.1, seed=3, stop_token_ids=(4, 9), ignore_eos=True,
+    logprobs=True, top_logprobs=3,
 )
 """Every field off its default, so a field the copies miss shows up as a default."""
 
@@ -37,9 +38,11 @@ def test_every_sample_spec_field_is_a_stage_request_column_and_a_sampler_tensor(
     columns = stage_pb2.StageRequest.DESCRIPTOR.fields_by_name
     assert all(columns[name].is_repeated for name in SAMPLE_FIELDS)
     assert [f.name for f in dataclasses.fields(SampleSpec)] == list(SAMPLE_FIELDS)
-    assert {f.name for f in dataclasses.fields(SamplingBatch)} == set(SAMPLE_FIELDS)
+    # what asks for something back (logprobs) the stage runner reads from the specs, not as tensors
+    assert {f.name for f in dataclasses.fields(SamplingBatch)} == set(SAMPLE_FIELDS) - {"logprobs", "top_logprobs"}
     spec = sample_spec(CHANGED, seed=11, index=2)
     assert (spec.temperature, spec.top_k, spec.top_p, spec.min_p, spec.seed) == (0.5, 7, 0.8, 0.1, 11)
+    assert (spec.logprobs, spec.top_logprobs) == (True, 3)
 
 
 def test_sdk_keywords_are_the_fields():
@@ -51,7 +54,7 @@ def test_sdk_keywords_are_the_fields():
 
 def test_cli_flags_and_jsonl_keys_are_the_fields(tmp_path):
     flags = ["--max-new-tokens", "5", "--temperature", "0.5", "--top-k", "7", "--top-p", "0.8", "--min-p", "0.1",
-             "--seed", "3", "--stop-token-ids", "4,9", "--ignore-eos"]
+             "--seed", "3", "--stop-token-ids", "4,9", "--ignore-eos", "--logprobs", "--top-logprobs", "3"]
     args = build_parser().parse_args(["generate", "--addr", "x:1", "--token-ids", "1", *flags])
     assert sampling_from_args(args) == CHANGED
     line = {"token_ids": [1], **dataclasses.asdict(CHANGED)}

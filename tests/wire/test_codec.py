@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagemesh.errors import Cancelled, InvalidArgument, ResourceExhausted, StagemeshError
-from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan, StepResult
+from stagemesh.serving.types import SampleSpec, SamplingParams, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from stagemesh.v1 import stage_pb2, tensor_pb2
 from stagemesh.wire.codec import messages as codec
 from stagemesh.wire.codec.tensors import dtype_name, tensor_from_pb, tensor_to_pb, torch_dtype
@@ -88,6 +88,7 @@ def test_pack_int64_round_trip():
         SamplingParams(),
         SamplingParams(max_new_tokens=3, temperature=0.7, top_k=40, top_p=0.9, seed=0),
         SamplingParams(seed=2**40, stop_token_ids=(2, 32000), ignore_eos=True),
+        SamplingParams(logprobs=True, top_logprobs=20),
     ],
 )
 def test_sampling_params_round_trip(params):
@@ -112,7 +113,8 @@ def _plan() -> StepPlan:
             SeqChunk(seq_id=7, start=0, token_ids=(1, 15043, 29892), sample=SampleSpec(
                 temperature=0.8, top_k=50, top_p=0.95, seed=1234, index=0)),
             SeqChunk(seq_id=9, start=128, token_ids=tuple(range(300, 364))),  # mid-prompt prefill chunk
-            SeqChunk(seq_id=3, start=17, token_ids=(2,), sample=SampleSpec(seed=2**62, index=5)),
+            SeqChunk(seq_id=3, start=17, token_ids=(2,), sample=SampleSpec(seed=2**62, index=5, logprobs=True,
+                                                                           top_logprobs=4)),
         ),
         free=(1, 4),
     )
@@ -149,6 +151,14 @@ def test_step_result_round_trip():
     result = StepResult(step_id=41, tokens={7: 3681, 3: 2})
     msg = codec.result_to_pb(result)
     assert codec.result_from_pb(stage_pb2.StageResponse.FromString(msg.SerializeToString())) == result
+    # float32 on the wire: these values are exact in it
+    with_logprobs = StepResult(41, {7: 3681, 3: 2},
+                               {3: TokenLogprobs(-0.5, ((2, -0.5), (9, -1.25))), 7: TokenLogprobs(-3.0)})
+    msg = codec.result_to_pb(with_logprobs)
+    assert codec.result_from_pb(stage_pb2.StageResponse.FromString(msg.SerializeToString())) == with_logprobs
+    msg.logprobs[5].logprob = -1.0
+    with pytest.raises(ValueError, match=r"logprobs for sequences \[5\] it sampled no token for"):
+        codec.result_from_pb(msg)
 
 
 def test_failed_step_raises_its_error():
@@ -198,8 +208,11 @@ def test_generate_chunk_round_trip():
     for chunk in (
         codec.GenerateChunk("r1", (5, 6), 3, " wor", None),
         codec.GenerateChunk("r1", (), 5, "", "length"),
+        codec.GenerateChunk("r1", (5, 6), 3, " wor", None, (TokenLogprobs(-0.25, ((5, -0.25),)), TokenLogprobs(None))),
     ):
         assert codec.chunk_from_pb(codec.chunk_to_pb(chunk)) == chunk
+    unknown = codec.chunk_to_pb(codec.GenerateChunk("r1", (5,), 0, "", None, (None,)))  # not known: logprob unset
+    assert codec.chunk_from_pb(unknown).logprobs == (TokenLogprobs(None),)
 
 
 def test_status_document_round_trip():

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from stagemesh.cli.bench.report import comparisons, format_text, system_figures, workload_figures
 from stagemesh.cli.bench.roofline import flops_needed, measure_machine, model_cost
 from stagemesh.cli.bench.workload import BenchRequest, LoadShape, SystemRun, make_requests
+from stagemesh.cli.connect import DEFAULT, Connect
 from stagemesh.config import ModelConfig
 from stagemesh.model import torch_thread
 
@@ -61,6 +62,11 @@ class BenchSpec:
     """Overlap scheduling in the mesh brought up, and in the in-process engine (pp=1 there)."""
     cpu_bind: bool = True
     """Each worker of the mesh brought up on cores of its own (``stagemesh.runtime.cpus``)."""
+    insecure: bool = False
+    """The mesh brought up without mTLS between its processes or a Redis password (``--insecure``):
+    the same run with and without it is what encrypting the activations costs."""
+    connect: Connect = DEFAULT
+    """How the client reaches the mesh at ``addr``: its API key and TLS (never in the JSON document)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.compare) - set(SYSTEMS)
@@ -127,10 +133,10 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
 
     bar = _bar(f"mesh {spec.layout}", requests)
     if spec.addr:
-        return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar)
+        return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar, connect=spec.connect)
     up = mesh_up(
         spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap,
-        cpu_bind=spec.cpu_bind,
+        cpu_bind=spec.cpu_bind, insecure=spec.insecure,
     )
     with up as (addr, redis_url, procs):
         return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar, procs)
@@ -143,7 +149,7 @@ def _bar(label: str, requests: list[BenchRequest]) -> Callable[[], tqdm]:
 
 
 def _config_json(spec: BenchSpec) -> dict:
-    doc = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shape"}
+    doc = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("shape", "connect")}
     doc.update(dataclasses.asdict(spec.shape), model=str(spec.model), log_dir=spec.log_dir and str(spec.log_dir))
     doc["compare"] = list(spec.compare)
     doc["layout"] = spec.layout

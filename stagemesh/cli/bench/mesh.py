@@ -33,6 +33,7 @@ from typing import Iterator
 
 from stagemesh.cli.bench.cpu import CpuProbe, MeshProcess, cpu_figures
 from stagemesh.cli.bench.workload import BenchRequest, LoadShape, SystemRun, Trace, arrival_offsets
+from stagemesh.cli.connect import DEFAULT, Connect
 from stagemesh.client import AsyncClient
 from stagemesh.mesh.figures import StageFigures
 from stagemesh.mesh.store import Store
@@ -45,32 +46,37 @@ HEARTBEAT_WAIT_S = 1.5
 @contextmanager
 def mesh_up(
     model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True,
-    cpu_bind: bool = True,
+    cpu_bind: bool = True, insecure: bool = False,
 ) -> Iterator[tuple[str, str, list[MeshProcess]]]:
     """Starts a whole mesh on this machine; yields (gateway address, Redis URL, its processes
     and the bench client's); stops it after."""
-    from stagemesh.deploy.launch import Mesh, UpOptions
+    from stagemesh.deploy.launch import Mesh
+    from stagemesh.deploy.up_plan import UpOptions
 
     opts = UpOptions(
-        model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap, cpu_bind=cpu_bind
+        model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap, cpu_bind=cpu_bind,
+        insecure=insecure,
     )
     mesh = Mesh(opts)
+    failed = True
     try:
         mesh.start()
         mesh.wait_ready()
         procs = [MeshProcess(name, proc.pid) for name, proc in mesh.procs.items()]
         redis = [MeshProcess("redis", mesh.redis.pid)] if mesh.redis is not None else []
         yield mesh.gateway_address, mesh.redis_url, procs + redis + [CLIENT]
+        failed = False
     finally:
-        mesh.stop()
+        mesh.stop(keep_logs=failed)  # a temporary log dir goes, unless its logs say why the run failed
 
 
-async def drive(addr: str, requests: list[BenchRequest], shape: LoadShape, progress, probe: CpuProbe) -> list[Trace]:
+async def drive(addr: str, requests: list[BenchRequest], shape: LoadShape, progress, probe: CpuProbe,
+                connect: Connect = DEFAULT) -> list[Trace]:
     """Sends every request (paced by ``shape``) and records when each token arrives; ``probe``
     reads the CPU figures right before the first request and right after the last token."""
     limit = asyncio.Semaphore(shape.concurrency or len(requests))
     offsets = arrival_offsets(shape)
-    async with AsyncClient(addr) as client:
+    async with connect.client(addr) as client:
         probe.start()
         start = time.time()
         jobs = [_one(client, r, start + off, limit, progress) for r, off in zip(requests, offsets)]
@@ -92,23 +98,23 @@ async def _one(client: AsyncClient, req: BenchRequest, at: float, limit: asyncio
     return trace
 
 
-async def warm_up(addr: str, requests: list[BenchRequest]) -> None:
+async def warm_up(addr: str, requests: list[BenchRequest], connect: Connect = DEFAULT) -> None:
     """A few short requests first, so one-time costs (connections, allocators) stay out of the run."""
-    async with AsyncClient(addr) as client:
+    async with connect.client(addr) as client:
         await asyncio.gather(*(client.generate(token_ids=list(r.token_ids), max_new_tokens=2, ignore_eos=True) for r in requests[:4]))
 
 
 def run_mesh(name: str, addr: str, redis_url: str | None, requests: list[BenchRequest], shape: LoadShape, bar,
-             procs: list[MeshProcess] | None = None) -> SystemRun:
-    """The whole load through the mesh at ``addr``; stage figures when its Redis is known; the
-    CPU of ``procs`` (None: the processes its status document lists)."""
-    asyncio.run(warm_up(addr, requests))
+             procs: list[MeshProcess] | None = None, connect: Connect = DEFAULT) -> SystemRun:
+    """The whole load through the mesh at ``addr`` (reached as ``connect`` says); stage figures when
+    its Redis is known; the CPU of ``procs`` (None: the processes its status document lists)."""
+    asyncio.run(warm_up(addr, requests, connect))
     if procs is None:
-        procs = status_processes(asyncio.run(_status(addr)), local=is_local(addr))
+        procs = status_processes(asyncio.run(_status(addr, connect)), local=is_local(addr))
     before = _stage_metrics(redis_url, wait=True)
     probe = CpuProbe()
     with bar() as progress:
-        traces = asyncio.run(drive(addr, requests, shape, progress, probe))
+        traces = asyncio.run(drive(addr, requests, shape, progress, probe, connect))
     t0 = min(t.sent for t in traces)
     t1 = max(t.token_times[-1] for t in traces if t.token_times)
     after = _stage_metrics(redis_url, wait=True)
@@ -132,8 +138,8 @@ CLIENT = MeshProcess("client", os.getpid(), with_children=False)
 """The bench client: this process alone (a mesh it brought up is its children)."""
 
 
-async def _status(addr: str) -> dict:
-    async with AsyncClient(addr) as client:
+async def _status(addr: str, connect: Connect) -> dict:
+    async with connect.client(addr) as client:
         return await client.status()
 
 

@@ -26,12 +26,13 @@ from stagemesh.config import layer_bounds
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
 from stagemesh.mesh.figures import LOAD_NUMBERS, WorkerLoad
 from stagemesh.serving.params import NAMES, PARAMS, SAMPLE_FIELDS, SampleSpec, SamplingParams
-from stagemesh.serving.types import SeqChunk, StepPlan, StepResult
+from stagemesh.serving.types import SeqChunk, StepPlan, StepResult, TokenLogprobs
 from stagemesh.v1 import gateway_pb2, sampling_pb2, stage_pb2, tensor_pb2
 
 __all__ = [
     "pack_int64", "unpack_int64", "sampling_to_pb", "sampling_from_pb", "plan_to_pb", "plan_from_pb",
     "result_to_pb", "result_from_pb", "failed_step_to_pb", "error_to_pb", "error_from_pb",
+    "logprobs_to_pb", "logprobs_from_pb",
     "GenerateInput", "generate_request_to_pb", "generate_request_from_pb",
     "GenerateChunk", "chunk_to_pb", "chunk_from_pb", "status_to_pb", "status_from_pb",
 ]
@@ -143,9 +144,12 @@ def _spec(values: tuple) -> SampleSpec:
 
 
 def result_to_pb(result: StepResult) -> stage_pb2.StageResponse:
-    return stage_pb2.StageResponse(
+    msg = stage_pb2.StageResponse(
         step_id=result.step_id, seq_ids=list(result.tokens), tokens=list(result.tokens.values())
     )
+    for seq_id, lp in result.logprobs.items():
+        msg.logprobs[seq_id].CopyFrom(logprobs_to_pb(lp))
+    return msg
 
 
 def result_from_pb(msg: stage_pb2.StageResponse) -> StepResult:
@@ -154,7 +158,35 @@ def result_from_pb(msg: stage_pb2.StageResponse) -> StepResult:
         raise error_from_pb(msg.error)
     if len(msg.seq_ids) != len(msg.tokens):
         raise ValueError(f"StageResponse has {len(msg.seq_ids)} seq_ids but {len(msg.tokens)} tokens")
-    return StepResult(step_id=msg.step_id, tokens=dict(zip(msg.seq_ids, msg.tokens)))
+    tokens = dict(zip(msg.seq_ids, msg.tokens))
+    if not set(msg.logprobs) <= set(tokens):
+        raise ValueError(f"StageResponse has logprobs for sequences {sorted(set(msg.logprobs) - set(tokens))} "
+                         "it sampled no token for")
+    return StepResult(msg.step_id, tokens, {seq_id: logprobs_from_pb(lp) for seq_id, lp in msg.logprobs.items()})
+
+
+# --- TokenLogprobs -------------------------------------------------------------------------
+
+
+def logprobs_to_pb(lp: TokenLogprobs | None) -> sampling_pb2.TokenLogprobs:
+    """None (not known) and an unknown ``logprob`` leave ``logprob`` unset."""
+    msg = sampling_pb2.TokenLogprobs()
+    if lp is None:
+        return msg
+    if lp.logprob is not None:
+        msg.logprob = lp.logprob
+    if lp.top:
+        ids, values = zip(*lp.top)
+        msg.top_ids.extend(ids)
+        msg.top_logprobs.extend(values)
+    return msg
+
+
+def logprobs_from_pb(msg: sampling_pb2.TokenLogprobs) -> TokenLogprobs:
+    if len(msg.top_ids) != len(msg.top_logprobs):
+        raise ValueError(f"TokenLogprobs has {len(msg.top_ids)} top_ids but {len(msg.top_logprobs)} top_logprobs")
+    return TokenLogprobs(msg.logprob if msg.HasField("logprob") else None,
+                         tuple(zip(msg.top_ids, msg.top_logprobs)))
 
 
 def failed_step_to_pb(step_id: int, err: BaseException) -> stage_pb2.StageResponse:
@@ -230,6 +262,8 @@ class GenerateChunk:
     """Text these tokens add, when the model has a tokenizer."""
     finish_reason: str | None = None
     """``stop`` or ``length`` on the last chunk, None while running."""
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
+    """One per token of ``token_ids`` when the request asked (None: not known); empty otherwise."""
 
 
 def chunk_to_pb(chunk: GenerateChunk) -> gateway_pb2.GenerateResponse:
@@ -239,16 +273,21 @@ def chunk_to_pb(chunk: GenerateChunk) -> gateway_pb2.GenerateResponse:
         index=chunk.index,
         text=chunk.text,
         finish_reason=chunk.finish_reason or "",
+        logprobs=[logprobs_to_pb(lp) for lp in chunk.logprobs],
     )
 
 
 def chunk_from_pb(msg: gateway_pb2.GenerateResponse) -> GenerateChunk:
+    """ValueError when ``logprobs`` is neither empty nor one per token."""
+    if msg.logprobs and len(msg.logprobs) != len(msg.token_ids):
+        raise ValueError(f"GenerateResponse has {len(msg.token_ids)} tokens but {len(msg.logprobs)} logprobs")
     return GenerateChunk(
         request_id=msg.request_id,
         token_ids=tuple(msg.token_ids),
         index=msg.index,
         text=msg.text,
         finish_reason=msg.finish_reason or None,
+        logprobs=tuple(logprobs_from_pb(lp) for lp in msg.logprobs),
     )
 
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.params import SamplingParams
+from stagemesh.serving.types import TokenLogprobs
 from stagemesh.v1 import scheduling_pb2
 from stagemesh.wire.codec.messages import (
     error_from_pb,
     error_to_pb,
+    logprobs_from_pb,
+    logprobs_to_pb,
     pack_int64,
     sampling_from_pb,
     sampling_to_pb,
@@ -80,6 +83,8 @@ class Events:
     """handle -> finish_reason, for requests whose last event is in this batch."""
     errors: dict[int, StagemeshError] = field(default_factory=dict)
     """handle -> the error that ended it."""
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    """event index (into ``handles``) -> its token's log-probabilities, for requests that asked."""
 
     def __bool__(self) -> bool:
         return bool(self.handles or self.finished or self.errors)
@@ -89,6 +94,7 @@ def events_to_pb(events: Events) -> scheduling_pb2.EventBatch:
     return scheduling_pb2.EventBatch(
         handles=pack_int64(events.handles), token_ids=pack_int64(events.token_ids), finished=events.finished,
         errors=[scheduling_pb2.RequestError(handle=h, error=error_to_pb(e)) for h, e in events.errors.items()],
+        logprobs={i: logprobs_to_pb(lp) for i, lp in events.logprobs.items()},
     )
 
 
@@ -100,4 +106,7 @@ def events_from_pb(msg: scheduling_pb2.EventBatch) -> Events:
     if len(handles) != len(token_ids):
         raise ValueError(f"EventBatch: {len(handles)} handles but {len(token_ids)} token ids")
     errors = {e.handle: error_from_pb(e.error) for e in msg.errors}
-    return Events(handles, token_ids, dict(msg.finished), errors)
+    if msg.logprobs and max(msg.logprobs) >= len(handles):
+        raise ValueError(f"EventBatch: logprobs for event {max(msg.logprobs)} of {len(handles)}")
+    logprobs = {i: logprobs_from_pb(lp) for i, lp in msg.logprobs.items()}
+    return Events(handles, token_ids, dict(msg.finished), errors, logprobs)
