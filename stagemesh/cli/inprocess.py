@@ -7,6 +7,7 @@ It is the mesh minus the network: the same ``Engine`` (scheduler + step loop) dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.serving.types import Request
+from stagemesh.serving.types import Request, StepPlan
 from stagemesh.tokenizer import Tokenizer, encode_prompt, eos_token_ids
 
 
@@ -74,13 +75,27 @@ class InProcessEngine:
                         piece, shown = text[len(shown):], text
                 yield event.token_id, piece
 
-    def _engine(self) -> Engine:
-        return Engine(
+    @contextlib.asynccontextmanager
+    async def _engine(self) -> AsyncIterator[Engine]:
+        """A running engine over this chain; on exit, the KV cache it may have left in the chain is freed.
+
+        NOTE: each ``run`` or ``stream`` has an engine of its own, whose scheduler numbers sequences
+        from 0 again, while the chain's stages keep their KV cache: a sequence whose free had not
+        gone out with a step before its engine stopped would meet the next engine's sequence of
+        that id (a stage refuses a chunk that does not start where the sequence's cache ends). The
+        free-only step queues behind any step still running on the torch thread."""
+        engine = Engine(
             self.chain,
             self.scheduler_config,
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
         )
+        try:
+            async with engine:
+                yield engine
+        finally:
+            if left := tuple(engine.scheduler.cached_seq_ids()):
+                await self.chain.step(StepPlan(0, (), left))
 
     async def _one(self, engine: Engine, line: InputLine) -> Outcome:
         try:
