@@ -98,7 +98,7 @@ def is_up(worker: dict[str, Any]) -> bool:
 def worker_name(worker: dict[str, Any]) -> str:
     if worker["role"] == "stage":
         return f"stage c{worker['chain']}-s{worker['stage']}"
-    return f"expert c{worker['chain']}" if worker["chain"] >= 0 else "expert"
+    return worker.get("id", "expert").replace("-", " ", 1)  # expert-c0-e1 -> "expert c0-e1"
 
 
 def holdings(worker: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` 
 
     {"model": str, "version": str,
      "chains":  [{"id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting"}],
-     "workers": [{"role", "chain", "stage", "layers": [start, end], "experts": {"<layer>": [ids]}, "address", "pid",
+     "workers": [{"id", "role", "chain", "stage", "layers": [start, end], "experts": {"<layer>": [ids]}, "address", "pid",
                   "device", "healthy", "tp_size", "heartbeat_age_s",
                   "load": {...}}],   # WorkerLoad (stagemesh.mesh.figures), from the worker's figures
      "gateway": {...}}   # extra: travels in StatusResponse.json
@@ -130,6 +130,7 @@ def worker_status(info: WorkerInfo, figures: WorkerFigures, now: float | None = 
     beat = figures.time
     age = max(0.0, (now or time.time()) - beat) if isinstance(beat, (int, float)) else 0.0
     return {
+        "id": info.worker_id,
         "role": info.role,
         "chain": -1 if info.chain is None else info.chain,
         "stage": -1 if info.stage is None else info.stage,

@@ -48,7 +48,7 @@ function isUp(worker) {
 
 function workerName(worker) {
   if (worker.role === "stage") return `stage c${worker.chain}-s${worker.stage}`;
-  return worker.chain >= 0 ? `expert c${worker.chain}` : "expert";
+  return (worker.id || "expert").replace("-", " ");  // expert-c0-e1 -> "expert c0-e1" (the first dash only)
 }
 
 // Experts held: {"<layer>": [ids]} (or a plain list of ids), as "L1: 0 2 · L3: 1 3".

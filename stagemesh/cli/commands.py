@@ -273,8 +273,17 @@ def _compose_args(sub) -> None:
     tp = sub.add_parser("topology", help="write a compose deployment's topology to its Redis and exit (the planner service)")
     compose.add_topology_arguments(tp)
     tp.set_defaults(func=compose.run_topology)
+    from stagemesh.deploy import k8s
+
+    rp = sub.add_parser("render", help="write Kubernetes manifests for a layout (a kustomize folder: kubectl apply -k DIR)")
+    k8s.add_render_arguments(rp)
+    rp.set_defaults(func=k8s.run_render)
     hc = sub.add_parser("health", help="exit 0 iff the gRPC server at --addr answers grpc.health.v1 SERVING")
     hc.add_argument("--addr", required=True, help="HOST:PORT of a worker or gateway")
+    hc.add_argument("--alive", action="store_true",
+                    help="exit 0 iff it answers at all, SERVING or NOT_SERVING (a liveness probe: a stage waiting on "
+                         "its next stage is alive)")
+    hc.add_argument("--service", default="", help="the service whose health is asked (default: the server's, \"\")")
     from stagemesh.runtime.tls import add_tls_args
 
     add_tls_args(hc, role=True)
@@ -297,10 +306,14 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from stagemesh.runtime.health import serving_sync
+    from stagemesh.runtime.health import answers_sync, serving_sync
     from stagemesh.runtime.tls import tls_from_args
 
-    serving = serving_sync(args.addr, tls=tls_from_args(args))
+    if args.alive:
+        alive = answers_sync(args.addr, tls=tls_from_args(args))
+        print(f"{args.addr}: {'answers' if alive else 'does not answer'}")
+        return 0 if alive else 1
+    serving = serving_sync(args.addr, service=args.service, tls=tls_from_args(args))
     print(f"{args.addr}: {'SERVING' if serving else 'not serving'}")
     return 0 if serving else 1
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stagemesh.deploy.compose_plan import DEFAULT_GPUS, Host, Layout, Worker, in_container, plan, workers
+from stagemesh.deploy.compose_plan import DEFAULT_GPUS, TARGETS, Host, Layout, Worker, in_container, plan, workers
 from stagemesh.deploy.compose_secrets import DEFAULT_DIR as DEFAULT_SECRETS_DIR
 from stagemesh.deploy.compose_secrets import secure, secure_redis, top_level
 from stagemesh.deploy.hub import ModelSource, add_model_arguments, resolve_model
@@ -77,6 +77,14 @@ def render(layout: Layout, how: Render) -> str:
     """The compose file (YAML text, with a header saying how to render it again)."""
     import yaml
 
+    body = yaml.dump(compose_document(layout, how), Dumper=yaml_dumper(), sort_keys=False, width=160)
+    return header(layout, how) + body
+
+
+def yaml_dumper() -> type:
+    """The YAML style of rendered files (compose's and Kubernetes'): every object spelled out, flat lists on one line."""
+    import yaml
+
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:  # every service spelled out, no &anchors
             return True
@@ -86,9 +94,7 @@ def render(layout: Layout, how: Render) -> str:
             return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
 
     Dumper.add_representer(list, Dumper.represent_list)
-
-    body = yaml.dump(compose_document(layout, how), Dumper=Dumper, sort_keys=False, width=160)
-    return header(layout, how) + body
+    return Dumper
 
 
 def compose_document(layout: Layout, how: Render) -> dict[str, Any]:
@@ -154,8 +160,7 @@ def _worker(worker: Worker, layout: Layout, how: Render, redis_url: str, local: 
     port = worker.address.rpartition(":")[2]
     service: dict[str, Any] = {
         "image": how.image,
-        "command": ["python", "-m", worker.module_args[0], "--redis-url", redis_url, "--deployment", layout.deployment,
-                    *worker.module_args[1:], "--topology-wait-s", TOPOLOGY_WAIT_S],
+        "command": worker_command(worker, layout.deployment, redis_url),
         "volumes": [_model_volume(how)],
         "deploy": {"resources": {"reservations": {"devices": [{
             "driver": "nvidia",
@@ -182,9 +187,7 @@ def _gateway(layout: Layout, how: Render, local_workers: list[str]) -> dict[str,
     depends.update({name: {"condition": "service_healthy"} for name in local_workers})
     return {
         "image": how.image,
-        "command": ["python", "-m", "gateway", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
-                    "--deployment", layout.deployment, "--host", "0.0.0.0", "--port", str(SCHEDULING_PORT),
-                    "--http-port", str(HTTP_PORT)],
+        "command": gateway_command(layout.deployment, f"redis://redis:{REDIS_PORT}/0"),
         "volumes": [_model_volume(how)],
         "healthcheck": _health(f"127.0.0.1:{SCHEDULING_PORT}"),
         "depends_on": depends,
@@ -197,10 +200,7 @@ def _frontend(layout: Layout, how: Render) -> dict[str, Any]:
     ranges: gRPC, and HTTP (the OpenAI API, and the gateway's dashboard and /metrics passed through)."""
     return {
         "image": how.image,
-        "command": ["python", "-m", "frontend", "--redis-url", f"redis://redis:{REDIS_PORT}/0",
-                    "--deployment", layout.deployment, "--gateway", f"gateway:{SCHEDULING_PORT}",
-                    "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--topology-wait-s", TOPOLOGY_WAIT_S,
-                    "--http-port", str(HTTP_PORT), "--gateway-http", f"gateway:{HTTP_PORT}"],
+        "command": frontend_command(layout.deployment, f"redis://redis:{REDIS_PORT}/0", gateway="gateway"),
         "ports": [f"{_host_ports(how.port, how.frontends)}:{GATEWAY_PORT}",
                   f"{_host_ports(how.http_port, how.frontends)}:{HTTP_PORT}"],
         "volumes": [_model_volume(how)],
@@ -209,6 +209,25 @@ def _frontend(layout: Layout, how: Render) -> dict[str, Any]:
         "depends_on": {"gateway": {"condition": "service_healthy"}},
         "restart": "unless-stopped",
     }
+
+
+def worker_command(worker: Worker, deployment: str, redis_url: str) -> list[str]:
+    """A worker's argv (shared with the Kubernetes manifests, ``stagemesh.deploy.k8s``)."""
+    return ["python", "-m", worker.module_args[0], "--redis-url", redis_url, "--deployment", deployment,
+            *worker.module_args[1:], "--topology-wait-s", TOPOLOGY_WAIT_S]
+
+
+def gateway_command(deployment: str, redis_url: str) -> list[str]:
+    """The gateway's argv: ``Scheduling`` on ``SCHEDULING_PORT``, HTTP on ``HTTP_PORT``, every interface."""
+    return ["python", "-m", "gateway", "--redis-url", redis_url, "--deployment", deployment,
+            "--host", "0.0.0.0", "--port", str(SCHEDULING_PORT), "--http-port", str(HTTP_PORT)]
+
+
+def frontend_command(deployment: str, redis_url: str, *, gateway: str) -> list[str]:
+    """A frontend's argv: clients on ``GATEWAY_PORT`` and ``HTTP_PORT``; ``gateway``: the gateway's host name."""
+    return ["python", "-m", "frontend", "--redis-url", redis_url, "--deployment", deployment,
+            "--gateway", f"{gateway}:{SCHEDULING_PORT}", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+            "--topology-wait-s", TOPOLOGY_WAIT_S, "--http-port", str(HTTP_PORT), "--gateway-http", f"{gateway}:{HTTP_PORT}"]
 
 
 def _secured(name: str, service: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +296,7 @@ def layout_args(layout: Layout, model: str) -> list[str]:
             "--dp", str(layout.dp), "--expert-replicas", str(layout.expert_replicas)]
     if layout.hosts:
         args += ["--hosts", ",".join(f"{h.name}:{h.gpus}" for h in layout.hosts)]
-    else:
+    elif layout.target == "compose":  # Kubernetes needs no GPU count (compose_plan.plan)
         args += ["--gpus", str(layout.gpus)]
     if layout.deployment != "default":
         args += ["--deployment", layout.deployment]
@@ -285,6 +304,10 @@ def layout_args(layout: Layout, model: str) -> list[str]:
         args += ["--dtype", layout.dtype]
     if layout.kv_blocks is not None:
         args += ["--kv-blocks", str(layout.kv_blocks)]
+    if layout.target != "compose":
+        args += ["--target", layout.target]
+    if layout.device != "cuda":
+        args += ["--device", layout.device]
     return args
 
 
@@ -312,18 +335,20 @@ def header(layout: Layout, how: Render) -> str:
 # --- command line --------------------------------------------------------------------------
 
 
-def add_layout_arguments(p: argparse.ArgumentParser) -> None:
-    """The layout options of `stagemesh compose` and `stagemesh topology` (the same plan)."""
+def add_layout_arguments(p: argparse.ArgumentParser, *, hosts: bool = True) -> None:
+    """The layout options of `stagemesh compose`, `stagemesh topology` and `stagemesh render` (the same plan);
+    ``hosts``: with ``--gpus`` / ``--hosts`` (Kubernetes places the pods itself)."""
     add_model_arguments(p, "the model planned against (its config.json)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per chain")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per stage")
     p.add_argument("--ep", type=int, default=0, help="expert workers (one GPU each) per chain; 0 keeps experts in the stages")
     p.add_argument("--dp", type=int, default=1, help="data-parallel chains, each a complete replica")
     p.add_argument("--expert-replicas", type=int, default=1, help="expert workers holding each expert (at most --ep)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpus", type=int, default=DEFAULT_GPUS, help=f"GPUs of the one host (default {DEFAULT_GPUS})")
-    where.add_argument("--hosts", type=parse_hosts, default=(),
-                       help="several hosts in GPU order, NAME:GPUS,NAME:GPUS; the first runs Redis and the gateway")
+    if hosts:
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--gpus", type=int, default=DEFAULT_GPUS, help=f"GPUs of the one host (default {DEFAULT_GPUS})")
+        where.add_argument("--hosts", type=parse_hosts, default=(),
+                           help="several hosts in GPU order, NAME:GPUS,NAME:GPUS; the first runs Redis and the gateway")
     p.add_argument("--deployment", default="default", help="name that keeps this mesh's Redis keys apart")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the weights and KV cache (default: the checkpoint's)")
@@ -357,6 +382,15 @@ def add_topology_arguments(p: argparse.ArgumentParser) -> None:
     from stagemesh.runtime.tls import add_tls_args  # grpc: only where the flag is parsed
 
     add_tls_args(p)  # its mesh.key signs the topology (stagemesh.mesh.signing)
+    add_target_arguments(p)
+
+
+def add_target_arguments(p: argparse.ArgumentParser, default: str = "compose") -> None:
+    """Where the plan runs: how workers are addressed (compose services or Kubernetes Services), and on what."""
+    p.add_argument("--target", choices=list(TARGETS), default=default,
+                   help="compose: workers at SERVICE:PORT (or HOST:PORT with --hosts); k8s: at their Kubernetes Service")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where the workers compute (cpu: no GPUs booked; for Kubernetes tests and small models)")
 
 
 def parse_hosts(text: str) -> tuple[Host, ...]:
@@ -376,7 +410,9 @@ def layout_from_args(args: argparse.Namespace, source: ModelSource | None = None
     source = source or resolve_model(args.model, args.revision)
     return Layout(
         model=source.path, pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp, expert_replicas=args.expert_replicas,
-        gpus=args.gpus, hosts=tuple(args.hosts), deployment=args.deployment, dtype=args.dtype, kv_blocks=args.kv_blocks,
+        gpus=getattr(args, "gpus", DEFAULT_GPUS), hosts=tuple(getattr(args, "hosts", ())), deployment=args.deployment,
+        dtype=args.dtype, kv_blocks=args.kv_blocks, target=getattr(args, "target", "compose"),
+        device=getattr(args, "device", "cuda"),
     )
 
 

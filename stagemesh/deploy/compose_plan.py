@@ -15,6 +15,8 @@ NOTE: addresses. A worker listens on, and is reached at, ``SERVICE:PORT`` on the
 network (one host), or ``HOST:PORT`` with PORT published on its host (``--hosts``). PORT is
 ``WORKER_PORT`` + the host-local index of the worker's first GPU: unique on its host, because no
 GPU is booked twice. The gateway is in no topology: clients reach it on its published ports.
+On Kubernetes (``target="k8s"``, ``stagemesh.deploy.k8s``) every worker has a pod (its own IP)
+and a Service of its own: it is reached at ``stagemesh-<worker id>:WORKER_PORT``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from stagemesh.mesh.store import expert_worker_id, stage_worker_id
 from stagemesh.mesh.topology import Topology
 
 WORKER_PORT = 50100
-"""A worker's port is this plus the host-local index of its first GPU."""
+"""A worker's port is this plus the host-local index of its first GPU (on Kubernetes: this)."""
 DEFAULT_GPUS = 8
+TARGETS = ("compose", "k8s")
+"""Where a plan runs, which says how its workers are addressed (``advertise``)."""
+K8S_PREFIX = "stagemesh-"
+"""On Kubernetes, every object's name starts with this; a worker's Service is it plus the worker's id."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class Layout:
     deployment: str = "default"
     dtype: str | None = None
     kv_blocks: int | None = None
+    target: str = "compose"
+    """One of ``TARGETS``: compose (service or host names) or k8s (a Service per worker)."""
+    device: str = "cuda"
+    """cuda (one GPU per TP rank and per expert worker) or cpu (no GPUs booked; Kubernetes only)."""
 
     @property
     def total_gpus(self) -> int:
@@ -93,12 +103,18 @@ class Worker:
 
 
 def plan(layout: Layout) -> Topology:
-    """The topology `stagemesh up` would plan for ``layout`` on CUDA, with compose addresses and
-    plan-wide GPU numbers; ValueError when the GPUs given cannot take it."""
+    """The topology `stagemesh up` would plan for ``layout`` on its device, with its target's addresses
+    and plan-wide GPU numbers; ValueError when the GPUs given cannot take it."""
     from stagemesh.deploy.up_plan import UpOptions, plan_topology
 
+    if layout.target not in TARGETS:
+        raise ValueError(f"target {layout.target!r} is not one of {', '.join(TARGETS)}")
+    if layout.device == "cpu" and layout.target != "k8s":
+        raise ValueError("--device cpu needs --target k8s: a compose service books GPUs")
     needed = layout.dp * chain_devices(layout.pp, layout.tp, layout.ep)
-    if needed > layout.total_gpus:
+    # On Kubernetes the scheduler finds each pod a node with its GPUs: the plan only numbers them.
+    gpus = needed if layout.target == "k8s" else layout.total_gpus
+    if layout.device == "cuda" and needed > gpus:
         given = f"--hosts gives {layout.total_gpus}" if layout.hosts else f"--gpus is {layout.gpus}"
         raise ValueError(
             f"the layout dp={layout.dp} x (pp={layout.pp} x tp={layout.tp} + ep={layout.ep}) needs {needed} GPUs "
@@ -106,7 +122,7 @@ def plan(layout: Layout) -> Topology:
         )
     opts = UpOptions(
         model=layout.model, pp=layout.pp, tp=layout.tp, ep=layout.ep, dp=layout.dp,
-        expert_replicas=layout.expert_replicas, device="cuda", gpus=layout.total_gpus,
+        expert_replicas=layout.expert_replicas, device=layout.device, gpus=gpus,
         deployment=layout.deployment, dtype=layout.dtype, kv_blocks=layout.kv_blocks,
         advertise=lambda worker_id, devices: advertise(layout, worker_id, devices),
     )
@@ -116,7 +132,10 @@ def plan(layout: Layout) -> Topology:
 
 
 def advertise(layout: Layout, worker_id: str, devices: list[str]) -> str:
-    """``SERVICE:PORT`` (one host) or ``HOST:PORT`` (``--hosts``) of a worker on ``devices``."""
+    """``SERVICE:PORT`` (one host) or ``HOST:PORT`` (``--hosts``) of a worker on ``devices``; on
+    Kubernetes its Service's name and ``WORKER_PORT``."""
+    if layout.target == "k8s":  # a pod (and a Service) per worker: every one may take the same port
+        return f"{K8S_PREFIX}{worker_id}:{WORKER_PORT}"
     places = {layout.locate(gpu_index(d)) for d in devices}
     hosts = {host for host, _ in places}
     if len(hosts) != 1:
@@ -150,7 +169,7 @@ def workers(topology: Topology) -> list[Worker]:
 
 
 def _gpus(devices: Sequence[str]) -> tuple[int, ...]:
-    return tuple(gpu_index(d) for d in devices)
+    return tuple(gpu_index(d) for d in devices if d != "cpu")  # a cpu layout books none
 
 
 def check_bookings(found: list[Worker]) -> None:
@@ -167,8 +186,10 @@ def in_container(topology: Topology) -> Topology:
     """``topology`` with every worker's devices as its container sees them (renumbered from 0)."""
     chains = tuple(
         replace(chain,
-                stages=tuple(replace(s, devices=tuple(f"cuda:{r}" for r in range(s.tp))) for s in chain.stages),
-                expert_workers=tuple(replace(e, device="cuda:0") for e in chain.expert_workers))
+                stages=tuple(replace(s, devices=tuple(d if d == "cpu" else f"cuda:{r}" for r, d in enumerate(s.devices)))
+                             for s in chain.stages),
+                expert_workers=tuple(replace(e, device=e.device if e.device == "cpu" else "cuda:0")
+                                     for e in chain.expert_workers))
         for chain in topology.chains
     )
     return replace(topology, chains=chains)

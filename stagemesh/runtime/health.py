@@ -56,6 +56,17 @@ def serving_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, service: str 
             return False
 
 
+def answers_sync(address: str, timeout_s: float = CHECK_TIMEOUT_S, tls: MeshTLS | None = None) -> bool:
+    """Whether the server at ``address`` answers its health check at all, SERVING or not: it is alive
+    (a liveness probe; a stage waiting on its next stage, or a gateway with no chain, is NOT_SERVING)."""
+    with mesh_tls.channel(address, tls) as channel:
+        try:
+            _check(channel, "", timeout_s)
+            return True
+        except grpc.RpcError:
+            return False
+
+
 class HealthProbe:
     """Checks workers' health over one cached channel per address."""
 

@@ -119,7 +119,7 @@ class ExpertIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load", "layer_experts", "mlp_only_start", "attn_only_end")
+    __slots__ = ("role", "chain", "stage", "layer_start", "layer_end", "experts", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s", "load", "layer_experts", "mlp_only_start", "attn_only_end", "id")
     class LayerExpertsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class WorkerStatus(_message.Message):
     LAYER_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MLP_ONLY_START_FIELD_NUMBER: _ClassVar[int]
     ATTN_ONLY_END_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     role: str
     chain: int
     stage: int
@@ -159,7 +160,8 @@ class WorkerStatus(_message.Message):
     layer_experts: _containers.MessageMap[int, ExpertIds]
     mlp_only_start: bool
     attn_only_end: bool
-    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., layer_experts: _Optional[_Mapping[int, ExpertIds]] = ..., mlp_only_start: _Optional[bool] = ..., attn_only_end: _Optional[bool] = ...) -> None: ...
+    id: str
+    def __init__(self, role: _Optional[str] = ..., chain: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp_size: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., layer_experts: _Optional[_Mapping[int, ExpertIds]] = ..., mlp_only_start: _Optional[bool] = ..., attn_only_end: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("chains", "workers", "model", "version", "json")

@@ -100,11 +100,23 @@ def _without_timing(value):
     return value
 
 
+def _until_the_stages_report(mesh, tokens: int, timeout: float = 15.0) -> None:
+    """Until a heartbeat after the traffic reached Redis: every stage counts ``tokens`` and holds no KV
+    (a heartbeat is ~1 s; a loaded machine delays it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stages = [w["load"] for w in json.loads(_get(mesh, "/api/status"))["workers"] if w["role"] == "stage"]
+        if stages and all(s["tokens_processed"] >= tokens and s["kv_blocks_used"] == 0 for s in stages):
+            return
+        assert time.monotonic() < deadline, f"the stages' figures never showed the traffic: {stages}"
+        time.sleep(0.2)
+
+
 def test_metrics_after_traffic_and_api_status_is_the_grpc_document(mesh, capsys):
     with Client(mesh.gateway_address, timeout=60) as client:
         for n in range(REQUESTS):
             client.generate(token_ids=list(range(3, 8 + n)), max_new_tokens=TOKENS, ignore_eos=True)
-    time.sleep(1.5)  # one heartbeat: the stages' figures reach Redis
+    _until_the_stages_report(mesh, REQUESTS * TOKENS)
 
     families = {f.name: f for f in text_string_to_metric_families(_get(mesh, "/metrics").decode())}
     samples = [(s.name, s.labels, s.value) for f in families.values() for s in f.samples]

@@ -220,7 +220,7 @@ def test_status_document_round_trip():
         "chains": [{"id": 0, "healthy": True, "num_stages": 2, "requests_served": 12,
                     "requests_running": 1, "requests_waiting": 0}],
         "workers": [
-            {"role": "stage", "chain": 0, "stage": 1, "layers": [4, 8], "experts": {}, "address": "127.0.0.1:5001",
+            {"id": "stage-c0-s1", "role": "stage", "chain": 0, "stage": 1, "layers": [4, 8], "experts": {}, "address": "127.0.0.1:5001",
              "pid": 4242, "device": "cuda:1", "healthy": True, "tp_size": 2, "heartbeat_age_s": 0.5,
              "load": {"queue_depth": 2, "running_sequences": 3, "kv_blocks_used": 10, "kv_blocks_total": 512,
                       "busy_fraction": 0.25, "tokens_processed": 999, "step_latency_p50_s": 0.01,
@@ -247,7 +247,7 @@ def test_an_expert_worker_keeps_its_experts_per_layer_and_its_per_expert_load():
     load = {"queue_depth": 1, "running_sequences": 0, "kv_blocks_used": 0, "kv_blocks_total": 0, "busy_fraction": 0.5,
             "tokens_processed": 12, "step_latency_p50_s": 0.0, "step_latency_p99_s": 0.0, "micro_batches_per_s": 0.0,
             "tokens_per_s": 0.0, "bubble_fraction": 0.0, "bytes_sent": 0, "expert_tokens": {"0:0": 5, "3:1": 7}}
-    worker = {"role": "expert", "chain": 0, "stage": -1, "layers": [0, 4], "experts": {"0": [0, 2], "3": [1]},
+    worker = {"id": "expert-c0-e1", "role": "expert", "chain": 0, "stage": -1, "layers": [0, 4], "experts": {"0": [0, 2], "3": [1]},
               "address": "127.0.0.1:5009", "pid": 7, "device": "cpu", "healthy": True, "tp_size": 1,
               "heartbeat_age_s": 0.0, "load": load}
     msg = codec.status_to_pb({"workers": [worker]})

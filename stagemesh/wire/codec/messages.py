@@ -294,7 +294,7 @@ def chunk_from_pb(msg: gateway_pb2.GenerateResponse) -> GenerateChunk:
 # --- Gateway: StatusResponse <-> status document (dict) ------------------------------------
 
 _CHAIN_KEYS = ("id", "healthy", "num_stages", "requests_served", "requests_running", "requests_waiting")
-_WORKER_KEYS = ("role", "chain", "stage", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s")
+_WORKER_KEYS = ("id", "role", "chain", "stage", "address", "pid", "device", "healthy", "tp_size", "heartbeat_age_s")
 _LOAD_KEYS = tuple(f.name for f in dataclass_fields(WorkerLoad))
 """The load's keys (``stagemesh.mesh.figures.WorkerLoad``), one WorkerLoad proto field each."""
 
