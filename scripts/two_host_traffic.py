@@ -28,6 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from stagemesh.model import families
+from stagemesh.model.families.llama import LLAMA
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration import netns
 from tests.integration.two_hosts import GATEWAY_PORT, REDIS_PORT, TwoHostMesh, two_host_mesh
@@ -104,8 +106,9 @@ def load(n: int, prompt: int, new: int, seed: int) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024, help="the test model's hidden size")
-    p.add_argument("--dtype", default=None, help="the mesh's dtype (the topology's); default: the checkpoint's, float32")
-    p.add_argument("--family", default="llama", help="the test model's family (mixtral: MoE, with --ep)")
+    p.add_argument("--dtype", default=None, help="the mesh's dtype (default: the checkpoint's, float32)")
+    p.add_argument("--family", choices=sorted(families.FAMILIES), default=LLAMA.name,
+                   help="the test model's family (an MoE one, with --ep)")
     p.add_argument("--ep", type=int, default=0, help="expert workers (MoE families)")
     p.add_argument("--on-b", default="stage-c0-s0", help="the workers on host B, by id, comma-separated")
     args = p.parse_args()
