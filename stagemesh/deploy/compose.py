@@ -1,5 +1,10 @@
 """`stagemesh compose` and `stagemesh topology`: the plan `stagemesh up` would start, as a docker
 compose deployment of GPU-pinned services (where each worker runs: ``stagemesh.deploy.compose_plan``).
+
+NOTE: over 400 lines: the renderer (``compose_document``), the process command lines that the
+Kubernetes renderer (``stagemesh.deploy.k8s_objects``) shares with it, and the two commands'
+flags and ``run_*``. The commands belong in a module of their own (as ``up.py`` is to
+``launch.py``); the move waits for a change that carries ``k8s.py``'s and the tests' imports.
 """
 
 from __future__ import annotations

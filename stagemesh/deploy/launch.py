@@ -30,6 +30,9 @@ on leaves its chain out of service; the gateway given up on (or every frontend) 
 with an error, since then nothing can serve. ``restart=False``
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
+
+NOTE: just over 400 lines, a sixth of them this docstring: ``Mesh`` is one concern (start,
+supervise, stop); planning is ``up_plan.py`` and the command ``up.py``.
 """
 
 from __future__ import annotations

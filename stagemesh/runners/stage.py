@@ -161,10 +161,10 @@ class StageRunner:
               else KVState(cache.seq_tokens, cache.block_tables, cache.allocator.num_free))
         check_step(plan, hidden, self.limits, kv, fit=not before_fill)
         if self.spec.is_first and not before_fill:  # every pending token can be filled in
-            left = {} if new_epoch else {s: t for s, t in self.sampled.items() if s not in plan.free}
             for c in plan.chunks:
-                if c.token_ids == (PENDING_TOKEN,):
-                    self._own_sample(plan.step_id, c.seq_id, left)
+                if c.token_ids == (PENDING_TOKEN,):  # not with a sample this step frees, or an old epoch's
+                    gone = new_epoch or c.seq_id in plan.free
+                    self._own_sample(plan.step_id, c.seq_id, {} if gone else None)
 
     def _check_fits(self, plan: StepPlan, hidden: torch.Tensor | None) -> None:
         """``check``; a step that does not fit the free KV blocks first drops the sequences idle

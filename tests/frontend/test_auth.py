@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import time
 from functools import partial
 
@@ -29,8 +28,6 @@ from frontend.openai_http import OpenAIApi
 from frontend.servicer import FrontendServicer
 from frontend.stream import RequestStream
 from stagemesh import AsyncClient, Client, Unauthenticated
-from stagemesh.cli.demo import write_tokenizer
-from stagemesh.config import ModelConfig
 from stagemesh.inference import grpc_service_pb2 as kserve_pb
 from stagemesh.inference import grpc_service_pb2_grpc
 from stagemesh.runtime.api_keys import ApiKeys
@@ -39,22 +36,15 @@ from stagemesh.runtime.server import WorkerServer
 from stagemesh.tokenizer import Tokenizer
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.frontend.test_kserve_request import infer_request
+from tests.frontend.tiny_model import CONFIG, write_model_dir
 
 KEYS = ApiKeys(("key-one", "key-two"))
-CONFIG = ModelConfig.from_dict({
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 8, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 16, "max_position_embeddings": 256,
-})
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    write_tokenizer(root, vocab_size=320, model_max_length=256)
-    config = json.loads((root / "tokenizer_config.json").read_text())
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    (root / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    return root
+    return write_model_dir(tmp_path_factory.mktemp("model"), template)
 
 
 class Link:

@@ -13,27 +13,20 @@ import pytest
 from frontend.kserve import KServeServicer, with_kserve
 from frontend.kserve_tensors import unpack_bytes
 from frontend.stream import RequestStream
-from stagemesh.cli.demo import write_tokenizer
-from stagemesh.config import ModelConfig
 from stagemesh.errors import ResourceExhausted, Unavailable
 from stagemesh.inference import grpc_service_pb2 as pb
 from stagemesh.inference import grpc_service_pb2_grpc
 from stagemesh.runtime.net import free_port
 from stagemesh.tokenizer import Tokenizer, encode_prompt
 from tests.frontend.test_kserve_request import infer_request
+from tests.frontend.tiny_model import CONFIG, write_model_dir
 
-CONFIG = ModelConfig.from_dict({
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 8, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 16, "max_position_embeddings": 256,
-})
 ANSWER = "Hello there, ünïcode ✓ and the rest."
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    write_tokenizer(root, vocab_size=320, model_max_length=256)
-    return Tokenizer.from_dir(root)
+    return Tokenizer.from_dir(write_model_dir(tmp_path_factory.mktemp("model")))
 
 
 class Link:

@@ -17,27 +17,18 @@ from frontend.gateway_proxy import GatewayProxy
 from frontend.http import HttpServer
 from frontend.openai_http import OpenAIApi
 from frontend.stream import RequestStream
-from stagemesh.cli.demo import write_tokenizer
-from stagemesh.config import ModelConfig
 from stagemesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.runtime.net import free_port
 from stagemesh.tokenizer import Tokenizer
+from tests.frontend.tiny_model import CONFIG, write_model_dir
 
 TEXT = "Hello there, ünïcode ✓ and then STOP and the rest."
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
-CONFIG = ModelConfig.from_dict({
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 8, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 16, "max_position_embeddings": 256,
-})
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    write_tokenizer(root, vocab_size=320, model_max_length=256)
-    config = json.loads((root / "tokenizer_config.json").read_text())
-    (root / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
-    return root
+    return write_model_dir(tmp_path_factory.mktemp("model"), TEMPLATE)
 
 
 class Link:
