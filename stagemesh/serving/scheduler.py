@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
-from stagemesh.serving.params import SEED_RANGE, sample_spec
+from stagemesh.serving.params import SEED_RANGE, sample_row, spec_from_fields
 from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class _Sequence:
     """The step id of the latest plan that held a chunk of it."""
     aborted: bool = False
     reserved_blocks: list[int] = field(default_factory=list)
+    sample_row: dict = field(default_factory=dict)
+    """Its request's per-row sampling fields, taken once (``serving.params.sample_row``)."""
 
     @property
     def request_id(self) -> str:
@@ -169,6 +171,7 @@ class Scheduler:
             max_generated=max_generated,
             num_generated=num_resumed,
             num_blocks=blocks_needed(reserve, cfg.block_size),
+            sample_row=sample_row(p),
         )
 
     def _check_fits(self, seq: _Sequence) -> None:
@@ -253,7 +256,7 @@ class Scheduler:
         tokens = tuple(seq.token_ids[start : start + n]) or (PENDING_TOKEN,)
         sample = None
         if start + n == len(seq.token_ids) + seq.pending:
-            sample = sample_spec(seq.request.params, seq.seed, index=seq.num_generated + seq.pending)
+            sample = spec_from_fields(seq.sample_row, seed=seq.seed, index=seq.num_generated + seq.pending)
             seq.pending += 1
         seq.num_scheduled += n
         seq.in_flight += 1

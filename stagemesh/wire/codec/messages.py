@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from stagemesh.config import layer_bounds
 from stagemesh.errors import InvalidArgument, StagemeshError, error_for
 from stagemesh.mesh.figures import LOAD_NUMBERS, WorkerLoad
-from stagemesh.serving.params import NAMES, PARAMS, SAMPLE_FIELDS, SampleSpec, SamplingParams
+from stagemesh.serving.params import NAMES, PARAMS, SAMPLE_FIELDS, SampleSpec, SamplingParams, spec_from_fields
 from stagemesh.serving.types import SeqChunk, StepPlan, StepResult, TokenLogprobs
 from stagemesh.v1 import gateway_pb2, sampling_pb2, stage_pb2, tensor_pb2
 
@@ -137,7 +137,7 @@ def plan_from_pb(msg: stage_pb2.StageRequest) -> StepPlan:
 
 
 def _spec(values: tuple) -> SampleSpec:
-    return SampleSpec(**dict(zip(_SAMPLE_COLUMNS, values)))
+    return spec_from_fields(zip(_SAMPLE_COLUMNS, values))
 
 
 # --- StepResult <-> StageResponse, errors --------------------------------------------------

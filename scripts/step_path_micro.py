@@ -1,0 +1,71 @@
+"""The per-step Python work of the front door and a stage, timed alone on one core.
+
+What it times, for one decode step of ``--rows`` running sequences (each row one token):
+the gateway's ``Scheduler.schedule`` (a plan: a ``SeqChunk`` and a ``SampleSpec`` per row),
+``plan_to_pb`` (the StageRequest the gateway sends), a stage's ``plan_from_pb`` (the plan it
+runs), and the gateway's ``Scheduler.update`` (a ``TokenEvent`` per row). Printed as µs per
+row, the median of ``--repeats`` runs of ``--steps`` steps each, so that two builds can be
+compared in one sitting (``git stash`` / checkout between two runs)::
+
+    python scripts/step_path_micro.py --rows 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from stagemesh.serving.scheduler import Scheduler, SchedulerConfig
+from stagemesh.serving.types import Request, SamplingParams, StepResult
+from stagemesh.v1 import stage_pb2
+from stagemesh.wire.codec.messages import plan_from_pb, plan_to_pb
+
+
+def _decoding_scheduler(rows: int, steps: int) -> Scheduler:
+    """A scheduler whose ``rows`` sequences are all past their (one-token) prefill, with room
+    for ``steps`` more tokens each."""
+    max_new = steps + 1
+    config = SchedulerConfig(num_blocks=rows * (max_new // 16 + 2), max_num_seqs=rows, max_num_batched_tokens=rows,
+                             max_model_len=max_new + 1)
+    scheduler = Scheduler(config)
+    for n in range(rows):
+        scheduler.add(Request(f"r{n}", (7,), SamplingParams(max_new_tokens=max_new, ignore_eos=True, seed=n)))
+    plan = scheduler.schedule(0.0)
+    scheduler.update(plan, StepResult(plan.step_id, {c.seq_id: 5 for c in plan.chunks}))
+    return scheduler
+
+
+def _one_run(rows: int, steps: int) -> dict[str, float]:
+    scheduler = _decoding_scheduler(rows, steps)
+    spent = dict.fromkeys(("schedule", "plan_to_pb", "plan_from_pb", "update"), 0.0)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        plan = scheduler.schedule(0.0)
+        t1 = time.perf_counter()
+        wire = plan_to_pb(plan).SerializeToString()
+        t2 = time.perf_counter()
+        plan_from_pb(stage_pb2.StageRequest.FromString(wire))
+        t3 = time.perf_counter()
+        result = StepResult(plan.step_id, {c.seq_id: 5 for c in plan.chunks})
+        t4 = time.perf_counter()
+        scheduler.update(plan, result)
+        t5 = time.perf_counter()
+        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
+            spent[name] += dt
+    return {name: 1e6 * s / (steps * rows) for name, s in spent.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=128, help="running sequences, one row each per step")
+    parser.add_argument("--steps", type=int, default=200, help="steps per run")
+    parser.add_argument("--repeats", type=int, default=7, help="runs; the median is printed")
+    args = parser.parse_args()
+    runs = [_one_run(args.rows, args.steps) for _ in range(args.repeats)]
+    for name in runs[0]:
+        print(f"{name:13s} {statistics.median(r[name] for r in runs):6.2f} µs per row")
+
+
+if __name__ == "__main__":
+    main()
