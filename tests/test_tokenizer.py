@@ -97,6 +97,31 @@ def test_random_ids_with_broken_utf8_still_concatenate_to_decode(tok):
         assert "".join(deltas) + rest == tok.decode(ids), ids
 
 
+
+class _RefusingStream:
+    """A ``DecodeStream`` that refuses its steps from the ``after``-th on, as tokenizers' does when
+    a tokenizer's text is not monotonic ("Invalid prefix encountered")."""
+
+    def __init__(self, real, after: int):
+        self.real, self.after = real, after
+
+    def step(self, backend, token_id):
+        if self.after == 0:
+            raise Exception("Invalid prefix encountered")
+        self.after -= 1
+        return self.real.step(backend, token_id)
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_a_refused_decode_step_goes_on_from_the_whole_text(tok, after):
+    for text in TEXTS:
+        ids = tok.encode(text)
+        dec = IncrementalDecoder(tok)
+        dec._stream = _RefusingStream(dec._stream, after)
+        deltas = [dec.push(i) for i in ids]
+        assert dec._stream is None
+        assert "".join(deltas) + dec.flush() == tok.decode(ids), text
+
 def test_incremental_decoding_with_a_context_dependent_decoder():
     """SentencePiece-style: '▁' for spaces, and the decoder drops the text's leading space."""
     backend = RustTokenizer(models.BPE())
