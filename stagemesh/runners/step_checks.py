@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -34,6 +35,17 @@ from stagemesh.serving.types import PENDING_TOKEN, SeqChunk, StepPlan
 
 _BOUNDS = {f.name: param_of(f).bounds for f in PARAMS if f.name in SAMPLE_FIELDS and param_of(f).bounds is not None}
 """The bounds of each sampling column that has some (the others are seed and index)."""
+_BOUNDED = attrgetter(*_BOUNDS)
+"""A SampleSpec's values of those columns, as one tuple."""
+_CHECKED_ROWS: set[tuple] = set()
+"""Values of ``_BOUNDED`` found within their bounds already (a sequence's row is the same at
+every step it samples in).
+
+NOTE: the bounds are fixed, so a tuple once in them always is; checking them per row per step
+was over half of the last stage's checks: 4.9 → 2.0 µs a row with this set, 2.2 → 1.5 on a
+middle stage with the loop's own savings (128 decode rows, one core). Only good tuples enter
+(a NaN never does), and the set is emptied when it reaches ``_CHECKED_ROWS_MAX``."""
+_CHECKED_ROWS_MAX = 4096
 _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -70,18 +82,20 @@ def check_step(plan: StepPlan, hidden: torch.Tensor | None, limits: StageLimits,
     seen: set[int] = set()
     new_blocks = 0
     for chunk in plan.chunks:
-        _check_chunk(where, chunk, limits)
-        if chunk.seq_id in seen:
-            raise InvalidArgument(f"{where}: sequence {chunk.seq_id} has more than one chunk in the step")
-        seen.add(chunk.seq_id)
-        held = 0 if chunk.seq_id in freed else kv.tokens.get(chunk.seq_id, 0)
+        seq, end = chunk.seq_id, chunk.end
+        _check_chunk(where, chunk, end, limits)
+        if seq in seen:
+            raise InvalidArgument(f"{where}: sequence {seq} has more than one chunk in the step")
+        seen.add(seq)
+        gone = seq in freed
+        held = 0 if gone else kv.tokens.get(seq, 0)
         if chunk.start != held:
             raise InvalidArgument(
-                f"{where}: sequence {chunk.seq_id} starts at position {chunk.start}, but this stage holds "
+                f"{where}: sequence {seq} starts at position {chunk.start}, but this stage holds "
                 f"{held} of its tokens; a chunk starts where the sequence's KV cache ends"
             )
-        have = 0 if chunk.seq_id in freed else len(kv.blocks.get(chunk.seq_id, ()))
-        new_blocks += max(0, blocks_needed(chunk.end, limits.block_size) - have)
+        have = 0 if gone else len(kv.blocks.get(seq, ()))
+        new_blocks += max(0, blocks_needed(end, limits.block_size) - have)
     if not fit:
         return
     available = kv.free_blocks + sum(len(kv.blocks.get(s, ())) for s in freed)
@@ -106,15 +120,16 @@ def _check_hidden(where: str, tokens: int, hidden: torch.Tensor | None, limits: 
         )
 
 
-def _check_chunk(where: str, chunk: SeqChunk, limits: StageLimits) -> None:
+def _check_chunk(where: str, chunk: SeqChunk, end: int, limits: StageLimits) -> None:
+    """``end``: ``chunk.end``, worked out once by the caller."""
     seq = chunk.seq_id
     if seq < 0:
         raise InvalidArgument(f"{where}: sequence id {seq} is negative")
     if not chunk.token_ids:
         raise InvalidArgument(f"{where}: sequence {seq} has a chunk of no tokens; a chunk has at least one")
-    if chunk.start < 0 or chunk.end > limits.context:
+    if chunk.start < 0 or end > limits.context:
         raise InvalidArgument(
-            f"{where}: sequence {seq} runs positions [{chunk.start}, {chunk.end}); the model's context is "
+            f"{where}: sequence {seq} runs positions [{chunk.start}, {end}); the model's context is "
             f"[0, {limits.context})"
         )
     pending_ok = limits.is_first and len(chunk.token_ids) == 1
@@ -132,7 +147,12 @@ def _check_chunk(where: str, chunk: SeqChunk, limits: StageLimits) -> None:
 def _check_sample(where: str, seq: int, spec) -> None:
     if not 0 <= spec.seed < MAX_SEED or spec.index < 0:
         raise InvalidArgument(f"{where}: sequence {seq} has seed {spec.seed} and index {spec.index}; both are >= 0")
-    for name, bounds in _BOUNDS.items():
-        value = getattr(spec, name)
+    row = _BOUNDED(spec)
+    if row in _CHECKED_ROWS:
+        return
+    for (name, bounds), value in zip(_BOUNDS.items(), row):
         if value not in bounds:  # nan is in no bounds
             raise InvalidArgument(f"{where}: sequence {seq} has {name} = {value}; it must be {bounds}")
+    if len(_CHECKED_ROWS) >= _CHECKED_ROWS_MAX:
+        _CHECKED_ROWS.clear()
+    _CHECKED_ROWS.add(row)
