@@ -18,6 +18,9 @@ in (from its own sample, or from the last stage's answer it relays), so it goes 
 straight into the next. A sequence is never more than two plans deep nor looks ahead past
 ``max_new_tokens``; after a stop token the lookahead's token is dropped and its KV freed.
 Steps must be applied (``update``/``fail``) in the order they were scheduled.
+
+NOTE: just over 400 lines, a fifth of them docstrings: one pure object (admission, plans,
+results, aborts) whose parts share the ``_Sequence`` state; split, each part would reach into it.
 """
 
 from __future__ import annotations

@@ -47,13 +47,18 @@ def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 18
             redis_url = (proc.secrets_dir / "redis-url").read_text().strip()
         yield f"127.0.0.1:{port}", redis_url, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(proc)
+
+
+def stop_gracefully(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM ``proc`` (a `stagemesh up`) unless it has ended, wait up to ``grace_s`` for it, then kill it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def admin_tls(up: subprocess.Popen) -> MeshTLS | None:

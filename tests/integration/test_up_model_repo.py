@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from stagemesh.cli.demo import write_demo_model
 from stagemesh.deploy.redis_server import free_port
 from tests.cli_helpers import run_cli
 from tests.hf_cache import add_to_hf_cache, offline_env
+from tests.integration.mesh_helpers import stop_gracefully
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +62,6 @@ def test_up_serves_a_cached_repo_and_says_what_it_is_doing(tmp_path):
         assert streamed.stdout == json.loads(whole.stdout)["text"] + "\n"
     finally:
         watchdog.cancel()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_gracefully(proc)
     assert proc.returncode == 0
     assert not log_dir.exists(), f"the temporary log dir {log_dir} outlived the mesh"
