@@ -32,6 +32,7 @@ from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_server import free_port
 from stagemesh.deploy.up_plan import UpOptions
 from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.heartbeat import INTERVAL_S
 from stagemesh.runtime.tls import MeshTLS
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.browser import headless_chromium
@@ -101,15 +102,31 @@ def _without_timing(value):
 
 
 def _until_the_stages_report(mesh, tokens: int, timeout: float = 15.0) -> None:
-    """Until a heartbeat after the traffic reached Redis: every stage counts ``tokens`` and holds no KV
-    (a heartbeat is ~1 s; a loaded machine delays it)."""
+    """Until a heartbeat after the traffic reached Redis from every worker: every stage counts ``tokens``
+    and holds no KV, and the status document (less its clock fields) reads the same across two heartbeats,
+    so the expert workers' figures, which beat on their own clock, have come in too (a heartbeat is ~1 s;
+    a loaded machine delays it)."""
     deadline = time.monotonic() + timeout
+    previous = None
     while True:
-        stages = [w["load"] for w in json.loads(_get(mesh, "/api/status"))["workers"] if w["role"] == "stage"]
-        if stages and all(s["tokens_processed"] >= tokens and s["kv_blocks_used"] == 0 for s in stages):
+        doc = json.loads(_get(mesh, "/api/status"))
+        stages = [w["load"] for w in doc["workers"] if w["role"] == "stage"]
+        done = stages and all(s["tokens_processed"] >= tokens and s["kv_blocks_used"] == 0 for s in stages)
+        if done and _without_timing(doc) == previous:
             return
-        assert time.monotonic() < deadline, f"the stages' figures never showed the traffic: {stages}"
-        time.sleep(0.2)
+        assert time.monotonic() < deadline, f"the workers' figures never settled after the traffic: {stages}"
+        previous = _without_timing(doc) if done else None
+        time.sleep(1.5 * INTERVAL_S if done else 0.2)
+
+
+def _differences(left, right, path: str = "") -> list[str]:
+    """Where two JSON documents differ, as ``path: left != right`` lines (pytest's own diff is cut short)."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        return [d for k in sorted(left.keys() | right.keys(), key=str)
+                for d in _differences(left.get(k), right.get(k), f"{path}.{k}")]
+    if isinstance(left, list) and isinstance(right, list) and len(left) == len(right):
+        return [d for i, (a, b) in enumerate(zip(left, right)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if left == right else [f"{path}: {left!r} != {right!r}"]
 
 
 def test_metrics_after_traffic_and_api_status_is_the_grpc_document(mesh, capsys):
@@ -143,7 +160,8 @@ def test_metrics_after_traffic_and_api_status_is_the_grpc_document(mesh, capsys)
     api = json.loads(_get(mesh, "/api/status"))
     assert cli_main(["status", "--addr", mesh.gateway_address, "--json"]) == 0
     grpc_doc = json.loads(capsys.readouterr().out)
-    assert _without_timing(api) == _without_timing(grpc_doc)
+    same_api, same_grpc = _without_timing(api), _without_timing(grpc_doc)
+    assert same_api == same_grpc, _differences(same_api, same_grpc)
     stages = sorted((w for w in api["workers"] if w["role"] == "stage"), key=lambda w: w["stage"])
     assert [w["stage"] for w in stages] == [0, 1]
     for w in stages:
