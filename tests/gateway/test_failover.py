@@ -100,6 +100,15 @@ async def collect(router, journal, rid: str, prompt: tuple[int, ...], n: int, on
     return events
 
 
+async def settle(condition, timeout_s: float = 5.0) -> None:
+    """Until ``condition()`` holds or ``timeout_s`` has passed (the test then asserts it): what the
+    engines do next runs on the event loop, which a loaded machine may pause for a while."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def test_a_burst_of_requests_is_spread_over_both_chains():
     async def main():
         async with gateway() as (router, remotes, journal, _):
@@ -149,7 +158,8 @@ def test_with_no_healthy_chain_new_requests_fail_at_once_and_running_ones_after_
             return waited, loop.time() - t0
 
     waited, refused = asyncio.run(main())
-    assert 0.3 <= waited < 2 and refused < 0.05
+    # a new request does not wait for a chain (0.3 s here): refused well inside it, even on a loaded machine
+    assert 0.3 <= waited < 2 and refused < 0.2
 
 
 def test_a_chain_back_in_service_frees_its_old_sequences_and_runs_a_fresh_engine():
@@ -169,7 +179,8 @@ def test_a_chain_back_in_service_frees_its_old_sequences_and_runs_a_fresh_engine
 
             first = await collect(router, journal, "a", (4, 4), 10, kill)
             second = await collect(router, journal, "b", (9,), 6)  # seq ids start over on the fresh engine
-            await asyncio.sleep(0.05)  # the last free goes out with the engine's next (free-only) step
+            # the last free goes out with the engine's next (free-only) step
+            await settle(lambda: not remotes[0].kv)
             return first, second, chain, remotes[0]
 
     first, second, chain, remote = asyncio.run(main())

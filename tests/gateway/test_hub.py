@@ -14,7 +14,7 @@ from stagemesh.errors import Cancelled, InvalidArgument
 from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.params import SamplingParams
 from stagemesh.wire.codec.scheduling import Submission
-from tests.gateway.test_failover import gateway
+from tests.gateway.test_failover import gateway, settle
 from tests.serving.test_engine import expected, logprobs_of
 
 
@@ -81,7 +81,8 @@ def test_a_cancel_frees_its_request_and_an_orphan_nobody_takes_up_is_cancelled_a
             running_after_detach = router.chains[0].engine.scheduler.num_running
             hub.sweep(time.monotonic() + 1.0)  # within the window: left alone
             hub.sweep(time.monotonic() + 6.0)  # past it: cancelled
-            await asyncio.sleep(0.1)
+            chain = router.chains[0]
+            await settle(lambda: chain.engine.scheduler.num_running == 0 and not store.entries and not hub.running)
             return got_a, running_after_detach, router, store, hub
 
     got_a, running_after_detach, router, store, hub = asyncio.run(main())

@@ -107,6 +107,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def still_alive(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """Those of ``pids`` still alive once all are gone or ``timeout_s`` has passed (a process that was
+    told to stop, or whose parent was, takes a moment to exit and be reaped on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
 def children(pid: int, module: str) -> list[int]:
     """Pids of ``pid``'s live children running ``python -m module``."""
     found = []

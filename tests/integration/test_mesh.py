@@ -16,7 +16,7 @@ import pytest
 from stagemesh import AsyncClient, Client, InvalidArgument
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import generate_json, write_jsonl
-from tests.integration.mesh_helpers import expected_cores, pid_alive, stagemesh_up, worker_figures
+from tests.integration.mesh_helpers import expected_cores, stagemesh_up, still_alive, worker_figures
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,17 @@ def _overlap(a: list[list[float]], b: list[list[float]]) -> float:
     return total
 
 
-def _busy_intervals(redis_url: str) -> dict[str, list]:
-    metrics = asyncio.run(worker_figures(redis_url))
-    return {wid: m.get("busy_intervals", []) for wid, m in metrics.items() if wid.startswith("stage-")}
+def _busy_intervals(redis_url: str, since: float, stages: int, timeout_s: float = 15.0) -> dict[str, list]:
+    """Each stage's busy intervals from a heartbeat that went out after Unix time ``since`` (each stage
+    beats every ~1 s on its own clock; a loaded machine delays a beat), so they cover every step before."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = asyncio.run(worker_figures(redis_url))
+        beats = {f"stage-c0-s{s}": metrics.get(f"stage-c0-s{s}", {}).get("time") for s in range(stages)}
+        if all(t is not None and t > since for t in beats.values()):
+            return {wid: m.get("busy_intervals", []) for wid, m in metrics.items() if wid.startswith("stage-")}
+        assert time.monotonic() < deadline, f"no heartbeat after the traffic from every stage: {beats} <= {since}"
+        time.sleep(0.2)
 
 
 def test_micro_batches_overlap_across_stages_and_bad_requests_are_refused(tmp_path):
@@ -82,8 +90,7 @@ def test_micro_batches_overlap_across_stages_and_bad_requests_are_refused(tmp_pa
         *good, bad = results
         assert isinstance(bad, InvalidArgument) and "100000" in bad.message
         assert all(len(r.token_ids) == 32 for r in good), [r for r in good if not hasattr(r, "token_ids")]
-        time.sleep(1.5)  # one heartbeat: the figures reach Redis
-        intervals = _busy_intervals(redis_url)
+        intervals = _busy_intervals(redis_url, since=time.time(), stages=2)
 
     first, second = intervals["stage-c0-s0"], intervals["stage-c0-s1"]
     busy_second = sum(e - s for s, e in second)
@@ -111,8 +118,7 @@ def test_cancel_frees_kv_on_every_stage_and_sigterm_leaves_nothing(model_dir, tm
         pids = [w["pid"] for w in status["workers"]]
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
-    time.sleep(0.5)
-    assert [p for p in pids if pid_alive(p)] == []
+    assert still_alive(pids) == []
 
 
 @pytest.mark.parametrize("bound", [True, False], ids=["bound", "no-cpu-bind"])

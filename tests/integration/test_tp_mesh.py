@@ -29,8 +29,8 @@ from tests.integration.mesh_helpers import (
     admin_tls,
     expected_cores,
     generate_all,
-    pid_alive,
     stagemesh_up,
+    still_alive,
     worker_figures,
 )
 
@@ -68,8 +68,7 @@ def test_tp_mesh_gives_transformers_greedy_tokens(checkpoints, tmp_path, family,
     with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), "--tp", str(tp)) as (addr, redis_url, _):
         results = asyncio.run(generate_all(addr, requests))
         status = Client(addr).status()
-        time.sleep(1.2)  # one heartbeat: the per-rank figures reach Redis
-        figures = asyncio.run(worker_figures(redis_url))
+        per_rank = [_figure(redis_url, f"stage-c0-s{s}", "rank_weight_bytes") for s in range(pp)]
 
     stages = [w for w in status["workers"] if w["role"] == "stage"]
     assert len(stages) == pp and all(w["tp_size"] == tp and w["healthy"] for w in stages), stages
@@ -78,7 +77,6 @@ def test_tp_mesh_gives_transformers_greedy_tokens(checkpoints, tmp_path, family,
         assert len(res.token_ids) >= 1
         where = f"{family} pp={pp} tp={tp} request {n}"
         teacher_forcing_check(reference, req["token_ids"], res.token_ids, request=where)
-    per_rank = [figures[f"stage-c0-s{s}"]["rank_weight_bytes"] for s in range(pp)]
     assert all(len(ranks) == tp for ranks in per_rank), per_rank
     if pp == 1:  # each rank of the one stage holds about 1/tp of the model's weights
         whole = _checkpoint_bytes(model_dir)
@@ -95,12 +93,17 @@ def test_up_refuses_a_tp_that_does_not_divide_the_heads_and_starts_nothing(check
     assert time.monotonic() - t0 < 30
 
 
-def _rank_pids(redis_url: str, worker: str, timeout_s: float = 10.0) -> list[int]:
+def _figure(redis_url: str, worker: str, name: str, timeout_s: float = 10.0):
+    """Figure ``name`` as ``worker`` published it, once a heartbeat carried it to Redis."""
     deadline = time.monotonic() + timeout_s
-    while (pids := asyncio.run(worker_figures(redis_url)).get(worker, {}).get("rank_pids")) is None:
-        assert time.monotonic() < deadline, f"no rank_pids figure from {worker}"
+    while (value := asyncio.run(worker_figures(redis_url)).get(worker, {}).get(name)) is None:
+        assert time.monotonic() < deadline, f"no {name} figure from {worker}"
         time.sleep(0.2)
-    return pids
+    return value
+
+
+def _rank_pids(redis_url: str, worker: str) -> list[int]:
+    return _figure(redis_url, worker, "rank_pids")
 
 
 def _stage(client: Client, stage: int) -> dict:
@@ -164,8 +167,7 @@ def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fa
         # rank 0 exits 1 shortly after, and `stagemesh up` then stops the whole mesh
         assert up.wait(30) == 1
     assert t_down < 5
-    time.sleep(0.5)
-    assert [p for p in (rank0, rank1) if pid_alive(p)] == []
+    assert still_alive([rank0, rank1]) == []
 
 
 def test_each_rank_runs_on_cores_of_its_own_and_sigterm_stops_every_rank(checkpoints, tmp_path):
@@ -174,8 +176,7 @@ def test_each_rank_runs_on_cores_of_its_own_and_sigterm_stops_every_rank(checkpo
         assert [sorted(os.sched_getaffinity(p)) for p in pids] == expected_cores(2, bound=True)
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
-    time.sleep(0.5)
-    assert [p for p in pids if pid_alive(p)] == []
+    assert still_alive(pids) == []
     assert "tp rank 1 of stage c0-s0 stopped" in (tmp_path / "logs" / "stage-c0-s0.log").read_text()
 
 

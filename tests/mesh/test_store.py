@@ -38,23 +38,28 @@ def _stage(worker_id="chain0-stage0", **overrides) -> WorkerInfo:
     return WorkerInfo(**{**fields, **overrides})
 
 
+TTL_S = 1.5
+
+
 def test_register_then_heartbeat_keeps_a_worker_alive_until_its_ttl_lapses(redis_url):
     expert = WorkerInfo(
         worker_id="expert-0", role="expert", experts={1: [0, 2], 3: [5]}, address="127.0.0.1:50200",
         pid=99, device="cuda:1", started_at=1000.0,
     )
 
+    # NOTE: each read that must find the worker alive comes at least 0.6 s before its TTL lapses (a
+    # loaded machine may delay a call that much), each that must find it dead after the lapse
     async def body(store: Store):
-        await store.register_worker(_stage(), ttl_s=0.6)
+        await store.register_worker(_stage(), ttl_s=TTL_S)
         await store.register_worker(expert, ttl_s=30)
         assert await store.list_workers() == [_stage(), expert]
         assert (await store.list_workers())[0].experts == {}
         assert (await store.list_workers())[1].experts == {1: [0, 2], 3: [5]}, "layer keys come back as ints"
-        await asyncio.sleep(0.4)
-        assert await store.heartbeat("chain0-stage0", ttl_s=0.6) is True
-        await asyncio.sleep(0.4)  # past the first TTL, within the renewed one
+        await asyncio.sleep(0.75)
+        assert await store.heartbeat("chain0-stage0", ttl_s=TTL_S) is True
+        await asyncio.sleep(0.9)  # past the first TTL (0.75 + 0.9 > 1.5), within the renewed one
         assert [w.alive for w in await store.list_workers()] == [True, True], "the heartbeat renewed the TTL"
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.75)  # past the renewed one: 0.9 + 0.75 > 1.5
         stage, still = await store.list_workers()
         assert stage.worker_id == "chain0-stage0" and stage.alive is False, "stays listed, not alive"
         assert still.alive is True
@@ -176,10 +181,10 @@ def test_reopening_a_request_starts_it_afresh(redis_url):
 def test_metrics_round_trip_and_expiry(redis_url):
     async def body(store: Store):
         await store.put_metrics("w1", {"tokens_per_s": 123.5, "queue": 3, "device": "cpu"})
-        await store.put_metrics("w2", {"queue": 1}, ttl_s=0.2)
+        await store.put_metrics("w2", {"queue": 1}, ttl_s=1.0)  # read twice within it, even on a loaded machine
         await store.put_metrics("w1", {"queue": 4})
         assert await store.get_metrics() == {"w1": {"queue": 4}, "w2": {"queue": 1}}, "put replaces"
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(1.15)
         assert await store.get_metrics() == {"w1": {"queue": 4}}
 
     _run(redis_url, body)

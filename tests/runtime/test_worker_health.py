@@ -45,6 +45,9 @@ from tests.stage_worker.test_service import (
 pytestmark = pytest.mark.slow
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+NEIGHBOUR_S = 15.0
+"""How long a stage's health may take to follow its neighbour's: it checks it every second (every
+0.25 s while it does not answer), each check with a deadline of its own; a loaded machine delays both."""
 
 
 def _wait_for(what: str, condition, timeout_s: float = 30.0, mesh: Mesh | None = None) -> None:
@@ -104,13 +107,13 @@ def test_stage_serves_only_once_loaded_and_while_its_next_stage_serves(redis_url
         # Serving: once stage 1 serves (it has no neighbour to wait on), so does stage 0.
         mesh.start(1)
         mesh.wait_serving(1)
-        _wait_for("stage 0 SERVING", lambda: _health(first) == SERVING, timeout_s=5, mesh=mesh)
+        _wait_for("stage 0 SERVING", lambda: _health(first) == SERVING, timeout_s=NEIGHBOUR_S, mesh=mesh)
 
         # A neighbour that stops answering turns stage 0 NOT_SERVING; SERVING again once it answers.
         mesh.procs[1].send_signal(signal.SIGSTOP)
-        _wait_for("stage 0 NOT_SERVING", lambda: _health(first) == NOT_SERVING, timeout_s=5, mesh=mesh)
+        _wait_for("stage 0 NOT_SERVING", lambda: _health(first) == NOT_SERVING, timeout_s=NEIGHBOUR_S, mesh=mesh)
         mesh.procs[1].send_signal(signal.SIGCONT)
-        _wait_for("stage 0 SERVING again", lambda: _health(first) == SERVING, timeout_s=5, mesh=mesh)
+        _wait_for("stage 0 SERVING again", lambda: _health(first) == SERVING, timeout_s=NEIGHBOUR_S, mesh=mesh)
         assert _health(last) == SERVING
 
 
@@ -164,6 +167,7 @@ def test_draining_stage_is_not_serving_while_its_in_flight_step_finishes(redis_u
         mesh.wait_serving(0)
         events: list[tuple[float, int]] = []
         channel = _watch(addresses[0], events)
+        _wait_for("the Watch stream's first status", lambda: events, timeout_s=10, mesh=mesh)
         with forward_stream(addresses[0]) as stream:
             assert stream.step(plan_to_pb(_prefill(1, 100, _prompts(1, (5,))[0]))).step_id == 1
             next_stage.gate.clear()
@@ -172,7 +176,7 @@ def test_draining_stage_is_not_serving_while_its_in_flight_step_finishes(redis_u
             t_term = time.monotonic()
             mesh.procs[0].send_signal(signal.SIGTERM)
             _wait_for("NOT_SERVING on the Watch stream", lambda: events and events[-1][1] == NOT_SERVING,
-                      timeout_s=3, mesh=mesh)
+                      timeout_s=10, mesh=mesh)  # step 2 is held meanwhile: it cannot end the drain
             assert [status for t, status in events if t < t_term] == [SERVING], events
             assert mesh.procs[0].poll() is None  # still up: its step 2 is not answered yet
             next_stage.gate.set()

@@ -67,15 +67,37 @@ def test_injected_failures_answer_the_next_steps_with_the_code_then_steps_run_ag
 
 
 def test_an_injected_stall_holds_the_steps_that_start_in_its_window():
-    async def body(address, injector):
-        await asyncio.to_thread(inject_fault, address, Stall(stall_s=0.3, for_s=0.5))
-        t0 = time.monotonic()
-        answers = await _steps(address, range(3))  # 2 steps start within 0.5 s (0.3 s each), the third after
-        return time.monotonic() - t0, answers
+    stall = Stall(stall_s=0.5, for_s=0.8)
 
-    took, answers = asyncio.run(_serve(True, body))
-    assert all(not a.HasField("error") for a in answers)
-    assert 0.6 <= took < 2.0, took
+    async def body(address, injector):
+        before = time.monotonic()
+        await asyncio.to_thread(inject_fault, address, stall)
+        after = time.monotonic()  # the window opened on the worker between `before` and `after`
+        steps = await _timed_steps(address, range(3))
+        await asyncio.sleep(max(0.0, after + stall.for_s - time.monotonic()))  # past the window
+        late = await _timed_steps(address, range(3, 4))
+        return before, after, steps, late
+
+    before, after, (opened, answers), (late_start, [(late_end, late)]) = asyncio.run(_serve(True, body))
+    assert all(not a.HasField("error") for _, a in answers + [(late_end, late)])
+    # Steps run one after another: each starts when the one before is answered (the first when the
+    # stream opened). A step that surely started inside the window is held, one that surely started
+    # after it is not; the ones in between depend on when exactly the window opened, and go unchecked.
+    starts = [opened] + [t for t, _ in answers[:-1]]
+    held = [round(t - start, 3) for start, (t, _) in zip(starts, answers)]
+    surely_in = [h for start, h in zip(starts, held) if start < before + stall.for_s]
+    surely_after = [h for start, h in zip(starts, held) if start > after + stall.for_s]
+    assert surely_in and all(h >= stall.stall_s for h in surely_in), (held, starts, before, after)
+    assert all(h < stall.stall_s for h in surely_after), (held, starts, before, after)
+    assert late_end - late_start < stall.stall_s, "a step that started after the window was held"
+
+
+async def _timed_steps(address: str, step_ids: range) -> tuple[float, list[tuple[float, stage_pb2.StageResponse]]]:
+    """Send the steps on one Forward stream: when it opened, and (when it came, answer) for each step."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        opened = time.monotonic()
+        call = stage_pb2_grpc.StageStub(channel).Forward(iter([_request(i) for i in step_ids]), timeout=10)
+        return opened, [(time.monotonic(), answer) async for answer in call]
 
 
 def test_an_injected_drop_aborts_the_open_forward_stream_unavailable():
