@@ -27,7 +27,7 @@ KILLS = int(os.environ.get("STAGEMESH_KILLS", "3"))
 """``STAGEMESH_KILLS=8 pytest -s tests/chaos/test_launcher.py`` for the issue's figure."""
 SERVED_AGAIN_TOKENS = STREAMS * 4
 """Tokens streamed after a restart that show the chain served again."""
-LAUNCHER_PROBE_S = 2.0
+LAUNCHER_PROBE_S = 1.5
 """Then this long for the launcher's readiness probe (every 0.5 s, four chances; a loaded machine delays it) to see
 the worker SERVING: a death before that counts as one before serving, with a longer backoff."""
 
@@ -35,7 +35,7 @@ the worker SERVING: a death before that counts as one before serving, with a lon
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_hf_checkpoint("llama", tmp_path_factory.mktemp("llama2"), num_layers=2,
-                              max_position_embeddings=1024 if KILLS <= 3 else 4096)
+                              max_position_embeddings=2048 if KILLS <= 3 else 4096)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,8 @@ class Killer:
 
 def test_the_same_stage_killed_three_times_in_a_row_costs_no_request_and_no_token(mesh, model_dir):
     addr, up = mesh
-    requests = greedy_requests(STREAMS, seed=11, max_new=800 * max(1, KILLS) // 3)
+    # long enough for every kill: each takes ~4-5 s here (restart, tokens again, the probe's wait)
+    requests = greedy_requests(STREAMS, seed=11, max_new=1500 * max(1, KILLS) // 3)
     fault_free = asyncio.run(streams(addr, requests))
     killer = Killer(addr)
     _launcher_output(up)
