@@ -45,10 +45,14 @@ async def wave(addr: str) -> tuple[collections.Counter, dict, dict]:
             messages.setdefault(err.code, err.message)
 
     async def refused_trailers() -> dict:
+        """The trailers of the first raw call refused RESOURCE_EXHAUSTED, out of calls sent every 50 ms
+        while the wave arrives (each on its own: an admitted one waits for its turn, which may outlast
+        the wave's refusals)."""
         async with grpc.aio.insecure_channel(addr) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            for _ in range(200):
-                await asyncio.sleep(0.05)
+
+            async def probe(delay_s: float) -> dict | None:
+                await asyncio.sleep(delay_s)
                 call = stub.Generate(gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[5, 6]),
                                                                  params={"max_new_tokens": 2}))
                 try:
@@ -57,7 +61,10 @@ async def wave(addr: str) -> tuple[collections.Counter, dict, dict]:
                 except grpc.aio.AioRpcError as err:
                     if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         return dict(err.trailing_metadata() or ())
-        return {}
+                return None
+
+            refused = [t for t in await asyncio.gather(*(probe(0.05 * i) for i in range(200))) if t is not None]
+        return refused[0] if refused else {}
 
     try:
         trailers, *_ = await asyncio.gather(refused_trailers(), *(one(i) for i in range(WAVE)))
