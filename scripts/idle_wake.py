@@ -34,8 +34,8 @@ def steps_after(runner: StageRunner, rows: int, wait_s: float, spin: bool, n: in
     seqs = range(1, rows + 1)
 
     def run(step_id: int, chunks: tuple[SeqChunk, ...], free: tuple[int, ...] = ()) -> None:
-        tokens = sum(len(c.token_ids) for c in chunks)
-        runner.step(StepPlan(step_id, chunks, free, epoch=1), None if first else torch.randn(tokens, hidden))
+        plan = StepPlan(step_id, chunks, free, epoch=1)
+        runner.step(plan, None if first else torch.randn(plan.num_tokens, hidden))
 
     sample = sample_spec(SamplingParams(temperature=0.0), 0, 0) if runner.spec.is_last else None
     run(1, tuple(SeqChunk(s, 0, tuple(range(3, 3 + PROMPT)), sample) for s in seqs))

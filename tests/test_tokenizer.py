@@ -97,7 +97,6 @@ def test_random_ids_with_broken_utf8_still_concatenate_to_decode(tok):
         assert "".join(deltas) + rest == tok.decode(ids), ids
 
 
-
 class _RefusingStream:
     """A ``DecodeStream`` that refuses its steps from the ``after``-th on, as tokenizers' does when
     a tokenizer's text is not monotonic ("Invalid prefix encountered")."""
@@ -121,6 +120,7 @@ def test_a_refused_decode_step_goes_on_from_the_whole_text(tok, after):
         deltas = [dec.push(i) for i in ids]
         assert dec._stream is None
         assert "".join(deltas) + dec.flush() == tok.decode(ids), text
+
 
 def test_incremental_decoding_with_a_context_dependent_decoder():
     """SentencePiece-style: '▁' for spaces, and the decoder drops the text's leading space."""

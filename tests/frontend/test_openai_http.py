@@ -21,6 +21,7 @@ from stagemesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.runtime.net import free_port
 from stagemesh.tokenizer import Tokenizer
 from tests.frontend.tiny_model import CONFIG, write_model_dir
+from tests.waiting import eventually
 
 TEXT = "Hello there, ünïcode ✓ and then STOP and the rest."
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
@@ -95,14 +96,6 @@ async def serving(model_dir, script, *, proxy: GatewayProxy | None = None, templ
 
 def client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
-
-
-async def until(predicate, timeout_s: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_streamed_text_and_usage_equal_the_whole_answer(model_dir):
@@ -218,10 +211,10 @@ def test_a_client_that_disconnects_cancels_its_request(model_dir):
                 reply = await http.post(f"{url}/v1/completions", json={"prompt": "x", "stream": True})
                 first = await reply.content.readline()
                 reply.close()  # the connection goes
-                await until(lambda: link.cancelled == [1])
+                assert await eventually(lambda: link.cancelled == [1], 3.0), "timed out"
                 with contextlib.suppress(asyncio.TimeoutError):  # a whole answer the client stops waiting for
                     await asyncio.wait_for(http.post(f"{url}/v1/completions", json={"prompt": "x"}), 0.3)
-                await until(lambda: link.cancelled == [1, 2])
+                assert await eventually(lambda: link.cancelled == [1, 2], 3.0), "timed out"
             return first
 
     assert asyncio.run(main()).startswith(b"data: {")

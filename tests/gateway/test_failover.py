@@ -16,6 +16,7 @@ from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.types import Request, SamplingParams
 from tests.serving.test_engine import SumChain, V, config, expected
+from tests.waiting import eventually
 
 
 class FakeStore:
@@ -100,15 +101,6 @@ async def collect(router, journal, rid: str, prompt: tuple[int, ...], n: int, on
     return events
 
 
-async def settle(condition, timeout_s: float = 5.0) -> None:
-    """Until ``condition()`` holds or ``timeout_s`` has passed (the test then asserts it): what the
-    engines do next runs on the event loop, which a loaded machine may pause for a while."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition() and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-
-
 def test_a_burst_of_requests_is_spread_over_both_chains():
     async def main():
         async with gateway() as (router, remotes, journal, _):
@@ -180,7 +172,7 @@ def test_a_chain_back_in_service_frees_its_old_sequences_and_runs_a_fresh_engine
             first = await collect(router, journal, "a", (4, 4), 10, kill)
             second = await collect(router, journal, "b", (9,), 6)  # seq ids start over on the fresh engine
             # the last free goes out with the engine's next (free-only) step
-            await settle(lambda: not remotes[0].kv)
+            await eventually(lambda: not remotes[0].kv, 5.0)
             return first, second, chain, remotes[0]
 
     first, second, chain, remote = asyncio.run(main())

@@ -14,8 +14,9 @@ from stagemesh.errors import Cancelled, InvalidArgument
 from stagemesh.mesh.store import JournalEntry
 from stagemesh.serving.params import SamplingParams
 from stagemesh.wire.codec.scheduling import Submission
-from tests.gateway.test_failover import gateway, settle
+from tests.gateway.test_failover import gateway
 from tests.serving.test_engine import expected, logprobs_of
+from tests.waiting import eventually
 
 
 def sub(handle: int, prompt: tuple[int, ...], n: int, rid: str = "") -> Submission:
@@ -82,7 +83,7 @@ def test_a_cancel_frees_its_request_and_an_orphan_nobody_takes_up_is_cancelled_a
             hub.sweep(time.monotonic() + 1.0)  # within the window: left alone
             hub.sweep(time.monotonic() + 6.0)  # past it: cancelled
             chain = router.chains[0]
-            await settle(lambda: chain.engine.scheduler.num_running == 0 and not store.entries and not hub.running)
+            await eventually(lambda: chain.engine.scheduler.num_running == 0 and not store.entries and not hub.running, 5.0)
             return got_a, running_after_detach, router, store, hub
 
     got_a, running_after_detach, router, store, hub = asyncio.run(main())
