@@ -55,7 +55,7 @@ from stagemesh.runtime import health
 from stagemesh.runtime import tls as mesh_tls
 from stagemesh.runtime.deadline import Deadline
 from stagemesh.runtime.health import HealthProbe
-from stagemesh.runtime.server import Role, WorkerServer, run
+from stagemesh.runtime.server import EXCLUSIVE_PORT, Role, WorkerServer, run
 from stagemesh.runtime.tls import MeshTLS
 from stagemesh.serving.engine import Engine
 from stagemesh.serving.scheduler import SchedulerConfig
@@ -65,9 +65,8 @@ from stagemesh.v1 import scheduling_pb2, scheduling_pb2_grpc, stage_pb2, stage_p
 logger = logging.getLogger(__name__)
 
 SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].full_name
-SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
-"""gRPC's defaults (its callers send token ids, not activations), but a port another process holds is
-an error here, never a port shared with it."""
+SERVER_OPTIONS = (EXCLUSIVE_PORT,)
+"""gRPC's defaults (its callers send token ids, not activations), on a port of its own."""
 POLL_S = 0.5
 LOG_EVERY_S = 10.0
 LATE_CHAIN_WAIT_S = 30.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from stagemesh.deploy.redis_server import start_local_redis
@@ -39,3 +42,27 @@ def _no_cuda_reason() -> str | None:
     if not torch.cuda.is_available():
         return f"needs a CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
     return None
+
+
+LOGGED_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report ends with the last warnings of each mesh it was running (their
+    logs are gone by the time anyone reads a CI run)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        from tests.integration.mesh_helpers import LIVE_LOG_DIRS
+
+        for log_dir in LIVE_LOG_DIRS:
+            report.sections.append((f"mesh logs in {log_dir} (warnings, last 8 per process)", _trouble(log_dir)))
+
+
+def _trouble(log_dir: Path) -> str:
+    lines = []
+    for log in sorted(log_dir.glob("*.log")):
+        found = [line for line in log.read_text(errors="replace").splitlines() if LOGGED_TROUBLE.search(line)]
+        lines += [f"{log.name}: {line[:300]}" for line in found[-8:]]
+    return "\n".join(lines) or "(no warnings logged)"

@@ -58,7 +58,7 @@ from stagemesh.mesh.store import expert_worker_id, stage_worker_id
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime import cpus
 from stagemesh.runtime.health import serving_sync
-from stagemesh.runtime.net import free_port, port_in_use
+from stagemesh.runtime.net import free_port, port_in_use, reserve
 from stagemesh.runtime.procs import die_with_parent
 from stagemesh.runtime.tls import MeshTLS
 from stagemesh.v1 import scheduling_pb2
@@ -129,6 +129,8 @@ class Mesh:
                     f"port {port} on {self.opts.host} is already in use (another stagemesh up?); "
                     "stop that process or choose another --port / --http-port"
                 )
+            if port:
+                reserve(port)  # the frontends bind it last: no worker planned now may get it
         topology = self.topology = plan_topology(self.opts)
         if not self.opts.insecure:
             self.secrets = RunSecrets.create(self.opts.tls_dir)

@@ -29,6 +29,15 @@ def free_port() -> int:
     raise OSError("no free TCP port that this process has not handed out already")
 
 
+def reserve(port: int) -> None:
+    """Never return ``port`` from ``free_port`` in this process: a port chosen elsewhere (``up
+    --port``, often picked by another process that closed it a moment ago) that a child will bind
+    later. NOTE: the kernel handed such a client port to a worker the launcher planned; the worker and
+    the frontends then shared it (SO_REUSEPORT) and the kernel sent every other client connection
+    to the worker, whose mTLS port closed it."""
+    _HANDED_OUT.add(port)
+
+
 def port_of(address: str) -> int:
     """The port of ``host:port`` (``[v6]:port`` included)."""
     _, sep, port = address.rpartition(":")

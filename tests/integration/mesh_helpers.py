@@ -20,6 +20,10 @@ from stagemesh.mesh.store import Store
 from stagemesh.runtime import cpus
 from stagemesh.runtime.tls import MeshTLS
 
+LIVE_LOG_DIRS: list[Path] = []
+"""The log dirs of the meshes ``stagemesh_up`` runs now: a failing test's report shows their last
+warnings (``tests/conftest.py``), where CI keeps nothing else of them."""
+
 
 @contextmanager
 def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 180.0):
@@ -35,6 +39,7 @@ def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 18
         stderr=subprocess.STDOUT,
         text=True,
     )
+    LIVE_LOG_DIRS.append(log_dir)
     try:
         line = _wait_for_ready(proc, timeout, log_dir)
         redis_url = re.search(r"redis (\S+)", line).group(1)
@@ -47,6 +52,7 @@ def stagemesh_up(model_dir: Path, log_dir: Path, *args: str, timeout: float = 18
             redis_url = (proc.secrets_dir / "redis-url").read_text().strip()
         yield f"127.0.0.1:{port}", redis_url, proc
     finally:
+        LIVE_LOG_DIRS.remove(log_dir)
         stop_gracefully(proc)
 
 

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from stagemesh.runtime.net import bind_address, default_host, free_port, port_of
+from stagemesh.runtime import net
+from stagemesh.runtime.net import bind_address, default_host, free_port, port_of, reserve
 
 
 def test_port_of_reads_ipv4_ipv6_and_names():
@@ -43,3 +44,19 @@ def test_free_port_can_be_bound():
 def test_free_port_never_hands_out_a_port_twice_in_one_process():
     ports = [free_port() for _ in range(300)]  # a plan takes all its ports before any is bound
     assert len(set(ports)) == len(ports)
+
+
+def test_a_reserved_port_is_never_handed_out_even_when_the_kernel_offers_it(monkeypatch):
+    """The kernel offers the reserved port first (as it did a client port that the process which
+    picked it had just closed); free_port takes the next one."""
+    reserved, other = free_port(), free_port()
+    reserve(reserved)
+    offers = iter([reserved, other])
+
+    class Offering(socket.socket):
+        def getsockname(self):
+            return ("127.0.0.1", next(offers))
+
+    monkeypatch.setattr(net.socket, "socket", Offering)
+    net._HANDED_OUT.discard(other)
+    assert free_port() == other

@@ -117,3 +117,16 @@ def test_a_port_in_use_is_a_startup_error(address):
         with pytest.raises(StartupError, match=f"cannot listen on {address}"):
             _live(role, sigterm_after=None)
     assert role.steps == ["drain", "close"]
+
+
+def test_a_port_that_another_process_shares_out_is_a_startup_error_not_a_shared_port(address):
+    """A listener that lets others share its port (SO_REUSEPORT, as the frontends' client port
+    does): a worker planned onto that port must fail to start, not take half its connections."""
+    host, port = address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+        sock.listen()
+        role = Recorder(address)
+        with pytest.raises(StartupError, match=f"cannot listen on {address}"):
+            _live(role, sigterm_after=None)
