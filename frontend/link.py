@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from array import array
 
 import grpc
@@ -166,7 +167,7 @@ class GatewayLink:
         resubmit = [_submission(stream, resume=True) for stream in self.streams.values()]
         for stream in self.streams.values():
             stream.restart()  # the gateway sends them all again; the stream skips what its client has
-        yield scheduling_pb2.FrontendBatch(frontend=self.name, submit=resubmit)
+        yield scheduling_pb2.FrontendBatch(frontend=self.name, pid=os.getpid(), submit=resubmit)
         while True:
             await self._outbox.wait()
             if connection != self._connection:

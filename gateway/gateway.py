@@ -162,6 +162,7 @@ class Gateway(Role):
         self.history = History(self.store, self.router, self.metrics.recent)
         self._sampler = asyncio.create_task(self.history.run(), name="dashboard-history")
         self.hub = FrontendHub(self.router, self.journal, self.metrics, self.opts.resume_window_s)
+        self.status.frontends = self.hub.frontends
         await self._start_server(server, SchedulingServicer(self.hub, self.status))
         experts = ExpertWatch(self.store, topology, self.probe)
         if experts.replicas:

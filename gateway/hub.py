@@ -54,6 +54,9 @@ class FrontendLink:
 
     def __init__(self, name: str):
         self.name = name
+        """The frontend's name (its peer address until its first message names it)."""
+        self.pid = 0
+        """Its process id as its first message gives it (0: not yet known)."""
         self.followers: dict[int, Follower] = {}
         """Its running requests by handle."""
         self.pending = Events()
@@ -141,6 +144,11 @@ class FrontendHub:
         self.links.add(link)
         logger.info("frontend %s attached (%d attached)", name, len(self.links))
         return link
+
+    def frontends(self) -> list[dict]:
+        """The attached frontends for the status document: name, pid (None: not known), open requests."""
+        return sorted(({"name": link.name, "pid": link.pid or None, "requests": len(link.followers)}
+                       for link in self.links), key=lambda f: f["name"])
 
     def detach(self, link: FrontendLink) -> None:
         """The frontend's stream ended: its requests run on as orphans until taken up again."""

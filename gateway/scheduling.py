@@ -47,6 +47,8 @@ class SchedulingServicer(scheduling_pb2_grpc.SchedulingServicer):
         async for batch in request_iterator:
             if batch.frontend:
                 link.name = batch.frontend
+            if batch.pid:
+                link.pid = batch.pid
             for msg in batch.submit:
                 try:
                     sub = submission_from_pb(msg)

@@ -9,7 +9,8 @@ Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` 
                   "load": {...}}],   # WorkerLoad (stagemesh.mesh.figures), from the worker's figures
      "gateway": {...}}   # extra: travels in StatusResponse.json
 
-``gateway`` holds what the proto has no field for: readiness, the deployment, and per chain
+``gateway`` holds what the proto has no field for: readiness, the deployment, the attached
+frontends (name, pid, open requests), and per chain
 the scheduler's view (KV blocks reserved, steps in flight, failures) and its outages (times it
 left service, and why it last did); ``documents``: whether the gateway checks the signatures of
 what it reads from Redis, and the forged documents it refused (``stagemesh.mesh.signing``);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ class StatusReporter:
         self.topology = topology
         self.ready = False
         """Every chain was built and the gateway serves (set by the gateway's startup)."""
+        self.frontends: Callable[[], list[dict]] = list
+        """The frontends attached now (``FrontendHub.frontends``, once the hub runs)."""
         self._last_beat: dict[str, float] = {}
         """worker id -> time of its last heartbeat seen, for the age of a worker whose figures expired."""
 
@@ -100,6 +104,7 @@ class StatusReporter:
             "ready": self.ready,
             "pid": os.getpid(),
             "deployment": self.store.deployment,
+            "frontends": self.frontends(),
             "chains": [_scheduler_view(h) for h in self.router.chains],
             "documents": {"signed": self.store.signed, **self.store.refusals.to_json()},
             "alert": self.alert(),

@@ -103,6 +103,12 @@ def test_a_running_meshs_processes_come_from_its_status_and_are_unknown_elsewher
         ("stage-c0-s1", "stages", 11), ("expert-127.0.0.1:5002", "experts", 12)]
     assert procs[-1].role == "client" and not procs[-1].with_children
     assert status_processes({"workers": workers, "gateway": {"pid": 9}}, local=True)[0].pid == 9
+    attached = {"pid": 9, "frontends": [{"name": "frontend-0", "pid": 21, "requests": 3},
+                                        {"name": "web-1", "pid": None}]}
+    procs = status_processes({"workers": [], "gateway": attached}, local=True)
+    assert [(p.name, p.role, p.pid) for p in procs[:-1]] == [
+        ("gateway", "gateway", 9), ("redis", "redis", None),
+        ("frontend-0", "frontends", 21), ("frontend-web-1", "frontends", None)]
     assert [p.pid for p in status_processes({"workers": workers}, local=False)[:-1]] == [None] * 4
     assert [is_local(a) for a in ("127.0.0.1:5", "localhost:5", "[::1]:5", "10.1.2.3:5")] == [True, True, True, False]
 

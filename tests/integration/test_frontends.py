@@ -43,7 +43,12 @@ def test_two_frontends_share_the_client_port_and_give_transformers_tokens(model_
         frontends = _children(proc.pid, "frontend")
         results = asyncio.run(run_all(addr))
         served = [len((tmp_path / "logs" / f"frontend-{i}.log").read_text()) for i in range(2)]
+        with Client(addr, timeout=30) as client:
+            attached = client.status()["gateway"]["frontends"]
     assert len(frontends) == 2, frontends
+    # the status names both, with the pids the launcher started (the bench reads their CPU by them)
+    assert [f["name"] for f in attached] == ["frontend-0", "frontend-1"], attached
+    assert {f["pid"] for f in attached} == set(frontends) and all(f["requests"] == 0 for f in attached), attached
     assert all(served), served
     for n, (prompt, res) in enumerate(zip(prompts, results)):
         assert len(res.token_ids) == 12 and res.finish_reason == "length"

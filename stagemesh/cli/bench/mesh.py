@@ -144,16 +144,25 @@ async def _status(addr: str, connect: Connect) -> dict:
 
 
 def status_processes(status: dict, *, local: bool) -> list[MeshProcess]:
-    """A running mesh's processes as its status document lists them, and the bench client.
-    The gateway's pid only where the document gives it, Redis's never; no pid at all when
-    the mesh runs on another machine (``local`` False): unknown, never guessed."""
-    procs = [MeshProcess("gateway", status.get("gateway", {}).get("pid")), MeshProcess("redis", None)]
+    """A running mesh's processes as its status document lists them (the gateway, the frontends
+    attached to it, the workers), and the bench client. A pid only where the document gives
+    it, Redis's never; no pid at all when the mesh runs on another machine (``local`` False):
+    unknown, never guessed."""
+    gateway = status.get("gateway", {})
+    procs = [MeshProcess("gateway", gateway.get("pid")), MeshProcess("redis", None)]
+    procs += [MeshProcess(_frontend_name(f["name"]), f.get("pid") or None) for f in gateway.get("frontends", [])]
     for w in status.get("workers", []):
         name = f"stage-c{w['chain']}-s{w['stage']}" if w["role"] == "stage" else f"{w['role']}-{w['address']}"
         procs.append(MeshProcess(name, w.get("pid") or None))
     if not local:
         procs = [MeshProcess(p.name, None) for p in procs]
     return procs + [CLIENT]
+
+
+def _frontend_name(name: str) -> str:
+    """A frontend's process name (its role is read from the prefix): ``frontend-0`` as `up`
+    names them, ``frontend-web-1`` for one named ``web-1`` (compose, Kubernetes)."""
+    return name if name.startswith("frontend") else f"frontend-{name}"
 
 
 def is_local(addr: str) -> bool:

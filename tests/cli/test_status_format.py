@@ -1,0 +1,21 @@
+"""`stagemesh status`'s table: the frontends attached to the gateway under the workers."""
+
+from __future__ import annotations
+
+from stagemesh.cli.remote import format_status
+
+
+def _doc(frontends: list[dict] | None) -> dict:
+    gateway = {"pid": 1} if frontends is None else {"pid": 1, "frontends": frontends}
+    return {"model": "m", "version": "v", "chains": [], "workers": [], "gateway": gateway}
+
+
+def test_the_attached_frontends_are_named_with_pid_and_open_requests():
+    text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3},
+                               {"name": "frontend-1", "pid": None, "requests": 0}]))
+    assert text.splitlines()[-1] == "frontends: frontend-0 (pid 41, 3 open), frontend-1 (pid ?, 0 open)"
+
+
+def test_none_attached_says_so_and_an_older_gateway_shows_no_line():
+    assert format_status(_doc([])).splitlines()[-1] == "frontends: none attached"
+    assert "frontends" not in format_status(_doc(None))
