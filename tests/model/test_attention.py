@@ -11,6 +11,7 @@ wrote, so a wrong slot, block table, mask or padded index shows up as a mismatch
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -102,3 +103,20 @@ def test_metadata_sends_leading_one_token_chunks_through_the_decode_batch():
     # Positions and cache slots: block * 4 + offset.
     assert meta.positions.tolist() == [4, 9, 0, 1, 2, 3, 4, 3]
     assert meta.slots.tolist() == [1 * 4 + 0, 4 * 4 + 1, 20, 21, 22, 23, 6 * 4 + 0, 7 * 4 + 3]
+
+
+@pytest.mark.parametrize("window", [None, 3, 40])
+def test_a_decode_only_step_gets_the_general_paths_metadata(window):
+    """``decode_only`` (every decode step) against the general path, which builds the same
+    decode batch when a prefill chunk follows the decodes: random starts, interleaved blocks."""
+    rng = random.Random(window)
+    for rows in (1, 2, 7, 33):
+        starts = [rng.randrange(0, 60) for _ in range(rows)]
+        tables = [rng.sample(range(200), -(-(s + 1) // BLOCK) + rng.randrange(0, 2)) for s in starts]  # some longer
+        fast = AttnMetadata.build(starts, [1] * rows, tables, BLOCK, "cpu", window)
+        mixed = AttnMetadata.build(starts + [0], [1] * rows + [2], tables + [[199]], BLOCK, "cpu", window)
+        assert fast.num_decode == mixed.num_decode == rows and fast.prefill is None
+        assert torch.equal(fast.positions, mixed.positions[:rows]) and torch.equal(fast.slots, mixed.slots[:rows])
+        a, b = fast.decode, mixed.decode
+        assert (a.max_q, a.max_k, a.q_index) == (b.max_q, b.max_k, b.q_index)
+        assert torch.equal(a.block_tables, b.block_tables) and torch.equal(a.mask, b.mask), (starts, window)
