@@ -62,11 +62,11 @@ class AttnMetadata:
         B = len(starts)
         nd = next((i for i, n in enumerate(lens) if n != 1), B)
         if nd == B:
-            return cls.decode_only(starts, tables, block_size, device, sliding_window, dtype)
+            return _decode_only(starts, tables, block_size, device, sliding_window, dtype)
         starts_t = torch.tensor(starts, dtype=torch.int64)
         lens_t = torch.tensor(lens, dtype=torch.int64)
         nb = -(-max(s + n for s, n in zip(starts, lens)) // block_size)
-        bt = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)  # [B, nb]
+        bt = _block_tables(tables, nb)  # [B, nb]
         seq_of, offset = _token_layout(lens_t)
         positions = starts_t[seq_of] + offset
         slots = bt[seq_of, positions // block_size] * block_size + positions % block_size
@@ -80,36 +80,33 @@ class AttnMetadata:
         )
 
 
-    @classmethod
-    def decode_only(
-        cls,
-        starts: list[int],
-        tables: list[list[int]],
-        block_size: int,
-        device: torch.device | str,
-        sliding_window: int | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> "AttnMetadata":
-        """``build`` for a step of one-token chunks only (every decode step), equal to its general
-        path. NOTE: a chunk's one token sits at its start, so positions and slots are read off
-        the Python lists: the general path's token layout, gathers and reductions cost a one-row
-        step ~110 µs, a tenth of a one-layer stage's step here (``tests/model/test_attention.py``
-        checks both paths agree)."""
-        positions = torch.tensor(starts, dtype=torch.int64)
-        slots = torch.tensor([t[s // block_size] * block_size + s % block_size for s, t in zip(starts, tables)],
-                             dtype=torch.int64)
-        max_k = max(starts) + 1
-        nb = -(-max_k // block_size)
-        bt = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)  # [B, nb]
-        kpos = torch.arange(max_k)[None, :]  # [1, max_k]
-        allowed = kpos <= positions[:, None]  # causal, [B, max_k]
-        if sliding_window:
-            allowed &= kpos > positions[:, None] - sliding_window
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        decode = PaddedBatch(block_tables=bt.to(device), mask=mask[:, None, None, :].to(device), q_index=None,
-                             max_q=1, max_k=max_k)
-        return cls(positions=positions.to(device), slots=slots.to(device), num_decode=len(starts), decode=decode,
-                   prefill=None)
+
+def _decode_only(starts: list[int], tables: list[list[int]], block_size: int, device: torch.device | str,
+                 window: int | None, dtype: torch.dtype) -> AttnMetadata:
+    """``AttnMetadata.build`` for a step of one-token chunks only (every decode step), equal to
+    its general path. NOTE: a chunk's one token sits at its start, so positions and slots are
+    read off the Python lists: the general path's token layout, gathers and reductions cost a
+    one-row step ~110 µs, a sixth of a one-layer stage's step here (``tests/model/test_attention.py``
+    checks both paths agree)."""
+    positions = torch.tensor(starts, dtype=torch.int64)
+    slots = torch.tensor([t[s // block_size] * block_size + s % block_size for s, t in zip(starts, tables)],
+                         dtype=torch.int64)
+    max_k = max(starts) + 1
+    kpos = torch.arange(max_k)[None, :]  # [1, max_k]
+    allowed = kpos <= positions[:, None]  # causal, [B, max_k]
+    if window:
+        allowed &= kpos > positions[:, None] - window
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    bt = _block_tables(tables, -(-max_k // block_size))
+    decode = PaddedBatch(block_tables=bt.to(device), mask=mask[:, None, None, :].to(device), q_index=None,
+                         max_q=1, max_k=max_k)
+    return AttnMetadata(positions=positions.to(device), slots=slots.to(device), num_decode=len(starts),
+                        decode=decode, prefill=None)
+
+
+def _block_tables(tables: list[list[int]], nb: int) -> torch.Tensor:
+    """[B, nb]: each sequence's first ``nb`` block ids, padded with 0."""
+    return torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)
 
 
 def _token_layout(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,8 +107,9 @@ def test_metadata_sends_leading_one_token_chunks_through_the_decode_batch():
 
 @pytest.mark.parametrize("window", [None, 3, 40])
 def test_a_decode_only_step_gets_the_general_paths_metadata(window):
-    """``decode_only`` (every decode step) against the general path, which builds the same
-    decode batch when a prefill chunk follows the decodes: random starts, interleaved blocks."""
+    """A step of one-token chunks only (every decode step: ``attention._decode_only``) against
+    the general path, which builds the same decode batch when a prefill chunk follows the
+    decodes: random starts, interleaved blocks."""
     rng = random.Random(window)
     for rows in (1, 2, 7, 33):
         starts = [rng.randrange(0, 60) for _ in range(rows)]
