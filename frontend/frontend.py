@@ -21,7 +21,7 @@ from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime.api_keys import NO_KEYS, ApiKeys
-from stagemesh.runtime.server import EXCLUSIVE_PORT, SERVER_OPTIONS, Role, WorkerServer
+from stagemesh.runtime.server import CALL_OPTIONS, Role, WorkerServer
 from stagemesh.runtime.tls import MeshTLS, ServingCert
 from stagemesh.tokenizer import Tokenizer
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 MAX_PENDING_CALLS = 1 << 16
 CLIENT_SERVER_OPTIONS = (
-    *(option for option in SERVER_OPTIONS if option != EXCLUSIVE_PORT),
+    *CALL_OPTIONS,
     ("grpc.so_reuseport", 1),
     # NOTE: gRPC's core cancels calls (a bare CANCELLED, which clients read as their own doing)
     # once more than 1,000 have arrived that the server has not picked up yet: 2,000 streams

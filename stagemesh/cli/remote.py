@@ -50,11 +50,11 @@ def format_status(doc: dict) -> str:
           w.get("tp_size") or 1, w["pid"], _yes(w["healthy"]), *_load_cells(WorkerLoad(**w["load"])))
          for w in doc.get("workers", ())],
     )
-    frontends = (doc.get("gateway") or {}).get("frontends")
-    if frontends is not None:
+    gateway = doc.get("gateway") or {}
+    if (frontends := gateway.get("frontends")) is not None:
         out += ["", "frontends: " + (", ".join(f"{f['name']} (pid {f['pid'] or '?'}, {f['requests']} open)"
                                                for f in frontends) or "none attached")]
-    if alert := (doc.get("gateway") or {}).get("alert"):  # a forged document refused lately (docs/security.md)
+    if alert := gateway.get("alert"):  # a forged document refused lately (docs/security.md)
         out += ["", f"DEGRADED: {alert}"]
     return "\n".join(out)
 

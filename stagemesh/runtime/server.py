@@ -36,14 +36,15 @@ EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 """A port another process holds is an error at start (``StartupError``), never a port shared with
 it: gRPC's default (SO_REUSEPORT) lets two processes of one user listen on one port, and the
 kernel then spreads the connections between them, silently."""
-SERVER_OPTIONS = (
+CALL_OPTIONS = (
     *MESSAGE_OPTIONS,
     # Callers keep one stream open for hours and ping it (keepalive) while it idles: allow that.
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
-    EXCLUSIVE_PORT,
 )
-"""Every server of the mesh: activation-sized messages, keepalive pings on idle streams, a port of its own."""
+"""What every server of the mesh takes of its calls: activation-sized messages, keepalive pings on idle streams."""
+SERVER_OPTIONS = (*CALL_OPTIONS, EXCLUSIVE_PORT)
+"""A mesh server's options: ``CALL_OPTIONS`` on a port of its own."""
 
 AddServicer = Callable[[grpc.aio.Server], None]
 """Adds one servicer to a server, e.g. ``partial(add_StageServicer_to_server, servicer)``."""
