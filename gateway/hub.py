@@ -57,6 +57,9 @@ class FrontendLink:
         """The frontend's name (its peer address until its first message names it)."""
         self.pid = 0
         """Its process id as its first message gives it (0: not yet known)."""
+        self.taken = 0
+        """Requests it submitted (new, resumed or resubmitted) since it attached: how the client
+        port's connections spread over the frontends."""
         self.followers: dict[int, Follower] = {}
         """Its running requests by handle."""
         self.pending = Events()
@@ -146,9 +149,10 @@ class FrontendHub:
         return link
 
     def frontends(self) -> list[dict]:
-        """The attached frontends for the status document: name, pid (None: not known), open requests."""
-        return sorted(({"name": link.name, "pid": link.pid or None, "requests": len(link.followers)}
-                       for link in self.links), key=lambda f: f["name"])
+        """The attached frontends for the status document: name, pid (None: not known), open
+        requests, requests taken since it attached."""
+        return sorted(({"name": link.name, "pid": link.pid or None, "requests": len(link.followers),
+                        "taken": link.taken} for link in self.links), key=lambda f: f["name"])
 
     def detach(self, link: FrontendLink) -> None:
         """The frontend's stream ended: its requests run on as orphans until taken up again."""
@@ -170,6 +174,7 @@ class FrontendHub:
         if sub.handle in link.followers:
             link.send_end(sub.handle, None, InvalidArgument(f"handle {sub.handle} is already in use on this stream"))
             return
+        link.taken += 1
         prompt = tuple(sub.prompt_token_ids)
         if sub.resume and sub.request_id:
             if self._take_up(link, sub.handle, sub.request_id, prompt):

@@ -10,7 +10,7 @@ Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` 
      "gateway": {...}}   # extra: travels in StatusResponse.json
 
 ``gateway`` holds what the proto has no field for: readiness, the deployment, the attached
-frontends (name, pid, open requests), and per chain
+frontends (name, pid, open requests, requests taken), and per chain
 the scheduler's view (KV blocks reserved, steps in flight, failures) and its outages (times it
 left service, and why it last did); ``documents``: whether the gateway checks the signatures of
 what it reads from Redis, and the forged documents it refused (``stagemesh.mesh.signing``);

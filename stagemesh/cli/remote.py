@@ -52,11 +52,16 @@ def format_status(doc: dict) -> str:
     )
     gateway = doc.get("gateway") or {}
     if (frontends := gateway.get("frontends")) is not None:
-        out += ["", "frontends: " + (", ".join(f"{f['name']} (pid {f['pid'] or '?'}, {f['requests']} open)"
-                                               for f in frontends) or "none attached")]
+        out += ["", "frontends: " + (", ".join(map(_frontend, frontends)) or "none attached")]
     if alert := gateway.get("alert"):  # a forged document refused lately (docs/security.md)
         out += ["", f"DEGRADED: {alert}"]
     return "\n".join(out)
+
+
+def _frontend(f: dict) -> str:
+    """``frontend-0 (pid 41, 3 open, 120 taken)``; a gateway before ``taken`` gives no count."""
+    taken = f", {f['taken']} taken" if "taken" in f else ""
+    return f"{f['name']} (pid {f['pid'] or '?'}, {f['requests']} open{taken})"
 
 
 def _layers(worker: dict) -> str:

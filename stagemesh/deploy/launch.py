@@ -230,9 +230,10 @@ class Mesh:
         children load the same from ``--tls-dir``); None when insecure. ValueError when it lacks one."""
         return load_signer(self.secrets.tls_dir) if self.secrets is not None else None
 
-    def _a_frontend_serves(self) -> bool:
-        """Whether a frontend answers SERVING on its own port (mesh mTLS, whatever the client port serves)."""
-        return any(serving_sync(address, tls=self.tls) for name, (address, _) in self.addresses.items()
+    def _every_frontend_serves(self) -> bool:
+        """Whether each frontend answers SERVING on its own port (mesh mTLS, whatever the client port
+        serves): linked to a ready gateway."""
+        return all(serving_sync(address, tls=self.tls) for name, (address, _) in self.addresses.items()
                    if name.startswith("frontend"))
 
     def _spawn(self, name: str, module: str, *args: str, address: str | None = None, service: str = "") -> None:
@@ -261,12 +262,13 @@ class Mesh:
         logfile.close()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S, on_wait: Callable[[], None] | None = None) -> None:
-        """Until the client port answers SERVING (a frontend linked to a ready gateway); a child
-        that exits first is an error. ``on_wait`` runs between two checks (the load progress)."""
+        """Until every frontend answers SERVING (each linked to a ready gateway), so that "ready"
+        means the client port spreads its connections over all of them; a child that exits first
+        is an error. ``on_wait`` runs between two checks (the load progress)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_children()
-            if self._a_frontend_serves():
+            if self._every_frontend_serves():
                 return
             if on_wait is not None:
                 on_wait()

@@ -10,10 +10,16 @@ def _doc(frontends: list[dict] | None) -> dict:
     return {"model": "m", "version": "v", "chains": [], "workers": [], "gateway": gateway}
 
 
-def test_the_attached_frontends_are_named_with_pid_and_open_requests():
-    text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3},
-                               {"name": "frontend-1", "pid": None, "requests": 0}]))
-    assert text.splitlines()[-1] == "frontends: frontend-0 (pid 41, 3 open), frontend-1 (pid ?, 0 open)"
+def test_the_attached_frontends_are_named_with_pid_open_and_taken_requests():
+    text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3, "taken": 120},
+                               {"name": "frontend-1", "pid": None, "requests": 0, "taken": 0}]))
+    assert text.splitlines()[-1] == ("frontends: frontend-0 (pid 41, 3 open, 120 taken), "
+                                     "frontend-1 (pid ?, 0 open, 0 taken)")
+
+
+def test_a_gateway_that_counts_no_taken_requests_shows_the_rest():
+    text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3}]))
+    assert text.splitlines()[-1] == "frontends: frontend-0 (pid 41, 3 open)"
 
 
 def test_none_attached_says_so_and_an_older_gateway_shows_no_line():

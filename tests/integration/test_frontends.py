@@ -41,15 +41,20 @@ def test_two_frontends_share_the_client_port_and_give_transformers_tokens(model_
 
     with stagemesh_up(model_dir, tmp_path / "logs", "--pp", "2", "--frontends", "2") as (addr, _, proc):
         frontends = _children(proc.pid, "frontend")
+        with Client(addr, timeout=30) as client:
+            at_ready = client.status()["gateway"]["frontends"]
         results = asyncio.run(run_all(addr))
-        served = [len((tmp_path / "logs" / f"frontend-{i}.log").read_text()) for i in range(2)]
         with Client(addr, timeout=30) as client:
             attached = client.status()["gateway"]["frontends"]
     assert len(frontends) == 2, frontends
-    # the status names both, with the pids the launcher started (the bench reads their CPU by them)
+    # "ready" waits for both; the status names them with the pids the launcher started (the bench
+    # reads their CPU by them) and the requests each took: 16 connections hashed over two listeners
+    # all land on one with odds 2 in 65,536
+    assert [f["name"] for f in at_ready] == ["frontend-0", "frontend-1"], at_ready
     assert [f["name"] for f in attached] == ["frontend-0", "frontend-1"], attached
     assert {f["pid"] for f in attached} == set(frontends) and all(f["requests"] == 0 for f in attached), attached
-    assert all(served), served
+    taken = [f["taken"] - f0["taken"] for f, f0 in zip(attached, at_ready)]
+    assert sum(taken) == 16 and all(taken), (at_ready, attached)
     for n, (prompt, res) in enumerate(zip(prompts, results)):
         assert len(res.token_ids) == 12 and res.finish_reason == "length"
         teacher_forcing_check(reference, prompt, list(res.token_ids), request=f"request {n}")

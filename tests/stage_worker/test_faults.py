@@ -78,13 +78,13 @@ def test_an_injected_stall_holds_the_steps_that_start_in_its_window():
         late = await _timed_steps(address, range(3, 4))
         return before, after, steps, late
 
-    before, after, (opened, answers), (late_start, [(late_end, late)]) = asyncio.run(_serve(True, body))
-    assert all(not a.HasField("error") for _, a in answers + [(late_end, late)])
-    # Steps run one after another: each starts when the one before is answered (the first when the
-    # stream opened). A step that surely started inside the window is held, one that surely started
-    # after it is not; the ones in between depend on when exactly the window opened, and go unchecked.
-    starts = [opened] + [t for t, _ in answers[:-1]]
-    held = [round(t - start, 3) for start, (t, _) in zip(starts, answers)]
+    before, after, answers, [(late_start, late_end, late)] = asyncio.run(_serve(True, body))
+    assert all(not a.HasField("error") for _, _, a in answers + [(late_start, late_end, late)])
+    # Each step is sent once the one before is answered, so it starts on the worker after it was
+    # sent. A step that surely started inside the window is held, one that surely started after it
+    # is not; the ones in between depend on when exactly the window opened, and go unchecked.
+    starts = [start for start, _, _ in answers]
+    held = [round(end - start, 3) for start, end, _ in answers]
     surely_in = [h for start, h in zip(starts, held) if start < before + stall.for_s]
     surely_after = [h for start, h in zip(starts, held) if start > after + stall.for_s]
     assert surely_in and all(h >= stall.stall_s for h in surely_in), (held, starts, before, after)
@@ -92,12 +92,20 @@ def test_an_injected_stall_holds_the_steps_that_start_in_its_window():
     assert late_end - late_start < stall.stall_s, "a step that started after the window was held"
 
 
-async def _timed_steps(address: str, step_ids: range) -> tuple[float, list[tuple[float, stage_pb2.StageResponse]]]:
-    """Send the steps on one Forward stream: when it opened, and (when it came, answer) for each step."""
+async def _timed_steps(address: str, step_ids: range) -> list[tuple[float, float, stage_pb2.StageResponse]]:
+    """Send the steps on one Forward stream, each once the one before is answered (all at once, the
+    worker would start one before its predecessor's answer reached the client): (when it was sent,
+    when its answer came, the answer) for each step."""
     async with grpc.aio.insecure_channel(address) as channel:
-        opened = time.monotonic()
-        call = stage_pb2_grpc.StageStub(channel).Forward(iter([_request(i) for i in step_ids]), timeout=10)
-        return opened, [(time.monotonic(), answer) async for answer in call]
+        call = stage_pb2_grpc.StageStub(channel).Forward(timeout=10)
+        timed = []
+        for i in step_ids:
+            sent = time.monotonic()
+            await call.write(_request(i))
+            answer = await call.read()
+            timed.append((sent, time.monotonic(), answer))
+        await call.done_writing()
+        return timed
 
 
 def test_an_injected_drop_aborts_the_open_forward_stream_unavailable():
