@@ -3,7 +3,8 @@
 What it times, for one decode step of ``--rows`` running sequences (each row one token):
 the gateway's ``Scheduler.schedule`` (a plan: a ``SeqChunk`` and a ``SampleSpec`` per row),
 ``plan_to_pb`` (the StageRequest the gateway sends), a stage's ``plan_from_pb`` (the plan it
-runs) and ``AttnMetadata.build`` (the attention metadata it builds once for all its layers, one
+runs: the last stage's with the rows' sampling parameters, ``plan_from_pb_mid`` a stage's before
+it, without them) and ``AttnMetadata.build`` (the attention metadata it builds once for all its layers, one
 torch thread), and the gateway's ``Scheduler.update`` (a ``TokenEvent`` per row). Printed as µs per
 row, the median of ``--repeats`` runs of ``--steps`` steps each, so that two builds can be
 compared in one sitting (``git stash`` / checkout between two runs)::
@@ -14,6 +15,7 @@ compared in one sitting (``git stash`` / checkout between two runs)::
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -45,7 +47,8 @@ def _decoding_scheduler(rows: int, steps: int) -> Scheduler:
 
 def _one_run(rows: int, steps: int) -> dict[str, float]:
     scheduler = _decoding_scheduler(rows, steps)
-    spent = dict.fromkeys(("schedule", "plan_to_pb", "plan_from_pb", "attn_metadata", "update"), 0.0)
+    names = ("schedule", "plan_to_pb", "plan_from_pb", "plan_from_pb_mid", "attn_metadata", "update")
+    spent = dict.fromkeys(names, 0.0)
     for _ in range(steps):
         t0 = time.perf_counter()
         plan = scheduler.schedule(0.0)
@@ -54,6 +57,8 @@ def _one_run(rows: int, steps: int) -> dict[str, float]:
         t2 = time.perf_counter()
         plan_from_pb(stage_pb2.StageRequest.FromString(wire))
         t3 = time.perf_counter()
+        plan_from_pb(stage_pb2.StageRequest.FromString(wire), specs=False)
+        t3b = time.perf_counter()
         tables = [list(range(-(-c.end // BLOCK))) for c in plan.chunks]  # as a stage's KV cache holds them
         t4 = time.perf_counter()
         chunks = plan.chunks
@@ -63,9 +68,20 @@ def _one_run(rows: int, steps: int) -> dict[str, float]:
         t6 = time.perf_counter()
         scheduler.update(plan, result)
         t7 = time.perf_counter()
-        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t7 - t6)):
+        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t5 - t4, t7 - t6)):
             spent[name] += dt
     return {name: 1e6 * s / (steps * rows) for name, s in spent.items()}
+
+
+def _untidied(run, *args):
+    """``run(*args)`` with the garbage collector off: its passes would land on whichever piece
+    happens to allocate when one is due, and move cost between the lines."""
+    gc.collect()
+    gc.disable()
+    try:
+        return run(*args)
+    finally:
+        gc.enable()
 
 
 def main() -> None:
@@ -75,9 +91,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="runs; the median is printed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runs = [_one_run(args.rows, args.steps) for _ in range(args.repeats)]
+    runs = [_untidied(_one_run, args.rows, args.steps) for _ in range(args.repeats)]
     for name in runs[0]:
-        print(f"{name:13s} {statistics.median(r[name] for r in runs):6.2f} µs per row")
+        print(f"{name:16s} {statistics.median(r[name] for r in runs):6.2f} µs per row")
 
 
 if __name__ == "__main__":

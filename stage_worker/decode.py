@@ -33,11 +33,13 @@ class StageStep:
     """The request as it came off the wire, kept only to be forwarded (``forward_step``)."""
 
 
-def decode_step(request: stage_pb2.StageRequest, name: str) -> StageStep:
-    """The step of ``request`` for stage ``name``; InvalidArgument when it is malformed."""
+def decode_step(request: stage_pb2.StageRequest, name: str, samples: bool = True) -> StageStep:
+    """The step of ``request`` for stage ``name``, which ``samples`` when it is the last (the
+    stages before it leave the rows' sampling parameters unread: ``plan_from_pb``);
+    InvalidArgument when it is malformed."""
     try:
         hidden = tensor_from_pb(request.hidden) if request.HasField("hidden") else None
-        return StageStep(plan_from_pb(request), hidden, request)
+        return StageStep(plan_from_pb(request, specs=samples), hidden, request)
     except ValueError as err:
         raise InvalidArgument(f"stage {name}: malformed StageRequest {request.step_id}: {err}") from err
 

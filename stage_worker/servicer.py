@@ -71,7 +71,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if isinstance(request, Undecodable):  # its step id is in the bytes that could not be read
             return self._pipeline.refuse(0, InvalidArgument(f"stage {self._pipeline.place.name}: {request.detail}"))
         try:
-            step = decode_step(request, self._pipeline.place.name)
+            place = self._pipeline.place
+            step = decode_step(request, place.name, samples=place.spec.is_last)
         except InvalidArgument as err:
             return self._pipeline.refuse(request.step_id, err)
         return self._pipeline.submit(step)

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve_steps(runner: StageRunner, place: StagePlace, control) -> None:
     """Run each step rank 0 broadcasts, in order, until it broadcasts STOP."""
     while (data := receive_step(control)) is not None:
-        step = decode_step(stage_pb2.StageRequest.FromString(data), place.name)  # rank 0 encoded it
+        # rank 0 encoded it (before the last stage, with the unread sampling parameters as zeros)
+        step = decode_step(stage_pb2.StageRequest.FromString(data), place.name, samples=place.spec.is_last)
         try:
             runner.step(step.plan, step.hidden)
         except StagemeshError as err:

@@ -34,7 +34,17 @@ from dataclasses import dataclass, field
 from stagemesh.errors import InvalidArgument, ResourceExhausted
 from stagemesh.serving.blocks import BlockAllocator, blocks_needed
 from stagemesh.serving.params import SEED_RANGE, sample_row, spec_from_fields
-from stagemesh.serving.types import PENDING_TOKEN, Request, SeqChunk, StepPlan, StepResult, TokenEvent, TokenLogprobs
+from stagemesh.serving.types import (
+    PENDING_TOKEN,
+    Request,
+    SeqChunk,
+    StepPlan,
+    StepResult,
+    TokenEvent,
+    TokenLogprobs,
+    seq_chunk,
+    token_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +274,7 @@ class Scheduler:
         seq.num_scheduled += n
         seq.in_flight += 1
         seq.last_step = self._next_step_id
-        return SeqChunk(seq.seq_id, start, tokens, sample)
+        return seq_chunk(seq.seq_id, start, tokens, sample)
 
     # --- results back --------------------------------------------------------------
 
@@ -312,7 +322,7 @@ class Scheduler:
         reason = self._finish_reason(seq, token)
         if reason is not None:
             self._finish(seq)
-        return TokenEvent(seq.request_id, token, seq.num_generated - 1, reason, logprobs)
+        return token_event(seq.request_id, token, seq.num_generated - 1, reason, logprobs)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         p = seq.request.params

@@ -8,6 +8,7 @@ import torch
 from stage_worker.decode import decode_step, encode_step, forward_step
 from stagemesh.errors import InvalidArgument
 from stagemesh.serving.types import PENDING_TOKEN, SampleSpec, SeqChunk, StepPlan
+from stagemesh.wire.codec.messages import SPEC_NOT_READ
 
 PLAN = StepPlan(3, (SeqChunk(1, 4, (7, 8), SampleSpec(seed=5, index=2, temperature=0.5, min_p=0.2)),), free=(9,))
 
@@ -39,3 +40,10 @@ def test_pending_tokens_filled_in_by_the_first_stage_go_on_filled():
     filled = received.plan.fill_pending(lambda seq: 42)
     forward = decode_step(forward_step(received, filled, torch.ones(3, 6)), "c0-s1")
     assert forward.plan == filled and [c.token_ids for c in forward.plan.chunks] == [(42,), (3, 4)]
+
+
+def test_a_stage_before_the_last_forwards_the_sampling_parameters_it_did_not_read():
+    received = decode_step(encode_step(PLAN, torch.zeros(2, 6)), "c0-s0", samples=False)
+    assert [c.sample for c in received.plan.chunks] == [SPEC_NOT_READ]
+    last = decode_step(forward_step(received, received.plan, torch.ones(2, 6)), "c0-s1")
+    assert last.plan == PLAN  # the last stage reads them as the gateway sent them

@@ -128,6 +128,19 @@ def test_step_plan_round_trip():
     assert codec.plan_from_pb(stage_pb2.StageRequest.FromString(msg.SerializeToString())) == plan
 
 
+def test_a_stage_before_the_last_reads_which_rows_sample_but_not_how():
+    plan = _plan()
+    unread = codec.plan_from_pb(codec.plan_to_pb(plan), specs=False)
+    assert [c.sample for c in unread.chunks] == [codec.SPEC_NOT_READ, None, codec.SPEC_NOT_READ]
+    assert [(c.seq_id, c.start, c.token_ids) for c in unread.chunks] == [(c.seq_id, c.start, c.token_ids)
+                                                                          for c in plan.chunks]
+    assert (unread.step_id, unread.free, unread.epoch) == (plan.step_id, plan.free, plan.epoch)
+    msg = codec.plan_to_pb(plan)
+    del msg.top_k[-1]  # the unread columns are still checked
+    with pytest.raises(ValueError, match="'top_k' has 2 entries, seq_ids has 3"):
+        codec.plan_from_pb(msg, specs=False)
+
+
 def test_step_plan_carries_hidden_and_empty_plans():
     hidden = tensor_to_pb(torch.randn(68, 16))
     msg = codec.plan_to_pb(_plan(), hidden)
