@@ -8,6 +8,8 @@ whose cores run a thread's first work after a sleep slower (a VM's idle vCPU, de
 frequency scaling) the "sleep" column is the higher one; BENCHMARKS.md ("where a hop goes").
 
     python scripts/idle_wake.py --model /tmp/tiny --pp 4 --stage 1 --rows 1 --waits-ms 0.5,2,8
+
+``--profile N`` then runs N steps back to back under the torch profiler and prints its op table.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--waits-ms", default="0.5,2,8", help="waits before each step, comma-separated")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2, help="times through every wait (default: 2)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then N steps back to back under the torch profiler: its op table (default: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runner = StageRunner(args.model, split_layers(ModelConfig.from_dir(args.model), args.pp)[args.stage])
@@ -74,6 +78,10 @@ def main() -> None:
             slept = statistics.median(steps_after(runner, args.rows, wait_ms / 1e3, False, args.steps))
             spun = statistics.median(steps_after(runner, args.rows, wait_ms / 1e3, True, args.steps))
             print(f"  after {wait_ms:g} ms: slept {slept * 1e3:.3f}, spun {spun * 1e3:.3f} ({slept / spun:.2f}x)")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            steps_after(runner, args.rows, 0.0, True, args.profile)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if x.device.type == "cpu":
+            # NOTE: torch's rms_norm does on CPU exactly the reference's float32 arithmetic below,
+            # bit for bit (tests/model/test_layers.py), in one op instead of six: 19 against 36 µs
+            # a call for a 64-wide row, one thread. Elsewhere it may fuse differently, so the
+            # reference's ops stay (nothing here could check a GPU's rounding).
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 

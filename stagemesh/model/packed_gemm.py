@@ -9,8 +9,8 @@ of the 40M benchmark model ran at 190 GFLOP/s at 35 rows against 97 for ``F.line
 layers call ``linear`` below, which takes either.
 
 The ops are torch's own (``torch.ops.mkldnn``, the ones inductor emits for CPU linears).
-Where they are missing (a torch built without oneDNN), on other devices and for other
-dtypes, weights stay plain and ``linear`` is ``F.linear``.
+Where they are missing (a torch built without oneDNN), on other devices, for other dtypes and
+for small weights (``PACK_MIN_ELEMENTS``), weights stay plain and ``linear`` is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ from torch import nn
 
 BATCH_HINT = 64
 """Rows the packed layout is tuned for; measured to serve 1 to 512 rows equally well."""
+PACK_MIN_ELEMENTS = 1 << 18
+"""Weights smaller than this (512 x 512) stay plain.
+
+NOTE: a packed call pays ~25 µs of oneDNN bookkeeping whatever its size (py-spy: the
+primitive-cache lookup), which small weights never earn back. One thread, µs per call of
+``F.linear`` / packed at 1, 32 and 128 rows (2026-12-06): 192 x 64: 10 / 31, 12 / 40, 32 / 58;
+384 x 384: 15 / 31, 113 / 117, 416 / 439; 512 x 512: 25 / 48, 175 / 131, 566 / 533; 1,536 x
+512: 144 / 219, 789 / 560, 2,110 / 1,643. Below 512 x 512 the plain call was as fast or faster
+at every row count; from it on the packed one wins at decode batch sizes."""
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -39,18 +48,23 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
 
 
+def worth_packing(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [out, in] can be packed and is big enough to gain by it."""
+    return can_pack(weight) and weight.numel() >= PACK_MIN_ELEMENTS
+
+
 def pack_weight(module: nn.Module, name: str = "weight") -> None:
-    """Replace ``module.<name>`` with its packed form when ``can_pack`` allows; else leave it."""
+    """Replace ``module.<name>`` with its packed form when ``worth_packing``; else leave it."""
     weight = getattr(module, name)
-    if can_pack(weight):
+    if worth_packing(weight):
         setattr(module, name, nn.Parameter(pack(weight.detach()), requires_grad=False))
 
 
 def pack_stacked(module: nn.Module, name: str) -> None:
     """Replace ``module.<name>``, one weight per expert stacked as [E, out, in], with a
-    ``ParameterList`` of E packed weights when ``can_pack`` allows; ``<name>[i]`` stays expert i's."""
+    ``ParameterList`` of E packed weights when ``worth_packing``; ``<name>[i]`` stays expert i's."""
     stacked = getattr(module, name)
-    if len(stacked) and can_pack(stacked[0]):
+    if len(stacked) and worth_packing(stacked[0]):
         packed = nn.ParameterList([nn.Parameter(pack(w), requires_grad=False) for w in stacked.detach()])
         delattr(module, name)  # a Parameter attribute cannot be reassigned to a module
         setattr(module, name, packed)

@@ -28,14 +28,24 @@ def test_packed_linear_matches_f_linear(rows):
 
 @needs_onednn
 def test_pack_weight_replaces_the_weight_without_a_second_copy():
-    layer = RowParallelLinear(40, 96, bias=False, tp=TPGroup())
-    torch.nn.init.normal_(layer.weight)
+    layer = RowParallelLinear(640, 512, bias=False, tp=TPGroup())  # past PACK_MIN_ELEMENTS
+    torch.nn.init.normal_(layer.weight, std=640**-0.5)  # outputs ~1, as a model's are
     plain = layer.weight.detach().clone()
     packed_gemm.pack_weight(layer)
     assert layer.weight.is_mkldnn and [p.is_mkldnn for p in layer.parameters()] == [True]
-    x = torch.randn(5, 40)
+    x = torch.randn(5, 640)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, plain), rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_weight_stays_plain_where_a_packed_call_would_cost_more_than_it_saves():
+    layer = RowParallelLinear(128, 64, bias=False, tp=TPGroup())  # a 64-wide model's MLP down projection
+    packed_gemm.pack_weight(layer)
+    assert not layer.weight.is_mkldnn
+    experts = torch.nn.Module()
+    experts.w = torch.nn.Parameter(torch.randn(3, 16, 8), requires_grad=False)
+    packed_gemm.pack_stacked(experts, "w")
+    assert isinstance(experts.w, torch.nn.Parameter) and not experts.w.is_mkldnn
 
 
 def test_other_dtypes_and_shapes_stay_plain():
@@ -51,11 +61,12 @@ def test_other_dtypes_and_shapes_stay_plain():
 @needs_onednn
 def test_pack_stacked_packs_each_expert_and_keeps_it_indexable():
     experts = torch.nn.Module()
-    experts.w = torch.nn.Parameter(torch.randn(3, 16, 8), requires_grad=False)  # [E, out, in]
+    experts.w = torch.nn.Parameter(torch.randn(3, 1024, 256) / 16, requires_grad=False)  # [E, out, in], outputs ~1
     plain = experts.w.detach().clone()
     packed_gemm.pack_stacked(experts, "w")
     assert len(experts.w) == 3 and all(w.is_mkldnn for w in experts.w)
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 256)
     with torch.inference_mode():
         for i in range(3):
-            torch.testing.assert_close(packed_gemm.linear(x, experts.w[i]), F.linear(x, plain[i]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed_gemm.linear(x, experts.w[i]), F.linear(x, plain[i]), rtol=1e-5,
+                                       atol=1e-5)
