@@ -137,16 +137,13 @@ def plan_from_pb(msg: stage_pb2.StageRequest, *, specs: bool = True) -> StepPlan
     ends = itertools.accumulate(msg.lengths)
     if specs:
         columns = zip(*(getattr(msg, name) for name in _SAMPLE_COLUMNS))
-        chunks = tuple(
-            seq_chunk(seq, start, tuple(tokens[end - length : end]), _spec(spec) if sample else None)
-            for seq, start, length, end, sample, spec in zip(msg.seq_ids, msg.starts, msg.lengths, ends, msg.sample,
-                                                             columns)
-        )
+        samples = (_spec(spec) if sample else None for sample, spec in zip(msg.sample, columns))
     else:
-        chunks = tuple(
-            seq_chunk(seq, start, tuple(tokens[end - length : end]), SPEC_NOT_READ if sample else None)
-            for seq, start, length, end, sample in zip(msg.seq_ids, msg.starts, msg.lengths, ends, msg.sample)
-        )
+        samples = (SPEC_NOT_READ if sample else None for sample in msg.sample)
+    chunks = tuple(
+        seq_chunk(seq, start, tuple(tokens[end - length : end]), sample)
+        for seq, start, length, end, sample in zip(msg.seq_ids, msg.starts, msg.lengths, ends, samples)
+    )
     return StepPlan(step_id=msg.step_id, chunks=chunks, free=tuple(msg.free), epoch=msg.epoch)
 
 
