@@ -159,7 +159,7 @@ class Gateway(Role):
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
-        self.history = History(self.store, self.router, self.metrics.recent)
+        self.history = History(self.store, self.router, self.metrics.latencies)
         self._sampler = asyncio.create_task(self.history.run(), name="dashboard-history")
         self.hub = FrontendHub(self.router, self.journal, self.metrics, self.opts.resume_window_s)
         self.status.frontends = self.hub.frontends

@@ -7,7 +7,7 @@ What each series is, per sample:
 
     chain  tokens_per_s        tokens its engine emitted since the previous sample, per second
            ttft_p50_s, _p99_s  time to first token of the requests that got it since the previous
-           itl_p50_s, _p99_s   sample, and the gaps between their tokens (``RecentLatencies``, fed
+           itl_p50_s, _p99_s   sample, and the gaps between their tokens (``gateway.latencies``, fed
                                by ``gateway.metrics``); null when no request got a token
            requests_waiting, requests_running   the scheduler's queue now
            kv_fraction         KV blocks its scheduler reserved / its blocks
@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gateway.latencies import TokenLatencies
 from gateway.router import ChainHandle, Router
 from gateway.stage_stats import bubble_fractions, percentile
 from stagemesh.errors import StagemeshError
@@ -44,9 +45,6 @@ SAMPLE_S = 2.0
 WINDOW_S = 600.0
 EXPERT_SAMPLES = 5
 """The heat rows show the tokens each expert ran over the last 5 samples (10 s)."""
-LATENCIES_KEPT = 4096
-"""TTFT / ITL values kept per chain between two samples; past that the oldest go (the quantiles
-of a busy sample are then those of its last 4096 tokens)."""
 
 
 @dataclass(frozen=True)
@@ -78,25 +76,6 @@ STAGE_CHARTS = (
 )
 
 
-class RecentLatencies:
-    """Each chain's TTFT and ITL values since the last ``take``, as ``gateway.metrics`` observes them."""
-
-    def __init__(self) -> None:
-        self._values: dict[tuple[str, str], deque[float]] = {}
-
-    def add(self, chain: str, kind: str, seconds: float) -> None:
-        """One value of ``kind`` ("ttft" or "itl") for the chain labelled ``chain``."""
-        values = self._values.get((chain, kind))
-        if values is None:
-            values = self._values[(chain, kind)] = deque(maxlen=LATENCIES_KEPT)
-        values.append(seconds)
-
-    def take(self, chain: str, kind: str) -> list[float]:
-        """The values since the last take, forgotten here."""
-        values = self._values.pop((chain, kind), None)
-        return list(values) if values else []
-
-
 @dataclass
 class Series:
     """The samples of one chain or one stage: times and one value per line of its charts."""
@@ -126,7 +105,7 @@ class Series:
 class History:
     """The ring buffer and its sampler (``run``); ``to_json`` is the ``/api/history`` document."""
 
-    def __init__(self, store: Store | None, router: Router, latencies: RecentLatencies,
+    def __init__(self, store: Store | None, router: Router, latencies: TokenLatencies,
                  sample_s: float = SAMPLE_S, window_s: float = WINDOW_S):
         self.store, self.router, self.latencies = store, router, latencies
         self.sample_s, self.window_s = sample_s, window_s

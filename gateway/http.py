@@ -27,7 +27,8 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.dashboard import render_page
-from gateway.history import History, RecentLatencies
+from gateway.history import History
+from gateway.latencies import TokenLatencies
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.status import StatusReporter
 from gateway.timeline import MAX_TIMELINE_S, TIMELINE_S, read_timeline
@@ -38,7 +39,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 def build_app(status: StatusReporter, metrics: GatewayMetrics | None = None,
               history: History | None = None) -> web.Application:
     metrics = metrics or GatewayMetrics()
-    history = history or History(None, status.router, RecentLatencies())
+    history = history or History(None, status.router, TokenLatencies())
 
     async def dashboard(request: web.Request) -> web.Response:
         page = render_page(await status.document(), history.to_json(), await read_timeline(status.store, history))

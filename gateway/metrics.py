@@ -20,17 +20,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from gateway.history import RecentLatencies
+from gateway.latencies import FOLD_AT, TokenLatencies
 from gateway.mesh_collector import MeshCollector, Snapshot
 from gateway.router import Router
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 NO_CHAIN = "none"
 
 
@@ -43,18 +41,11 @@ class GatewayMetrics:
             "stagemesh_requests", "Generate calls ended, by chain and outcome.", ("chain", "outcome"),
             registry=self.registry,
         )
-        self.ttft = Histogram(
-            "stagemesh_time_to_first_token_seconds", "From the gateway receiving a request to its first token.",
-            ("chain",), buckets=TTFT_BUCKETS_S, registry=self.registry,
-        )
-        self.itl = Histogram(
-            "stagemesh_inter_token_latency_seconds", "Between two consecutive tokens of one request.",
-            ("chain",), buckets=ITL_BUCKETS_S, registry=self.registry,
-        )
+        self.latencies = TokenLatencies()
+        """The TTFT and ITL histograms, and the same values for the dashboard's history (``gateway.history``)."""
+        self.registry.register(self.latencies)
         self.mesh = MeshCollector()
         self.registry.register(self.mesh)
-        self.recent = RecentLatencies()
-        """The same TTFT / ITL values, kept raw until the dashboard's history samples them (``gateway.history``)."""
 
     def track(self) -> RequestTracker:
         """A tracker for one Generate call, started now."""
@@ -87,22 +78,23 @@ class RequestTracker:
         self._start = self._last = time.monotonic()
         self._tokens = 0
         self._ttft = self._itl = None
-        """The chain's histogram children, looked up once per chain, not once per token."""
+        """The chain's TTFT and ITL series (``gateway.latencies``), looked up once per chain, not once per token."""
 
     def admitted(self, chain_id: int) -> None:
         self.chain = str(chain_id)
         self._ttft = self._itl = None
 
     def token(self) -> None:
+        """A token of this request streamed out now; runs per token, so it only appends a value."""
         now = time.monotonic()
         if self._itl is None:
-            self._ttft, self._itl = self._metrics.ttft.labels(self.chain), self._metrics.itl.labels(self.chain)
-        if self._tokens == 0:
-            self._ttft.observe(now - self._start)
-            self._metrics.recent.add(self.chain, "ttft", now - self._start)
-        else:
-            self._itl.observe(now - self._last)
-            self._metrics.recent.add(self.chain, "itl", now - self._last)
+            latencies = self._metrics.latencies
+            self._ttft, self._itl = latencies.series(self.chain, "ttft"), latencies.series(self.chain, "itl")
+        series = self._itl if self._tokens else self._ttft
+        values = series.pending
+        values.append(now - (self._last if self._tokens else self._start))
+        if len(values) >= FOLD_AT:
+            series.fold()
         self._tokens += 1
         self._last = now
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from gateway.dashboard import render_page
-from gateway.history import CHAIN_CHARTS, STAGE_CHARTS, History, RecentLatencies
+from gateway.history import CHAIN_CHARTS, STAGE_CHARTS, History
+from gateway.latencies import TokenLatencies
 from gateway.metrics import GatewayMetrics
 from gateway.timeline import build_timeline
 from stagemesh.mesh.store import WorkerInfo
@@ -34,7 +35,7 @@ def _stage(t: float, intervals: list, steps: list | None = None, **more) -> dict
 
 
 def test_history_samples_each_chain_and_stage_into_a_ring_buffer():
-    latencies = RecentLatencies()
+    latencies = TokenLatencies()
     chain = _chain(emitted=100)
     history = History(None, SimpleNamespace(chains=[chain]), latencies, sample_s=2.0, window_s=6.0)  # 3 samples
     history.record(10.0, [STAGE0], {"stage-c0-s0": _stage(9.9, [[9.0, 9.1]])})
@@ -77,8 +78,8 @@ def test_the_gateway_s_request_tracker_feeds_the_history_s_latencies():
     tracker.admitted(3)
     for _ in range(3):
         tracker.token()
-    assert len(metrics.recent.take("3", "ttft")) == 1 and len(metrics.recent.take("3", "itl")) == 2
-    assert metrics.recent.take("3", "itl") == []  # taken once
+    assert len(metrics.latencies.take("3", "ttft")) == 1 and len(metrics.latencies.take("3", "itl")) == 2
+    assert metrics.latencies.take("3", "itl") == []  # taken once
 
 
 def test_timeline_puts_every_stage_on_one_clock_ending_at_the_oldest_heartbeat():
@@ -117,7 +118,7 @@ def test_expert_heat_rows_show_the_recent_load_else_the_total():
 
 
 def test_history_keeps_each_expert_s_recent_rows():
-    history = History(None, SimpleNamespace(chains=[]), RecentLatencies())
+    history = History(None, SimpleNamespace(chains=[]), TokenLatencies())
     for t, rows in ((2.0, 100), (4.0, 130), (6.0, 135)):
         history.record(t, [EXPERT], {"expert-c0-e0": {"expert_tokens": {"1:0": rows}}})
     assert history.expert_recent == {0: {"1:0": 35}}  # 0 at first sight, then +30 and +5
@@ -138,7 +139,7 @@ def _status() -> dict:
 
 
 def test_the_page_is_rendered_with_the_current_values_and_the_documents_embedded():
-    history = History(None, SimpleNamespace(chains=[_chain()]), RecentLatencies())
+    history = History(None, SimpleNamespace(chains=[_chain()]), TokenLatencies())
     history.record(1.0, [STAGE0], {"stage-c0-s0": _stage(0.9, [[0.5, 0.6]])})
     timeline = build_timeline([STAGE0], {"stage-c0-s0": _stage(0.9, [[0.5, 0.6]])}, now=1.0)
     page = render_page(_status(), history.to_json(), timeline)
