@@ -18,12 +18,11 @@ is the expert worker's part in it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from expert_worker.place import find_expert_worker
 from expert_worker.worker import ExpertWorker
-from stagemesh.runtime import cpus, faults
+from stagemesh.runtime import cpus, event_loop, faults
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import MeshTLS, add_tls_args
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.redis_url, tls = mesh_args(args, "expert")
         cpus.take(args.cpus, 0, args.threads)
-        return asyncio.run(_run(args, tls))
+        return event_loop.run(_run(args, tls))
     except StartupError as err:
         log.error("expert worker c%d-e%d cannot start: %s", args.chain, args.worker, err)
         return 1

@@ -7,13 +7,12 @@ request to the gateway over one stream (``frontend.link``). A mesh runs several
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from frontend.auth import interceptors
 from frontend.frontend import CLIENT_SERVER_OPTIONS, GATEWAY_SERVICE, Frontend, FrontendOptions
 from frontend.stream import MESSAGES_PER_S
-from stagemesh.runtime import api_keys
+from stagemesh.runtime import api_keys, event_loop
 from stagemesh.runtime.api_keys import ApiKeys
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                            served_model_name=args.served_model_name, grace_s=args.grace_s, api_keys=keys,
                            tls=tls, serving_cert=cert)
     try:
-        return asyncio.run(start_worker(
+        return event_loop.run(start_worker(
             redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,
             lambda topology, store: run(
                 WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS, interceptors(keys), tls=tls),

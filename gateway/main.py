@@ -4,13 +4,13 @@ server lifecycle is ``gateway.gateway.Gateway``); runs until SIGTERM."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from gateway.gateway import GatewayOptions, serve
 from gateway.hub import RESUME_WINDOW_S
 from gateway.router import FAILOVER_WAIT_S
+from stagemesh.runtime import event_loop
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args
 from stagemesh.runtime.tls import add_tls_args
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         signer=signer,
     )
     try:
-        asyncio.run(serve(opts))
+        event_loop.run(serve(opts))
     except (ValueError, KeyError, OSError, RuntimeError, StartupError) as err:  # a broken topology or checkpoint, a port in use
         logger.error("gateway failed: %s: %s", type(err).__name__, err)
         return 1

@@ -19,7 +19,6 @@ The lifecycle itself (signals, health of both names, drain, ``server.stop(grace)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from stage_worker.topology import StagePlace, find_stage
@@ -28,7 +27,7 @@ from stage_worker.worker import StageWorker
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.layout import validate_layout
 from stagemesh.mesh.store import Store
-from stagemesh.runtime import cpus, faults
+from stagemesh.runtime import cpus, event_loop, faults
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import MeshTLS, add_tls_args
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.redis_url, tls = mesh_args(args, "stage")
         cpus.take(args.cpus, 0, args.threads)
-        return asyncio.run(_run(args, tls))
+        return event_loop.run(_run(args, tls))
     except StartupError as err:
         log.error("stage c%d-s%d cannot start: %s", args.chain, args.stage, err)
         return 1
