@@ -5,7 +5,9 @@ the gateway's ``Scheduler.schedule`` (a plan: a ``SeqChunk`` and a ``SampleSpec`
 ``plan_to_pb`` (the StageRequest the gateway sends), a stage's ``plan_from_pb`` (the plan it
 runs: the last stage's with the rows' sampling parameters, ``plan_from_pb_mid`` a stage's before
 it, without them) and ``AttnMetadata.build`` (the attention metadata it builds once for all its layers, one
-torch thread), and the gateway's ``Scheduler.update`` (a ``TokenEvent`` per row). Printed as µs per
+torch thread), the gateway's ``Scheduler.update`` (a ``TokenEvent`` per row) and its timing of each
+streamed token (``RequestTracker.token``, with the folds that count the values into the TTFT / ITL
+histograms and the dashboard's history once per run, as a scrape or a history sample would). Printed as µs per
 row, the median of ``--repeats`` runs of ``--steps`` steps each, so that two builds can be
 compared in one sitting (``git stash`` / checkout between two runs)::
 
@@ -21,6 +23,7 @@ import time
 
 import torch
 
+from gateway.metrics import GatewayMetrics
 from stagemesh.model.attention import AttnMetadata
 from stagemesh.serving.scheduler import Scheduler, SchedulerConfig
 from stagemesh.serving.types import Request, SamplingParams, StepResult
@@ -47,8 +50,12 @@ def _decoding_scheduler(rows: int, steps: int) -> Scheduler:
 
 def _one_run(rows: int, steps: int) -> dict[str, float]:
     scheduler = _decoding_scheduler(rows, steps)
-    names = ("schedule", "plan_to_pb", "plan_from_pb", "plan_from_pb_mid", "attn_metadata", "update")
+    names = ("schedule", "plan_to_pb", "plan_from_pb", "plan_from_pb_mid", "attn_metadata", "update", "token_timing")
     spent = dict.fromkeys(names, 0.0)
+    metrics = GatewayMetrics()
+    trackers = [metrics.track() for _ in range(rows)]
+    for tracker in trackers:
+        tracker.admitted(0)
     for _ in range(steps):
         t0 = time.perf_counter()
         plan = scheduler.schedule(0.0)
@@ -68,8 +75,14 @@ def _one_run(rows: int, steps: int) -> dict[str, float]:
         t6 = time.perf_counter()
         scheduler.update(plan, result)
         t7 = time.perf_counter()
-        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t5 - t4, t7 - t6)):
+        for tracker in trackers:
+            tracker.token()
+        t8 = time.perf_counter()
+        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t5 - t4, t7 - t6, t8 - t7)):
             spent[name] += dt
+    t9 = time.perf_counter()
+    metrics.latencies.take("0", "ttft"), metrics.latencies.take("0", "itl")
+    spent["token_timing"] += time.perf_counter() - t9
     return {name: 1e6 * s / (steps * rows) for name, s in spent.items()}
 
 
