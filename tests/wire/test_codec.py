@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -53,6 +55,15 @@ def test_from_pb_is_silent_and_shares_the_message_bytes():
         back = tensor_from_pb(msg)
     assert back.shape == (3, 2) and back.is_contiguous()
     assert torch.equal(back.clone().add_(1), torch.full((3, 2), 2.0))
+
+
+def test_from_pb_is_silent_from_the_first_call_of_a_fresh_process():
+    # torch warns about a read-only buffer once per process: in this test process some earlier
+    # test may already have spent it, so the first call is made in a new interpreter.
+    code = ("import torch; from stagemesh.wire.codec.tensors import tensor_from_pb, tensor_to_pb; "
+            "assert tensor_from_pb(tensor_to_pb(torch.ones(2))).tolist() == [1.0, 1.0]")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bytes_length_mismatch_is_a_value_error():
