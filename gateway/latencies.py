@@ -7,12 +7,13 @@ history, which takes the values since its last sample for its p50 / p99 charts
 
 NOTE: why not prometheus-client's ``Histogram``. The gateway timed every streamed token on its
 scheduling loop, and a ``Histogram.observe`` walks the buckets in Python and takes a lock for
-each value: with the dashboard's copy of the value, 2.5 µs a token (128 trackers, one core,
-``timeit``), ~10% of the gateway's CPU at 128 streams (py-spy). Here a token appends one float
-to its chain's list; the lists are folded — each value into its bucket (``bisect``), the sum,
-and the values the dashboard has not taken yet — when ``/metrics`` is scraped (``collect``),
-when the history samples (``take``), and whenever a list reaches ``FOLD_AT`` values. Scrapes
-read the same bucket counts, sums and counts as before (BENCHMARKS.md, "Session 14").
+each value: with the dashboard's copy of the value, 2.4 µs a token (128 trackers, one core,
+``timeit``), 7% of the gateway's busy py-spy samples at 128 streams. Here a token appends one
+float to its chain's list (0.35–0.6 µs a token, the folds included); the lists are folded —
+each value into its bucket (``bisect``), the sum, and the values the dashboard has not taken
+yet — when ``/metrics`` is scraped (``collect``), when the history samples (``take``), and
+whenever a list reaches ``FOLD_AT`` values. A scrape reads what prometheus-client's own
+histograms would (a test feeds both the same values); BENCHMARKS.md, "Session 14".
 """
 
 from __future__ import annotations
