@@ -75,7 +75,9 @@ class RequestTracker:
         """Set once the request is admitted to a chain."""
         self.outcome = "internal"
         """Set by the servicer: "ok", or the failure's gRPC status name in lower case."""
-        self._start = self._last = time.monotonic()
+        self._last = time.monotonic()
+        """When the request came in, then when its latest token streamed out: the first token's gap
+        from it is its TTFT, every later one's an ITL."""
         self._tokens = 0
         self._ttft = self._itl = None
         """The chain's TTFT and ITL series (``gateway.latencies``), looked up once per chain, not once per token."""
@@ -91,9 +93,8 @@ class RequestTracker:
             latencies = self._metrics.latencies
             self._ttft, self._itl = latencies.series(self.chain, "ttft"), latencies.series(self.chain, "itl")
         series = self._itl if self._tokens else self._ttft
-        values = series.pending
-        values.append(now - (self._last if self._tokens else self._start))
-        if len(values) >= FOLD_AT:
+        series.pending.append(now - self._last)
+        if len(series.pending) >= FOLD_AT:
             series.fold()
         self._tokens += 1
         self._last = now
