@@ -3,7 +3,8 @@
 ``run(server, role)``::
 
     SIGTERM/SIGINT caught → role.load: bind (health NOT_SERVING), weights, peers
-      → role.serve: health SERVING, heartbeats → until a stop signal (or role.broken → role.fail)
+      → role.serve: health SERVING, heartbeats → the garbage collector settled (``gc_policy``)
+      → until a stop signal (or role.broken → role.fail)
       → health NOT_SERVING → role.drain → server.stop(grace) → role.close
 
 The health service answers both the overall name "" and the role's service name. A stop
@@ -22,6 +23,7 @@ from typing import TypeVar
 import grpc.aio
 from grpc_health.v1 import health, health_pb2_grpc
 
+from stagemesh.runtime import gc_policy
 from stagemesh.runtime.decode_guard import DecodeGuard
 from stagemesh.runtime.health import NOT_SERVING, SERVING
 from stagemesh.runtime.startup import StartupError
@@ -164,12 +166,14 @@ class Role:
 
 async def run(server: WorkerServer, role: Role) -> int:
     """One server process's life, from the signal handlers to the drain (module docstring); its exit code."""
+    gc_wanted = gc_policy.wanted()  # a bad value fails before anything loads
     server.catch_signals()
     try:
         if await server.until_stopped(role.load(server)) is None:
             log.info("stop requested while loading")
             return 0
         await role.serve(server)
+        gc_policy.settle(gc_wanted)
         broken = await server.until_stopped(role.broken())
         return 0 if broken is None else await role.fail(broken.result())
     finally:

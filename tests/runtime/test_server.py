@@ -79,6 +79,13 @@ def _live(role: Recorder, *, sigterm_after: str | None) -> int:
     return asyncio.run(main())
 
 
+@pytest.fixture(autouse=True)
+def _gc_left_alone(monkeypatch):
+    """``run`` here runs in pytest's own process: it must not freeze the suite's heap
+    (tests/runtime/test_gc_policy.py runs the tuned policy through ``run`` in a process of its own)."""
+    monkeypatch.setenv("STAGEMESH_GC", "python")
+
+
 @pytest.fixture
 def address() -> str:
     return f"127.0.0.1:{free_port()}"
