@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from stagemesh.runtime.deadline import Deadline, DeadlinePolicy
@@ -71,3 +74,23 @@ def test_a_bad_policy_is_refused_naming_the_constraint(bad):
     values = dict(floor_s=1.0, multiple=4.0, first_s=60.0, ceiling_s=120.0, window=10, min_samples=4) | bad
     with pytest.raises(ValueError, match="need"):
         DeadlinePolicy(**values)
+
+
+def test_the_kept_figures_equal_the_window_worked_out_afresh_after_every_answer():
+    policy = DeadlinePolicy(floor_s=0.01, multiple=3.0, first_s=5.0, ceiling_s=60.0, quantile=0.9, window=16,
+                            min_samples=4, outliers=1)
+    deadline, rng, seen = Deadline(policy), random.Random(7), []
+    for _ in range(400):
+        # few distinct values: ties (the same seconds or size leaving and arriving) are the common case
+        seconds, size = rng.choice([0.01, 0.02, 0.02, 0.05, 0.3]), rng.choice([1, 4, 4, 32, 128])
+        deadline.observe(seconds, size)
+        seen.append((seconds, size))
+        window = seen[-policy.window:]
+        if len(window) < policy.min_samples:
+            continue
+        times = sorted(s for s, _ in window)
+        rank = max(0, min(math.ceil(policy.quantile * len(times)) - 1, len(times) - 1 - policy.outliers))
+        largest = max(n for _, n in window)
+        for asked in (1, 64, 512):
+            want = min(policy.ceiling_s, policy.floor_s + policy.multiple * times[rank] * max(1.0, asked / largest))
+            assert deadline.limit(asked) == pytest.approx(want)
