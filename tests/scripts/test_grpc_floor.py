@@ -1,0 +1,21 @@
+"""scripts/grpc_floor.py's bare server: the streams, messages and tokens it is asked for, over real gRPC."""
+
+import importlib.util
+from pathlib import Path
+
+import uvloop
+
+from stagemesh.runtime.net import free_port
+
+_SPEC = importlib.util.spec_from_file_location(
+    "grpc_floor", Path(__file__).resolve().parents[2] / "scripts" / "grpc_floor.py")
+grpc_floor = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(grpc_floor)
+
+
+def test_the_bare_server_sends_each_stream_its_messages_of_the_asked_size():
+    with grpc_floor.BareServer(free_port(), messages=5, tokens=3, gap_s=0.001) as bare:
+        messages, tokens, wall = uvloop.run(grpc_floor._bare_load(bare.addr, 4))
+        assert grpc_floor._cpu_s([bare.pid]) >= 0
+    assert (messages, tokens) == (4 * 5, 4 * 5 * 3)
+    assert wall > 0
