@@ -279,3 +279,19 @@ def test_one_store_outlives_a_redis_restart_and_sees_its_new_run_id(tmp_path):
     with start_local_redis(data_dir=tmp_path) as server:
         before, after, topology = asyncio.run(scenario(server))
     assert before != after and topology == _topology("/m")
+
+
+def test_appends_reach_their_own_requests_whatever_characters_the_ids_hold(redis_url):
+    """The appends of many requests go in one script call whose keys are cut by their byte
+    lengths: ids with separators, newlines and multi-byte characters must not bleed into each other."""
+    ids = ["plain", "with\nnewline", "comma,1,2,", "colon:tokens", "émoji-🚀", "", "x" * 300, "tab\t#;"]
+
+    async def body(store: Store):
+        for rid in ids:
+            await store.journal_open(rid, [1], {}, chain=0)
+        await store.journal_append_many({rid: [k, 1000 + k] for k, rid in enumerate(ids)})
+        await store.journal_append_many({rid: [7] for rid in ids[::2]} | {ids[1]: []})
+        return {rid: (await store.journal_get(rid)).token_ids for rid in ids}
+
+    assert _run(redis_url, body) == {rid: (k, 1000 + k, 7) if k % 2 == 0 else (k, 1000 + k)
+                                     for k, rid in enumerate(ids)}
