@@ -7,7 +7,9 @@ runs: the last stage's with the rows' sampling parameters, ``plan_from_pb_mid`` 
 it, without them) and ``AttnMetadata.build`` (the attention metadata it builds once for all its layers, one
 torch thread), the gateway's ``Scheduler.update`` (a ``TokenEvent`` per row) and its timing of each
 streamed token (``RequestTracker.token``, with the folds that count the values into the TTFT / ITL
-histograms and the dashboard's history once per run, as a scrape or a history sample would). Printed as µs per
+histograms and the dashboard's history once per run, as a scrape or a history sample would), and
+its step deadline (``RemoteChain``'s ``Deadline``: the limit of the step sent and the answer
+measured, once per step, spread over the rows). Printed as µs per
 row, the median of ``--repeats`` runs of ``--steps`` steps each, so that two builds can be
 compared in one sitting (``git stash`` / checkout between two runs)::
 
@@ -23,8 +25,10 @@ import time
 
 import torch
 
+from gateway.chain_client import STEP_DEADLINE
 from gateway.metrics import GatewayMetrics
 from stagemesh.model.attention import AttnMetadata
+from stagemesh.runtime.deadline import Deadline
 from stagemesh.serving.scheduler import Scheduler, SchedulerConfig
 from stagemesh.serving.types import Request, SamplingParams, StepResult
 from stagemesh.v1 import stage_pb2
@@ -50,13 +54,17 @@ def _decoding_scheduler(rows: int, steps: int) -> Scheduler:
 
 def _one_run(rows: int, steps: int) -> dict[str, float]:
     scheduler = _decoding_scheduler(rows, steps)
-    names = ("schedule", "plan_to_pb", "plan_from_pb", "plan_from_pb_mid", "attn_metadata", "update", "token_timing")
+    names = ("schedule", "plan_to_pb", "plan_from_pb", "plan_from_pb_mid", "attn_metadata", "update", "token_timing",
+             "step_deadline")
     spent = dict.fromkeys(names, 0.0)
     metrics = GatewayMetrics()
     trackers = [metrics.track() for _ in range(rows)]
     for tracker in trackers:
         tracker.admitted(0)
-    for _ in range(steps):
+    deadline = Deadline(STEP_DEADLINE)
+    for k in range(STEP_DEADLINE.window):  # a full window, as a gateway's after its first few seconds
+        deadline.observe(0.004 + 0.001 * (k % 7), rows)
+    for k in range(steps):
         t0 = time.perf_counter()
         plan = scheduler.schedule(0.0)
         t1 = time.perf_counter()
@@ -78,7 +86,11 @@ def _one_run(rows: int, steps: int) -> dict[str, float]:
         for tracker in trackers:
             tracker.token()
         t8 = time.perf_counter()
-        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t5 - t4, t7 - t6, t8 - t7)):
+        tokens = plan.num_tokens  # as ``RemoteChain._send`` works it out, once a step
+        deadline.limit(tokens)
+        deadline.observe(0.004 + 0.001 * (k % 7), tokens)
+        t8b = time.perf_counter()
+        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t5 - t4, t7 - t6, t8 - t7, t8b - t8)):
             spent[name] += dt
     t9 = time.perf_counter()
     metrics.latencies.take("0", "ttft"), metrics.latencies.take("0", "itl")

@@ -8,6 +8,7 @@ wire, stage runners read them. ``SamplingParams`` and ``SampleSpec`` are declare
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable
 
 from stagemesh.errors import InvalidArgument
@@ -87,9 +88,11 @@ class StepPlan:
     """The gateway incarnation that sent it (stamped on the wire by ``gateway.chain_client``; 0
     in one process): a stage that sees a newer one drops the older one's sequences first."""
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        """Tokens of every chunk: worked out once per plan (the gateway and each stage read it
+        several times a step; a frozen plan's chunks never change)."""
+        return sum([len(c.token_ids) for c in self.chunks])
 
     def fill_pending(self, token_of: Callable[[int], int]) -> StepPlan:
         """This plan with each ``PENDING_TOKEN`` replaced by ``token_of(seq_id)``: the token
