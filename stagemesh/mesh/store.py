@@ -469,8 +469,9 @@ class Store:
         NOTE: one ``APPEND`` per request inside a Lua script, not one pipelined command per
         request: redis-py packs every command in Python, and at 128 streams those commands were
         the gateway's largest cost (py-spy). The script's keys and values also go as three
-        arguments, not two per request: redis-py packs each argument in Python too (~11 µs of
-        the gateway's CPU per request and flush; 1.4-1.8 ms a flush at 128 streams). The keys
+        arguments, not two per request: redis-py packs each argument in Python too (a flush of 128
+        requests cost the gateway 0.85-1.06 ms of CPU so, 0.44-0.57 ms now; BENCHMARKS.md,
+        "Session 15", ``scripts/journal_micro.py``). The keys
         are not declared in KEYS, which only Redis Cluster needs (one deployment's keys would
         need one hash slot there anyway). A request id may hold any character, so the keys are
         cut by their lengths, never at a separator. Each request's tokens are text, ``"101,102,"``."""
