@@ -33,6 +33,8 @@ from stagemesh.client import AsyncClient
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc, sampling_pb2
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+CALL_TIMEOUT_S = 600.0
+"""No stream of a run takes longer: a server that stopped answering ends the run, not hangs it."""
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -42,7 +44,7 @@ def _cpu_s(pids: list[int]) -> float:
 
 async def _stream(stub, request: gateway_pb2.GenerateRequest) -> tuple[int, int]:
     messages = tokens = 0
-    async for msg in stub.Generate(request):
+    async for msg in stub.Generate(request, timeout=CALL_TIMEOUT_S):
         messages += 1
         tokens += len(msg.token_ids)
     return messages, tokens
@@ -101,9 +103,11 @@ class BareServer:
 
     def __init__(self, port: int, messages: int, tokens: int, gap_s: float):
         self.addr = f"127.0.0.1:{port}"
-        self._ready = multiprocessing.Event()
-        self._process = multiprocessing.Process(target=_serve_bare, args=(port, messages, tokens, gap_s, self._ready),
-                                                daemon=True)
+        # spawn, not fork: a forked child of a process that has used gRPC hangs in gRPC
+        context = multiprocessing.get_context("spawn")
+        self._ready = context.Event()
+        self._process = context.Process(target=_serve_bare, args=(port, messages, tokens, gap_s, self._ready),
+                                        daemon=True)
 
     @property
     def pid(self) -> int:

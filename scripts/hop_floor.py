@@ -34,6 +34,8 @@ import uvloop
 
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
+ANSWER_TIMEOUT_S = 30.0
+
 
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
@@ -55,7 +57,8 @@ class _Down:
 
     async def ask(self, request: stage_pb2.StageRequest) -> stage_pb2.StageResponse:
         self._queue.put_nowait(request)
-        return await self._call.read()
+        # a stage that stopped answering ends the run, not hangs it
+        return await asyncio.wait_for(self._call.read(), ANSWER_TIMEOUT_S)
 
 
 class _Hop(stage_pb2_grpc.StageServicer):
@@ -92,12 +95,13 @@ def _serve(port: int, next_addr: str | None, work_s: float, ready) -> None:
 def chain(ports: list[int], work_s: float):
     """Stages 1.. of the chain (one process each, on ``ports`` in order) while the block runs;
     the driver (stage 0) talks to the first."""
+    context = multiprocessing.get_context("spawn")  # not fork: a forked child of a gRPC user hangs in gRPC
     servers = []
     try:
         for k, port in enumerate(ports):
-            ready = multiprocessing.Event()
+            ready = context.Event()
             nxt = f"127.0.0.1:{ports[k + 1]}" if k + 1 < len(ports) else None
-            servers.append(multiprocessing.Process(target=_serve, args=(port, nxt, work_s, ready), daemon=True))
+            servers.append(context.Process(target=_serve, args=(port, nxt, work_s, ready), daemon=True))
             servers[-1].start()
             if not ready.wait(30):
                 raise SystemExit(f"stage {k + 1} on port {port} did not start")

@@ -1,16 +1,9 @@
 """scripts/grpc_floor.py's bare server: the streams, messages and tokens it is asked for, over real gRPC."""
 
-import importlib.util
-from pathlib import Path
-
+import grpc_floor
 import uvloop
 
 from stagemesh.runtime.net import free_port
-
-_SPEC = importlib.util.spec_from_file_location(
-    "grpc_floor", Path(__file__).resolve().parents[2] / "scripts" / "grpc_floor.py")
-grpc_floor = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(grpc_floor)
 
 
 def test_the_bare_server_sends_each_stream_its_messages_of_the_asked_size():

@@ -1,16 +1,9 @@
 """scripts/hop_floor.py: a real chain of gRPC processes, each step answered back through every stage."""
 
-import importlib.util
-from pathlib import Path
-
+import hop_floor
 import uvloop
 
 from stagemesh.runtime.net import free_port
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "hop_floor.py"
-spec = importlib.util.spec_from_file_location("hop_floor", SCRIPT)
-hop_floor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(hop_floor)
 
 
 def test_a_token_takes_every_stage_s_step_and_the_hops_between():
