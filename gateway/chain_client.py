@@ -91,16 +91,14 @@ class RemoteChain:
         msg.epoch = self.epoch
         answer = self._stream.send(msg)
         ahead, self._ahead = self._ahead, answer
-        tokens = plan.num_tokens  # a sum over the rows: once a step
-        limit = self.deadline.limit(tokens)
+        limit = self.deadline.limit(plan.num_tokens)
         if ahead is not None and not ahead.done():
             # its own deadline bounds this wait (when it overstays, the reset answers both);
             # ``limit`` only guards against a step ahead whose waiter was cancelled
             await asyncio.wait([ahead], timeout=limit)
-        return result_from_pb(await self._wait(plan, answer, limit, tokens))
+        return result_from_pb(await self._wait(plan, answer, limit))
 
-    async def _wait(self, plan: StepPlan, answer: asyncio.Future, limit: float,
-                    tokens: int) -> stage_pb2.StageResponse:
+    async def _wait(self, plan: StepPlan, answer: asyncio.Future, limit: float) -> stage_pb2.StageResponse:
         """The answer, or UNAVAILABLE (the stream reset) once it overstayed ``limit``; healthy
         answers feed the deadline."""
         start = self._clock()
@@ -112,8 +110,8 @@ class RemoteChain:
             return answer.result()  # the UNAVAILABLE answer that reset() just gave it
         # NOTE: a step without tokens (only KV frees: the first step of a returning chain) may
         # have waited for a backlog left by the outage; its wait says nothing of the step time.
-        if not response.HasField("error") and tokens:
-            self.deadline.observe(self._clock() - start, tokens)
+        if not response.HasField("error") and plan.num_tokens:
+            self.deadline.observe(self._clock() - start, plan.num_tokens)
             self._log_limit()
         return response
 

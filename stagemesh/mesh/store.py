@@ -86,12 +86,16 @@ followed by a newline (a value is digits, ``,``, ``#``, hex and ``;``: never a n
 DEFAULT_METRICS_TTL_S = 30.0
 
 
+def _key_of(prefix: str, *parts: object) -> str:
+    """A deployment's Redis key: ``prefix:part:part...`` (``Store._key``)."""
+    return ":".join((prefix, *map(str, parts)))
+
+
 @functools.lru_cache(maxsize=16_384)
 def _tokens_key(prefix: str, request_id: str) -> tuple[str, str]:
-    """A request's journal tokens key (``Store._key(..., "tokens")``) and its length in UTF-8
-    bytes followed by a comma, as ``_APPEND_ALL`` takes them: worked out once per request, not
-    at every flush."""
-    key = ":".join((prefix, "journal", request_id, "tokens"))
+    """A request's journal tokens key and its length in UTF-8 bytes followed by a comma, as
+    ``_APPEND_ALL`` takes them: worked out once per request, not at every flush."""
+    key = _key_of(prefix, "journal", request_id, "tokens")
     return key, f"{len(key.encode())},"
 
 
@@ -274,7 +278,7 @@ class Store:
         await self.close()
 
     def _key(self, *parts: object) -> str:
-        return ":".join((self._prefix, *map(str, parts)))
+        return _key_of(self._prefix, *parts)
 
     # --- signed documents -------------------------------------------------------------------
 

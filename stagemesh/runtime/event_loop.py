@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from stagemesh.runtime.startup import StartupError
+from stagemesh.runtime.startup import env_choice
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,7 @@ CHOICES = ("uvloop", "asyncio")
 
 def wanted() -> str:
     """The loop the environment asks for; a StartupError naming the choices for anything else."""
-    choice = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower() or "uvloop"
-    if choice not in CHOICES:
-        raise StartupError(f"{EVENT_LOOP_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
-    return choice
+    return env_choice(EVENT_LOOP_ENV, CHOICES)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 
-from stagemesh.runtime.startup import StartupError
+from stagemesh.runtime.startup import env_choice
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,7 @@ YOUNGEST_THRESHOLD = 10_000
 
 def wanted() -> str:
     """The policy the environment asks for; a StartupError naming the choices for anything else."""
-    choice = os.environ.get(GC_ENV, "tuned").strip().lower() or "tuned"
-    if choice not in CHOICES:
-        raise StartupError(f"{GC_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
-    return choice
+    return env_choice(GC_ENV, CHOICES)
 
 
 def settle(policy: str) -> None:

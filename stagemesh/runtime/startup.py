@@ -45,6 +45,15 @@ class StartupError(Exception):
     """The worker cannot start; the message says what to fix."""
 
 
+def env_choice(env: str, choices: tuple[str, ...]) -> str:
+    """The one of ``choices`` the environment variable ``env`` names (case and spaces ignored;
+    unset or empty: the first); a StartupError naming the choices for anything else."""
+    choice = os.environ.get(env, "").strip().lower() or choices[0]
+    if choice not in choices:
+        raise StartupError(f"{env}={choice!r}: expected one of {', '.join(choices)}")
+    return choice
+
+
 async def connect_store(url: str, deployment: str, deadline: float, signer: Signer | None = None) -> Store:
     """The store, retried until ``deadline`` (time.monotonic) while Redis comes up."""
     while True:
