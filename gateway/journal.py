@@ -23,12 +23,17 @@ from stagemesh.serving.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FLUSH_INTERVAL_S = 0.05
-"""NOTE: 50 ms, not a step. A flush costs a Redis command per request with new tokens (redis-py
-packs each in Python); at 5 ms the flushes were the gateway's largest cost, 12% of its samples
-under 128 streams (py-spy), one command for every token or two. At 50 ms each command carries a
-request's last 50 ms of tokens. Nothing waits on it: a failover flushes before it reads the
-journal (``resume``), and the gateway's own record wins when the two disagree."""
+DEFAULT_FLUSH_INTERVAL_S = 0.1
+"""NOTE: 100 ms, not a step. At 5 ms the flushes were the gateway's largest cost (12% of its
+samples under 128 streams, py-spy), one Redis command for every token or two. Now a flush is one
+script call for all requests (``Store.journal_append_many``), but its packing is still per
+request in Python: at 50 ms it was ~13% of the gateway's busy samples (py-spy ``--native``,
+session 16) with a token or two per request. At 100 ms each request carries twice the tokens,
+and the gateway's CPU per streamed token relative to the bench client fell 5% (0.733 -> 0.697,
+BENCHMARKS.md). Nothing waits on it: a failover flushes before it reads the journal
+(``resume``), the gateway's own record wins when the two disagree, and after a gateway restart
+the frontends resubmit the tokens they have; only a request whose gateway and frontend both
+died regenerates (same seed) what its last 100 ms added."""
 
 
 def params_doc(params: SamplingParams) -> dict[str, Any]:
