@@ -479,12 +479,11 @@ class Store:
         are not declared in KEYS, which only Redis Cluster needs (one deployment's keys would
         need one hash slot there anyway). A request id may hold any character, so the keys are
         cut by their lengths, never at a separator. Each request's tokens are text, ``"101,102,"``."""
-        items = [(_tokens_key(self._prefix, rid), self._token_chunk(rid, ids))
+        items = [(*_tokens_key(self._prefix, rid), self._token_chunk(rid, ids))
                  for rid, ids in tokens_by_request.items() if ids]
         if items:
-            keys, values = zip(*items)
-            await self._r.eval(_APPEND_ALL, 0, "".join([key for key, _ in keys]),
-                               "".join([length for _, length in keys]), "\n".join(values) + "\n")
+            keys, lengths, chunks = zip(*items)
+            await self._r.eval(_APPEND_ALL, 0, "".join(keys), "".join(lengths), "\n".join(chunks) + "\n")
             if self._signer is not None:
                 for rid, ids in tokens_by_request.items():
                     self._journaled[rid] = self._journaled.get(rid, 0) + len(ids)

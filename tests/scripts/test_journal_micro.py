@@ -1,16 +1,11 @@
 """scripts/journal_micro.py against the suite's real Redis: what it times is the journal's real append."""
 
 import asyncio
-import importlib.util
 import uuid
-from pathlib import Path
+
+import journal_micro
 
 from stagemesh.mesh.store import Store
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "journal_micro.py"
-spec = importlib.util.spec_from_file_location("journal_micro", SCRIPT)
-journal_micro = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(journal_micro)
 
 
 def test_every_timed_flush_lands_in_its_requests_journal(redis_url):
