@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from frontend.stream import MIN_GAP_S, Pacer, RequestStream
+import pytest
+
+from frontend.stream import MIN_GAP_S, Pacer, RequestStream, Wake
 from stagemesh.errors import Unavailable
 
 
@@ -61,3 +63,32 @@ def test_a_failure_ends_the_stream_once():
 
     stream = asyncio.run(main())
     assert stream.ended and stream.error.message == "gateway gone" and stream.finish_reason is None
+
+
+def test_a_wake_lets_its_one_waiter_go_once_per_set_and_survives_a_cancelled_wait():
+    async def main():
+        wake = Wake()
+        waiter = asyncio.create_task(wake.wait())
+        await asyncio.sleep(0.01)
+        blocked = not waiter.done()
+        with pytest.raises(RuntimeError, match="one waiter"):
+            await wake.wait()  # a second waiter is a bug, not a silent lost wake
+        wake.set()
+        await asyncio.wait_for(waiter, 1.0)
+        await asyncio.wait_for(wake.wait(), 1.0)  # still set: returns at once
+        wake.clear()
+        gone = asyncio.create_task(wake.wait())
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client left mid-wait
+        await asyncio.gather(gone, return_exceptions=True)
+        wake.set()  # no waiter: nothing to wake, and no error
+        after_cancel = wake.is_set()
+        wake.clear()
+        again = asyncio.create_task(wake.wait())
+        await asyncio.sleep(0.01)
+        still_blocked = not again.done()
+        wake.set()
+        await asyncio.wait_for(again, 1.0)
+        return blocked, after_cancel, still_blocked
+
+    assert asyncio.run(main()) == (True, True, True)
