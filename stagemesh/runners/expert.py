@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ class ExpertRunner:
                 progress(len(self.layers), len(experts))
         self.figures = ExpertCounters()
 
-    @property
+    @cached_property
     def weight_bytes(self) -> int:
+        """Counted once (the experts are fixed once loaded): each heartbeat reads it."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def parameters(self):
