@@ -101,6 +101,10 @@ class GatewayOptions:
     """On SIGTERM, running calls get this long to finish before they are cancelled."""
     failover_wait_s: float = FAILOVER_WAIT_S
     """A running request whose chain failed waits this long for a healthy chain, then fails UNAVAILABLE."""
+    micro_batches: int | None = None
+    """Micro-batches each chain keeps in flight; None: one per stage (every stage computes at once).
+    Fewer suit stages that share too few cores to compute at once (``stagemesh up`` on CPU picks
+    it: ``stagemesh.runtime.cpus.micro_batches``); more than a chain's stages are not used."""
     overlap: bool = True
     """Overlap scheduling: one step more than the chain has stages goes out while they run,
     its decodes taking the tokens still being sampled (``stagemesh.serving.scheduler``)."""
@@ -313,15 +317,16 @@ async def build_chain(
 
     remote, engine = renew()
     engine.start()
-    logger.info("chain %d: %d stages, %d KV blocks of %d tokens", chain_id, len(stages), sched.num_blocks, sched.block_size)
+    logger.info("chain %d: %d stages, %d micro-batch(es) in flight, %d KV blocks of %d tokens", chain_id, len(stages),
+                sched.num_slots, sched.num_blocks, sched.block_size)
     return ChainHandle(chain_id, remote, engine, addresses, renew)
 
 
 def scheduler_config(
     infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
 ) -> SchedulerConfig:
-    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage
-    (plus a lookahead one with overlap scheduling)."""
+    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage unless
+    ``opts.micro_batches`` asks for fewer (plus a lookahead one with overlap scheduling)."""
     block_sizes = {info.block_size for info in infos}
     if len(block_sizes) != 1:
         raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
@@ -331,7 +336,7 @@ def scheduler_config(
         max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens,
         max_waiting=opts.max_waiting,
-        num_slots=len(infos),
+        num_slots=min(opts.micro_batches or len(infos), len(infos)),
         max_model_len=config.max_position_embeddings,
         eos_token_ids=eos_token_ids(config, tokenizer),
         overlap=opts.overlap,

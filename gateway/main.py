@@ -40,12 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request whose frontend left runs on for a client to resume it, then is cancelled")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before sending a step after it (overlap scheduling is on by default)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches each chain keeps in flight (default: one per stage; fewer when its stages "
+                        "share too few cores to compute at once)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.micro_batches is not None and args.micro_batches < 1:
+        parser.error(f"--micro-batches {args.micro_batches}: a chain needs at least 1 micro-batch in flight")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         redis_url, tls = mesh_args(args, "gateway")
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_grace_s=args.grace_s,
         failover_wait_s=args.failover_wait_s,
         overlap=args.overlap,
+        micro_batches=args.micro_batches,
         resume_window_s=args.resume_window_s,
         tls=tls,
         signer=signer,

@@ -11,7 +11,7 @@ Its typed keys are exactly those ``stagemesh.wire.codec.messages.status_to_pb`` 
 
 ``gateway`` holds what the proto has no field for: readiness, the deployment, the attached
 frontends (name, pid, open requests, requests taken), and per chain
-the scheduler's view (KV blocks reserved, steps in flight, failures) and its outages (times it
+the scheduler's view (KV blocks reserved, micro-batches, steps in flight, failures) and its outages (times it
 left service, and why it last did); ``documents``: whether the gateway checks the signatures of
 what it reads from Redis, and the forged documents it refused (``stagemesh.mesh.signing``);
 ``alert``: why the mesh reads degraded although it serves (a forged document refused lately).
@@ -168,6 +168,7 @@ def _scheduler_view(handle: ChainHandle) -> dict[str, Any]:
         "stage_addresses": list(handle.stage_addresses),
         "kv_blocks_reserved": scheduler.kv_blocks_used,
         "kv_blocks_total": scheduler.config.num_blocks,
+        "micro_batches": scheduler.config.num_slots,
         "steps_in_flight": scheduler.num_in_flight,
         "steps_done": counters.steps_done,
         "steps_failed": counters.steps_failed,

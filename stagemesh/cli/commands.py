@@ -100,6 +100,9 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one micro-batch at most (default 256)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches each chain keeps in flight (default: one per stage; on CPU only as many "
+                        "as its stages can compute at once on the cores they share)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests one chain queues at most; past that RESOURCE_EXHAUSTED with a retry hint (default 1024)")
     p.add_argument("--failover-wait-s", type=float, default=None,
@@ -167,6 +170,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         restart=args.restart,
         overlap=args.overlap,
         max_num_seqs=args.max_num_seqs,
+        micro_batches=args.micro_batches,
         max_waiting=args.max_waiting,
         failover_wait_s=args.failover_wait_s,
         resume_window_s=args.resume_window_s,
@@ -219,6 +223,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="turn overlap scheduling off in the mesh brought up and the in-process engine")
     p.add_argument("--no-cpu-bind", dest="cpu_bind", action="store_false",
                    help="leave the workers of the mesh brought up unbound (by default each gets cores of its own when there are enough)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches the mesh brought up keeps in flight a chain (default: as `stagemesh up` picks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
     p.add_argument("--calibrate-s", type=float, default=3.0, help="seconds of the roofline calibration at startup")
     p.add_argument("--log-dir", type=Path, default=None, help="where the mesh's worker logs go (default: a new temp dir)")
@@ -256,6 +262,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         calibrate_s=args.calibrate_s,
         log_dir=args.log_dir,
         overlap=args.overlap,
+        micro_batches=args.micro_batches,
         cpu_bind=args.cpu_bind,
         insecure=args.insecure,
         connect=connect_from_args(args),

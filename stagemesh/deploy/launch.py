@@ -110,6 +110,10 @@ class Mesh:
         """A directory of this user's alone holding the API keys' file (``_api_key_args``)."""
         if self.frontends < 1:
             raise ValueError(f"frontends={self.frontends}: a mesh needs at least one frontend to serve clients")
+        if opts.micro_batches is not None and opts.micro_batches < 1:
+            raise ValueError(f"micro_batches={opts.micro_batches}: a chain needs at least one micro-batch in flight")
+        self.micro_batches: int | None = opts.micro_batches
+        """The gateway's ``--micro-batches`` (None: one per stage); on CPU ``_spawn_workers`` picks it."""
         self.log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="stagemesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.temp_log_dir = opts.log_dir is None
@@ -154,6 +158,8 @@ class Mesh:
             gateway_args += ["--http-port", str(self.gateway_http_port), "--http-host", LOOPBACK]
         if not self.opts.overlap:
             gateway_args.append("--no-overlap")
+        if self.micro_batches is not None:
+            gateway_args += ["--micro-batches", str(self.micro_batches)]
         for flag, value in (("--max-num-seqs", self.opts.max_num_seqs), ("--max-waiting", self.opts.max_waiting),
                             ("--failover-wait-s", self.opts.failover_wait_s),
                             ("--resume-window-s", self.opts.resume_window_s)):
@@ -210,7 +216,13 @@ class Mesh:
                 args = ["--chain", str(c), "--worker", str(e.index)]
                 workers.append((expert_worker_id(c, e.index), "expert_worker", args, 1, e.address))
         # they all compute at once: share the cores out
-        threads, sets = cpus.share(cpus.available(), [ranks for _, _, _, ranks, _ in workers])
+        cores = cpus.available()
+        threads, sets = cpus.share(cores, [ranks for _, _, _, ranks, _ in workers])
+        if self.micro_batches is None and self.opts.device == "cpu":
+            stages = len(topology.chains[0].stages)
+            fit = cpus.micro_batches(len(cores), sum(ranks for _, _, _, ranks, _ in workers), stages, self.opts.tp,
+                                     len(topology.chains))
+            self.micro_batches = fit if fit < stages else None
         for i, (name, module, args, _, address) in enumerate(workers):
             bound = ["--cpus", cpus.format_list(sets[i])] if sets is not None and self.opts.cpu_bind else []
             faults = ["--enable-fault-injection"] if self.opts.fault_injection else []

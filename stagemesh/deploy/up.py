@@ -43,6 +43,13 @@ def _security_line(mesh: Mesh) -> str:
     return f"{redis} | mTLS between the mesh's processes, Redis password: secrets {run.directory}{certs}"
 
 
+def _micro_line(micro_batches: int | None, stages: int) -> str:
+    """Says so when a chain keeps fewer micro-batches in flight than it has stages."""
+    if micro_batches is None or micro_batches >= stages:
+        return ""
+    return f", {micro_batches} micro-batch(es) in flight a chain (its stages share the cores)"
+
+
 def _http_line(opts: UpOptions) -> str:
     if not opts.http_port:
         return " | dashboard off (--http-port serves it)"
@@ -71,7 +78,7 @@ def run_up(opts: UpOptions) -> int:
             f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s)) | {opts.dp} chain(s) of "
             f"{stages} stage worker(s) "
             f"x tp {opts.tp}{experts} "
-            f"on {opts.device}{_http_line(opts)}{_keys_line(opts.api_keys)}"
+            f"on {opts.device}{_micro_line(mesh.micro_batches, stages)}{_http_line(opts)}{_keys_line(opts.api_keys)}"
             f"{_security_line(mesh)} | logs {mesh.log_dir}",
             flush=True,
         )

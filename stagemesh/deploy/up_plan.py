@@ -68,6 +68,9 @@ class UpOptions:
     """Restart a worker, the gateway or a frontend that exits (False: its exit stops the mesh)."""
     overlap: bool = True
     """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
+    micro_batches: int | None = None
+    """The gateway's ``--micro-batches``; None: one per stage, fewer on CPU when the stages share
+    too few cores to compute at once (``Launcher.micro_batches``)."""
     max_num_seqs: int | None = None
     """The gateway's ``--max-num-seqs`` (None: its default)."""
     max_waiting: int | None = None

@@ -76,6 +76,22 @@ def share(cpus: list[int], ranks: list[int]) -> tuple[int, list[list[int]] | Non
     return threads, sets
 
 
+def micro_batches(cores: int, ranks: int, stages: int, tp: int, chains: int) -> int:
+    """The micro-batches each chain should keep in flight when ``ranks`` compute processes (every
+    chain's TP ranks and expert workers) run on ``cores`` CPU cores: one per stage while every rank
+    has cores of its own, else only as many stages as can compute at once.
+
+    NOTE: a chain keeps one micro-batch per stage so that every stage computes at once, each on its
+    own device. Four stages sharing two cores cannot: the extra micro-batches only split each step
+    into more, smaller messages, each costing every process on the path its gRPC and Python work.
+    ``tiny`` at pp=4 on the 2-core reference machine, 128 streams: 2,395-2,504 tok/s with four
+    micro-batches, 3,564-3,901 with two, 3,518-3,826 with one (three interleaved runs each;
+    BENCHMARKS.md, "Micro-batches on shared cores")."""
+    if ranks <= cores:
+        return stages
+    return max(1, min(stages, cores // (tp * chains)))
+
+
 def rank_slice(cpus: list[int], rank: int, threads: int) -> list[int]:
     """Rank ``rank``'s cores out of its stage's ``cpus``: slice ``rank`` of ``threads`` cores, or
     all of ``cpus`` when it holds fewer than that (a stage started by hand with a short list)."""

@@ -55,6 +55,11 @@ def test_bad_specs_are_refused(tmp_path):
         BenchSpec(tmp_path, shape, compare=("vllm",))
     with pytest.raises(ValueError, match="nothing to run"):
         BenchSpec(tmp_path, shape, mesh=False)
+    with pytest.raises(ValueError, match="--micro-batches=0 must be at least 1"):
+        BenchSpec(tmp_path, shape, micro_batches=0)
+    with pytest.raises(ValueError, match="not with --addr"):
+        BenchSpec(tmp_path, shape, addr="127.0.0.1:1", micro_batches=2)
+    assert BenchSpec(tmp_path, shape, pp=4, micro_batches=2).layout == "pp=4 tp=1 micro-batches=2"
 
 
 def test_percentiles_interpolate_and_latencies_come_from_token_times():

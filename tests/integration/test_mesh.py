@@ -14,6 +14,7 @@ import time
 import pytest
 
 from stagemesh import AsyncClient, Client, InvalidArgument
+from stagemesh.runtime import cpus
 from tests.checkpoints import hf_model, make_hf_checkpoint, teacher_forcing_check
 from tests.cli_helpers import generate_json, write_jsonl
 from tests.integration.mesh_helpers import expected_cores, stagemesh_up, still_alive, worker_figures
@@ -40,15 +41,20 @@ def _requests(n: int, seed: int) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("pp", [1, 2, 3])
-def test_mesh_gives_transformers_greedy_tokens(model_dir, reference, tmp_path, pp):
+@pytest.mark.parametrize(("pp", "micro_batches"), [(1, None), (2, None), (3, None), (3, 1)],
+                         ids=["1", "2", "3", "3-one-micro-batch"])
+def test_mesh_gives_transformers_greedy_tokens(model_dir, reference, tmp_path, pp, micro_batches):
     requests = _requests(10, seed=pp)
     inputs = write_jsonl(tmp_path / "in.jsonl", requests)
-    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp)) as (addr, _, _):
+    more = ("--micro-batches", str(micro_batches)) if micro_batches else ()
+    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), *more) as (addr, _, _):
         results = generate_json("--addr", addr, "--input", str(inputs))
         status = Client(addr).status()
     stages = sorted((w["stage"], tuple(w["layers"])) for w in status["workers"] if w["role"] == "stage")
     assert len(stages) == pp and stages[0][1][0] == 0 and stages[-1][1][1] == 5
+    # unless told, one micro-batch per stage when each stage has cores of its own, else as many as compute at once
+    fit = micro_batches or cpus.micro_batches(len(cpus.available()), ranks=pp, stages=pp, tp=1, chains=1)
+    assert status["gateway"]["chains"][0]["micro_batches"] == fit
     for n, (req, res) in enumerate(zip(requests, results)):
         assert res["finish_reason"] in ("length", "stop")
         teacher_forcing_check(reference, req["token_ids"], res["token_ids"], request=f"pp={pp} request {n}")

@@ -47,6 +47,20 @@ def test_share_binds_nothing_when_ranks_outnumber_cores():
         cpus.share([0, 1], [])
 
 
+def test_micro_batches_are_one_per_stage_unless_the_stages_cannot_compute_at_once():
+    # every rank has a core of its own: every stage computes at once, one micro-batch each
+    assert cpus.micro_batches(cores=2, ranks=2, stages=2, tp=1, chains=1) == 2
+    assert cpus.micro_batches(cores=16, ranks=8, stages=4, tp=2, chains=1) == 4
+    # pp=4 on two cores: two stages at a time
+    assert cpus.micro_batches(cores=2, ranks=4, stages=4, tp=1, chains=1) == 2
+    # pp=3 x tp=2 on four cores: two stages of two ranks at a time
+    assert cpus.micro_batches(cores=4, ranks=6, stages=3, tp=2, chains=1) == 2
+    # two chains of pp=2 share two cores: one stage each at a time
+    assert cpus.micro_batches(cores=2, ranks=4, stages=2, tp=1, chains=2) == 1
+    # fewer cores than one stage's ranks: still one micro-batch, never none
+    assert cpus.micro_batches(cores=1, ranks=4, stages=2, tp=2, chains=1) == 1
+
+
 def test_rank_slice_takes_the_ranks_own_cores_or_all_of_a_short_list():
     assert cpus.rank_slice([4, 5, 6, 7], 1, 2) == [6, 7]
     assert cpus.rank_slice([4, 5], 1, 2) == [4, 5]  # a list too short for rank 1: share it

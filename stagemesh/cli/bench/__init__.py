@@ -60,6 +60,8 @@ class BenchSpec:
     """Where the workers of a mesh brought up for the run write their logs."""
     overlap: bool = True
     """Overlap scheduling in the mesh brought up, and in the in-process engine (pp=1 there)."""
+    micro_batches: int | None = None
+    """The mesh brought up's ``--micro-batches``; None: what ``stagemesh up`` picks."""
     cpu_bind: bool = True
     """Each worker of the mesh brought up on cores of its own (``stagemesh.runtime.cpus``)."""
     insecure: bool = False
@@ -78,6 +80,9 @@ class BenchSpec:
             raise ValueError("--no-mesh leaves nothing to run: add --compare hf,inprocess")
         if self.redis_url and not self.addr:
             raise ValueError("--redis-url goes with --addr (a mesh brought up here has its own Redis)")
+        if self.micro_batches is not None and (self.addr or self.micro_batches < 1):
+            raise ValueError(f"--micro-batches={self.micro_batches} must be at least 1, for a mesh brought up here "
+                             "(not with --addr)")
         if self.calibrate_s <= 0:
             raise ValueError(f"--calibrate-s={self.calibrate_s} must be positive")
 
@@ -85,7 +90,8 @@ class BenchSpec:
     def layout(self) -> str:
         if self.addr:
             return f"at {self.addr}"
-        return f"pp={self.pp} tp={self.tp}" + (f" dp={self.dp}" if self.dp > 1 else "")
+        return (f"pp={self.pp} tp={self.tp}" + (f" dp={self.dp}" if self.dp > 1 else "")
+                + (f" micro-batches={self.micro_batches}" if self.micro_batches else ""))
 
 
 def run_bench(spec: BenchSpec) -> dict:
@@ -136,7 +142,7 @@ def _run_mesh(spec: BenchSpec, requests: list[BenchRequest]) -> SystemRun:
         return run_mesh("mesh", spec.addr, spec.redis_url, requests, spec.shape, bar, connect=spec.connect)
     up = mesh_up(
         spec.model, pp=spec.pp, tp=spec.tp, dp=spec.dp, device=spec.device, log_dir=spec.log_dir, overlap=spec.overlap,
-        cpu_bind=spec.cpu_bind, insecure=spec.insecure,
+        micro_batches=spec.micro_batches, cpu_bind=spec.cpu_bind, insecure=spec.insecure,
     )
     with up as (addr, redis_url, procs):
         return run_mesh("mesh", addr, redis_url, requests, spec.shape, bar, procs)

@@ -46,7 +46,7 @@ HEARTBEAT_WAIT_S = 1.5
 @contextmanager
 def mesh_up(
     model: Path, *, pp: int, tp: int, device: str, log_dir: Path | None, dp: int = 1, overlap: bool = True,
-    cpu_bind: bool = True, insecure: bool = False,
+    micro_batches: int | None = None, cpu_bind: bool = True, insecure: bool = False,
 ) -> Iterator[tuple[str, str, list[MeshProcess]]]:
     """Starts a whole mesh on this machine; yields (gateway address, Redis URL, its processes
     and the bench client's); stops it after."""
@@ -55,7 +55,7 @@ def mesh_up(
 
     opts = UpOptions(
         model=model, pp=pp, tp=tp, dp=dp, device=device, port=free_port(), log_dir=log_dir, overlap=overlap, cpu_bind=cpu_bind,
-        insecure=insecure,
+        micro_batches=micro_batches, insecure=insecure,
     )
     mesh = Mesh(opts)
     failed = True
