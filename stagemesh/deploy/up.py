@@ -43,11 +43,12 @@ def _security_line(mesh: Mesh) -> str:
     return f"{redis} | mTLS between the mesh's processes, Redis password: secrets {run.directory}{certs}"
 
 
-def _micro_line(micro_batches: int | None, stages: int) -> str:
-    """Says so when a chain keeps fewer micro-batches in flight than it has stages."""
+def _micro_line(micro_batches: int | None, stages: int, asked: bool) -> str:
+    """Says so when a chain keeps fewer micro-batches in flight than it has stages, and why."""
     if micro_batches is None or micro_batches >= stages:
         return ""
-    return f", {micro_batches} micro-batch(es) in flight a chain (its stages share the cores)"
+    why = "--micro-batches" if asked else "its stages share too few cores to compute at once"
+    return f", {micro_batches} micro-batch(es) in flight a chain ({why})"
 
 
 def _http_line(opts: UpOptions) -> str:
@@ -74,11 +75,12 @@ def run_up(opts: UpOptions) -> int:
             mesh.wait_ready(on_wait=watch.poll)
         stages = len(topology.chains[0].stages)
         experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
+        micro = _micro_line(mesh.micro_batches, stages, asked=opts.micro_batches is not None)
         print(
             f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s)) | {opts.dp} chain(s) of "
             f"{stages} stage worker(s) "
             f"x tp {opts.tp}{experts} "
-            f"on {opts.device}{_micro_line(mesh.micro_batches, stages)}{_http_line(opts)}{_keys_line(opts.api_keys)}"
+            f"on {opts.device}{micro}{_http_line(opts)}{_keys_line(opts.api_keys)}"
             f"{_security_line(mesh)} | logs {mesh.log_dir}",
             flush=True,
         )

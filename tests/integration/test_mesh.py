@@ -47,7 +47,7 @@ def test_mesh_gives_transformers_greedy_tokens(model_dir, reference, tmp_path, p
     requests = _requests(10, seed=pp)
     inputs = write_jsonl(tmp_path / "in.jsonl", requests)
     more = ("--micro-batches", str(micro_batches)) if micro_batches else ()
-    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), *more) as (addr, _, _):
+    with stagemesh_up(model_dir, tmp_path / "logs", "--pp", str(pp), *more) as (addr, _, up):
         results = generate_json("--addr", addr, "--input", str(inputs))
         status = Client(addr).status()
     stages = sorted((w["stage"], tuple(w["layers"])) for w in status["workers"] if w["role"] == "stage")
@@ -55,6 +55,9 @@ def test_mesh_gives_transformers_greedy_tokens(model_dir, reference, tmp_path, p
     # unless told, one micro-batch per stage when each stage has cores of its own, else as many as compute at once
     fit = micro_batches or cpus.micro_batches(len(cpus.available()), ranks=pp, stages=pp, tp=1, chains=1)
     assert status["gateway"]["chains"][0]["micro_batches"] == fit
+    why = "--micro-batches" if micro_batches else "its stages share too few cores"
+    said = f", {fit} micro-batch(es) in flight a chain ({why}" in up.ready_line
+    assert said == (fit < pp), up.ready_line
     for n, (req, res) in enumerate(zip(requests, results)):
         assert res["finish_reason"] in ("length", "stop")
         teacher_forcing_check(reference, req["token_ids"], res["token_ids"], request=f"pp={pp} request {n}")
