@@ -86,7 +86,7 @@ def micro_batches(cores: int, ranks: int, stages: int, tp: int, chains: int) -> 
     into more, smaller messages, each costing every process on the path its gRPC and Python work.
     ``tiny`` at pp=4 on the 2-core reference machine, 128 streams: 2,395-2,504 tok/s with four
     micro-batches, 3,564-3,901 with two, 3,518-3,826 with one (three interleaved runs each;
-    BENCHMARKS.md, "Micro-batches on shared cores")."""
+    BENCHMARKS.md, "Session 17: micro-batches on shared cores")."""
     if ranks <= cores:
         return stages
     return max(1, min(stages, cores // (tp * chains)))
