@@ -31,7 +31,7 @@ with an error, since then nothing can serve. ``restart=False``
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
 
-NOTE: just over 400 lines, a sixth of them this docstring: ``Mesh`` is one concern (start,
+NOTE: over 400 lines, a sixth of them this docstring: ``Mesh`` is one concern (start,
 supervise, stop); planning is ``up_plan.py`` and the command ``up.py``.
 """
 
@@ -216,13 +216,10 @@ class Mesh:
                 args = ["--chain", str(c), "--worker", str(e.index)]
                 workers.append((expert_worker_id(c, e.index), "expert_worker", args, 1, e.address))
         # they all compute at once: share the cores out
-        cores = cpus.available()
-        threads, sets = cpus.share(cores, [ranks for _, _, _, ranks, _ in workers])
+        cores, ranks = cpus.available(), [n for _, _, _, n, _ in workers]
+        threads, sets = cpus.share(cores, ranks)
         if self.micro_batches is None and self.opts.device == "cpu":
-            stages = len(topology.chains[0].stages)
-            fit = cpus.micro_batches(len(cores), sum(ranks for _, _, _, ranks, _ in workers), stages, self.opts.tp,
-                                     len(topology.chains))
-            self.micro_batches = fit if fit < stages else None
+            self.micro_batches = _fewer_micro_batches(len(cores), sum(ranks), topology, self.opts.tp)
         for i, (name, module, args, _, address) in enumerate(workers):
             bound = ["--cpus", cpus.format_list(sets[i])] if sets is not None and self.opts.cpu_bind else []
             faults = ["--enable-fault-injection"] if self.opts.fault_injection else []
@@ -430,3 +427,12 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _fewer_micro_batches(cores: int, ranks: int, topology: Topology, tp: int) -> int | None:
+    """The gateway's ``--micro-batches`` for compute processes sharing ``cores`` CPU cores; None
+    when each chain may keep one per stage (``cpus.micro_batches``)."""
+    stages = len(topology.chains[0].stages)
+    fit = cpus.micro_batches(cores, ranks, stages, tp, len(topology.chains))
+    return fit if fit < stages else None
+

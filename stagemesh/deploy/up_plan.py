@@ -70,7 +70,7 @@ class UpOptions:
     """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
     micro_batches: int | None = None
     """The gateway's ``--micro-batches``; None: one per stage, fewer on CPU when the stages share
-    too few cores to compute at once (``Launcher.micro_batches``)."""
+    too few cores to compute at once (``Mesh.micro_batches``)."""
     max_num_seqs: int | None = None
     """The gateway's ``--max-num-seqs`` (None: its default)."""
     max_waiting: int | None = None
