@@ -4,13 +4,14 @@ Submissions and cancels go up batched (everything queued since the last message)
 ``EventBatch`` coming down is spread over the requests' streams in one pass.
 
 NOTE: a gateway that dies or restarts costs the clients latency, not their requests. When the
-stream breaks, the open requests stay open (their clients wait); the link reconnects with a
-backoff, and its first message to the gateway (the same one restarted, or another) resubmits
-every open request as a *resume* with the prompt, the parameters (the seed included) and the
-tokens it has. The gateway takes each one up (it took them over from the journal, or starts it
-from those tokens) and sends every token again from index 0; each stream skips what its client
-has. Requests that wait longer than ``reattach_s`` for a gateway fail UNAVAILABLE. The
-frontend's health says NOT_SERVING while the link is down or the gateway cannot serve.
+stream breaks, the open requests stay open (their clients wait); the link reconnects (checking
+often at first, ``health.retry_after``), and its first message to the gateway (the same one
+restarted, or another) resubmits every open request as a *resume* with the prompt, the
+parameters (the seed included) and the tokens it has. The gateway takes each one up (it took
+them over from the journal, or starts it from those tokens) and sends every token again from
+index 0; each stream skips what its client has. Requests that wait longer than ``reattach_s``
+for a gateway fail UNAVAILABLE. The frontend's health says NOT_SERVING while the link is down
+or the gateway cannot serve.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from stagemesh.wire.streams import MESSAGE_OPTIONS
 log = logging.getLogger(__name__)
 
 SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].full_name
-RETRY_S = (0.05, 0.5)
-"""Backoff between attempts to reach the gateway: first, and the longest (doubling)."""
+RETRY_S = 0.5
+"""Between attempts to reach a gateway that has been away for long (``health.retry_after``: more often at first)."""
 UNARY_TIMEOUT_S = 10.0
 REATTACH_S = 30.0
 """How long open requests wait for the gateway to come back before they fail UNAVAILABLE."""
 HEALTH_POLL_S = 0.5
+LOG_EVERY_S = 10.0
+"""How often the link says again that the gateway is unreachable."""
 
 
 class GatewayLink:
@@ -110,23 +113,23 @@ class GatewayLink:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        down_since = loop.time()
-        for attempt in itertools.count():
+        down_since = next_log = loop.time()
+        while True:
             try:
                 await self._connect_and_serve()
-                attempt = 0
             except (grpc.RpcError, StagemeshError, LookupError) as err:
-                if attempt in (0, 10) or attempt % 50 == 0:
+                if loop.time() >= next_log:
                     log.warning("gateway at %s unreachable (%s); retrying", self.address, _reason(err))
+                    next_log = loop.time() + LOG_EVERY_S
             if self.connected.is_set():
                 self.connected.clear()
-                down_since = loop.time()
+                down_since = next_log = loop.time()
                 log.warning("the stream to the gateway at %s broke; %d open request(s) wait for it",
                             self.address, len(self.streams))
             if loop.time() - down_since > self.reattach_s:
                 self._fail_all(Unavailable(f"the gateway at {self.address} has been unreachable for "
                                            f"{self.reattach_s:.0f} s; retry the request"))
-            await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt, 8)))
+            await asyncio.sleep(health.retry_after(loop.time() - down_since, RETRY_S))
 
     async def _connect_and_serve(self) -> None:
         if self._channel is not None:

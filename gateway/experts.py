@@ -18,7 +18,7 @@ from stagemesh.errors import StagemeshError
 from stagemesh.mesh.placement import chain_replicas
 from stagemesh.mesh.store import ExpertReplica, Store
 from stagemesh.mesh.topology import Topology
-from stagemesh.runtime.health import HealthProbe
+from stagemesh.runtime.health import HealthProbe, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,13 @@ class ExpertWatch:
 
     async def _wait_serving(self) -> None:
         loop = asyncio.get_running_loop()
-        next_log = loop.time() + LOG_EVERY_S
+        start = loop.time()
+        next_log = start + LOG_EVERY_S
         while missing := [r.worker_id for r in self._all() if not await self.probe.serving(r.address)]:
             if loop.time() >= next_log:
                 logger.info("still waiting for expert workers %s to serve", ", ".join(missing))
                 next_log = loop.time() + LOG_EVERY_S
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(retry_after(loop.time() - start, 0.5))
 
     async def update(self, alive: set[str], serving: dict[str, bool]) -> None:
         """Mark each replica up or down: its worker heartbeats (``alive``) and answered its latest

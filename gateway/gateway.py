@@ -344,17 +344,18 @@ def scheduler_config(
 
 
 async def wait_for_stage(address: str, tls: MeshTLS | None = None) -> stage_pb2.StageInfo:
-    """The stage's Info, once its health check answers SERVING (retried until it does)."""
-    async with mesh_tls.aio_channel(address, tls) as channel:
-        stage = stage_pb2_grpc.StageStub(channel)
+    """The stage's Info, once its health check answers SERVING (retried until it does).
 
-        async def ready() -> stage_pb2.StageInfo:
+    NOTE: a channel per attempt: one that found the port closed waits out gRPC's reconnect
+    backoff (1 s, then longer) before it tries again, long after a stage that was loading serves."""
+    async def ready() -> stage_pb2.StageInfo:
+        async with mesh_tls.aio_channel(address, tls) as channel:
             status = await health.status(channel, timeout_s=2.0)
             if status != health.SERVING:
                 raise LookupError(f"its health is {health.status_name(status)}")
-            return await stage.Info(tensor_pb2.InfoRequest(), timeout=5.0)
+            return await stage_pb2_grpc.StageStub(channel).Info(tensor_pb2.InfoRequest(), timeout=5.0)
 
-        return await _retry(f"reach the stage worker at {address}", ready)
+    return await _retry(f"reach the stage worker at {address}", ready)
 
 
 async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
@@ -371,7 +372,8 @@ async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
 async def _retry(what: str, attempt) -> T:
     """``await attempt()`` until it succeeds, logging why not every LOG_EVERY_S seconds."""
     loop = asyncio.get_running_loop()
-    next_log = loop.time() + LOG_EVERY_S
+    start = loop.time()
+    next_log = start + LOG_EVERY_S
     while True:
         try:
             return await attempt()
@@ -379,7 +381,7 @@ async def _retry(what: str, attempt) -> T:
             if loop.time() >= next_log:
                 logger.info("still waiting to %s: %s", what, _reason(err))
                 next_log = loop.time() + LOG_EVERY_S
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(health.retry_after(loop.time() - start, POLL_S))
 
 
 def _reason(err: Exception) -> str:

@@ -17,7 +17,7 @@ import logging
 from typing import Awaitable, Callable
 
 from stage_worker.topology import StagePlace
-from stagemesh.runtime.health import serving
+from stagemesh.runtime.health import retry_after, serving
 from stagemesh.runtime.tls import MeshTLS
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 1.0
 """How often neighbours are checked while they answer."""
 RETRY_S = 0.25
-"""How often while one does not (start-up waits on this)."""
+"""How often while one has not answered for long (``retry_after``: more often at first; start-up waits on this)."""
 
 
 def stage_neighbours(place: StagePlace) -> tuple[str, ...]:
@@ -40,7 +40,9 @@ async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[b
     if not addresses:
         await set_serving(True)
         return
+    loop = asyncio.get_running_loop()
     current: bool | None = None
+    down_since = loop.time()
     while True:
         answers = await asyncio.gather(*(serving(a, tls=tls) for a in addresses))
         ok = all(answers)
@@ -50,4 +52,5 @@ async def follow_neighbours(addresses: tuple[str, ...], set_serving: Callable[[b
                 log.info("neighbours %s", "all SERVING again" if ok else f"not SERVING: {', '.join(down)}")
             await set_serving(ok)
             current = ok
-        await asyncio.sleep(INTERVAL_S if ok else RETRY_S)
+            down_since = loop.time()
+        await asyncio.sleep(INTERVAL_S if ok else retry_after(loop.time() - down_since, RETRY_S))

@@ -57,7 +57,7 @@ from stagemesh.mesh.signing import Signer, load_signer
 from stagemesh.mesh.store import expert_worker_id, stage_worker_id
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime import cpus
-from stagemesh.runtime.health import serving_sync
+from stagemesh.runtime.health import retry_after, serving_sync
 from stagemesh.runtime.net import free_port, port_in_use, reserve
 from stagemesh.runtime.procs import die_with_parent
 from stagemesh.runtime.tls import MeshTLS
@@ -274,14 +274,14 @@ class Mesh:
         """Until every frontend answers SERVING (each linked to a ready gateway), so that "ready"
         means the client port spreads its connections over all of them; a child that exits first
         is an error. ``on_wait`` runs between two checks (the load progress)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while time.monotonic() < start + timeout:
             self.check_children()
             if self._every_frontend_serves():
                 return
             if on_wait is not None:
                 on_wait()
-            time.sleep(0.2)
+            time.sleep(retry_after(time.monotonic() - start, 0.2))
         raise RuntimeError(f"the mesh was not ready after {timeout:.0f}s; logs in {self.log_dir}")
 
     def worker_logs(self) -> dict[str, tuple[Path, int]]:

@@ -5,6 +5,8 @@ channel per check; ``HealthProbe`` keeps one per address for a watcher that chec
 workers every second (the gateway); ``status`` is the bare call on a channel the caller holds.
 Every check has a deadline: a server that does not answer in time is not serving. With a
 ``MeshTLS`` (``stagemesh.runtime.tls``) the checks go over the mesh's mTLS; None: plaintext.
+``retry_after`` is how long every waiter (a stage for its next stage, the gateway for its
+workers, a frontend for its gateway, the launcher for its frontends) sleeps between two checks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ from stagemesh.runtime.tls import MeshTLS
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CHECK_TIMEOUT_S = 1.0
+FAST_RETRY_S = 0.05
+"""How often a waiter checks a process that has not answered for less than ``FAST_FOR_S``."""
+FAST_FOR_S = 30.0
+"""How long a waiter keeps checking every ``FAST_RETRY_S`` before it slows to its own interval."""
+
+
+def retry_after(waited_s: float, slow_s: float) -> float:
+    """How long to sleep before checking again a process that has not answered SERVING for
+    ``waited_s`` seconds: ``FAST_RETRY_S`` at first, ``slow_s`` once it has been ``FAST_FOR_S``.
+
+    NOTE: processes start and restart in seconds (a stage loads in 2-10 s on CPU), and each wait
+    in the chain of them (stage on stage, gateway on stages, frontend on gateway, launcher on
+    frontends) added up to its own interval, 0.2-0.5 s, to a mesh's start and to a restarted
+    worker's return. A check of a local port that refuses or answers costs about a millisecond;
+    one that stays down for long is checked at the caller's slower interval."""
+    return FAST_RETRY_S if waited_s < FAST_FOR_S else slow_s
 
 
 def _check(channel: grpc.Channel | grpc.aio.Channel, service: str, timeout_s: float):

@@ -10,7 +10,18 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from stagemesh.runtime.health import NOT_SERVING, SERVING, HealthProbe, serving, serving_sync, status, status_name
+from stagemesh.runtime.health import (
+    FAST_FOR_S,
+    FAST_RETRY_S,
+    NOT_SERVING,
+    SERVING,
+    HealthProbe,
+    retry_after,
+    serving,
+    serving_sync,
+    status,
+    status_name,
+)
 from stagemesh.runtime.net import free_port
 
 SERVICE = "test.Worker"
@@ -73,3 +84,10 @@ def test_probe_keeps_one_channel_per_address_and_drops_it_when_the_worker_goes(s
             await probe.close()
 
     assert asyncio.run(main()) == (1, False, 0)
+
+
+def test_a_waiter_checks_often_at_first_and_at_its_own_interval_once_it_has_waited_long():
+    assert retry_after(0.0, slow_s=0.5) == FAST_RETRY_S
+    assert retry_after(FAST_FOR_S - 0.01, slow_s=0.5) == FAST_RETRY_S
+    assert retry_after(FAST_FOR_S, slow_s=0.5) == 0.5
+    assert retry_after(3600.0, slow_s=0.25) == 0.25
