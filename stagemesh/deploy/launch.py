@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import shutil
 import signal
 import subprocess
@@ -316,6 +318,31 @@ class Mesh:
                 self._restart(name, proc.returncode, now)
         self._check_servable()
 
+    def wait_for_exit(self, timeout_s: float) -> None:
+        """Sleep up to ``timeout_s``, back as soon as a child or the local Redis exits (at once if
+        one did since ``supervise`` last looked), so that ``supervise`` restarts it at once (a pidfd
+        per process, Linux 5.3+; elsewhere the whole ``timeout_s``)."""
+        pids = []
+        lives = [(proc.pid, proc.poll() is None, name in self._gone, self.lifelines.get(name))
+                 for name, proc in self.procs.items()]
+        if self.redis is not None:
+            lives.append((self.redis.pid, self.redis.running(), False, self.redis_life))
+        for pid, running, gone, life in lives:
+            if running:
+                pids.append(pid)  # not reaped, so the pid is still this child's
+            elif not gone and life is not None and life.restart_at is None:
+                return  # exited, and its death is not recorded yet
+        fds: list[int] = []
+        try:
+            for pid in pids:
+                fds.append(os.pidfd_open(pid))
+            select.select(fds, [], [], timeout_s)
+        except (AttributeError, OSError):  # no pidfd_open here
+            time.sleep(timeout_s)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def _probe(self, now: float) -> None:
         """Mark the children that answer SERVING ready; only those not yet ready since their start,
         at most every ``SUPERVISE_S``."""
@@ -363,7 +390,7 @@ class Mesh:
         """Start the local Redis again when it died (same port and data dir: it reloads its
         append-only file), then write the topology back if it came back without one.
 
-        NOTE: a Redis that had served is started again at once, not after ``first_backoff_s``:
+        NOTE: a Redis that had served is started again at once, whatever ``served_backoff_s`` says:
         every process is waiting for it. Failed starts back off and give up like any child's.
         """
         life = self.redis_life

@@ -6,9 +6,10 @@ A death *counts* when the process had not served since its last start: each coun
 doubles the wait before the restart (from ``first_backoff_s`` up to ``max_backoff_s``), and
 the ``max_quick_deaths``-th in a row gives it up: a process that cannot start (a broken
 checkpoint, a port taken for good) would otherwise loop forever. A death after it served is
-restarted after ``first_backoff_s`` and forgets the count: a worker killed eight times in a
-row, each time after it came back, is restarted eight times at once (issue 19: on dp=1 the
-requests wait for the chain, and a growing backoff outlasted their wait).
+restarted after ``served_backoff_s`` (none by default) and forgets the count: a worker killed
+eight times in a row, each time after it came back, is restarted eight times at once (issue 19:
+on dp=1 the requests wait for the chain, and a growing backoff outlasted their wait). A process
+that served cannot loop fast: it must load and serve again before its next death is this kind.
 
 "Served" is known two ways. A ``probed`` process (a stage or expert worker, the gateway: each
 has an address of its own) served once the launcher's health probe saw it SERVING
@@ -25,8 +26,11 @@ from dataclasses import dataclass
 class RestartPolicy:
     """How `stagemesh up` restarts a process that exited."""
 
+    served_backoff_s: float = 0.0
+    """Wait before restarting a process that had served: its clients wait on it (a gateway's
+    streams, a dp=1 chain's requests), so at once."""
     first_backoff_s: float = 0.5
-    """Wait before restarting a process that had served."""
+    """Wait before restarting a process that died before it served, doubled at each such death in a row."""
     max_backoff_s: float = 8.0
     """The longest wait between two restarts."""
     quick_s: float = 30.0
@@ -74,7 +78,10 @@ class Lifeline:
         if self.quick_deaths >= self.policy.max_quick_deaths:
             self.restart_at = None
             return None
-        wait = min(self.policy.max_backoff_s, self.policy.first_backoff_s * 2**self.quick_deaths)
+        if self.quick_deaths == 0:
+            wait = self.policy.served_backoff_s
+        else:
+            wait = min(self.policy.max_backoff_s, self.policy.first_backoff_s * 2**self.quick_deaths)
         self.restart_at = now + wait
         return self.restart_at
 

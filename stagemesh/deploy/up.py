@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 
 from stagemesh.deploy.launch import SUPERVISE_S, Mesh
 from stagemesh.deploy.load_watch import LoadWatch
@@ -88,7 +87,7 @@ def run_up(opts: UpOptions) -> int:
             _try(mesh.gateway_address, opts.try_prompt, opts.api_keys)
         while not stop["requested"]:
             mesh.supervise()
-            time.sleep(SUPERVISE_S)
+            mesh.wait_for_exit(SUPERVISE_S)
         clean = True
         return 0
     except RuntimeError as e:

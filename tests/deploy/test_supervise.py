@@ -25,12 +25,12 @@ from stagemesh.runtime.net import free_port
 POLICY = RestartPolicy(first_backoff_s=0.5, max_backoff_s=4.0, quick_s=30.0, max_quick_deaths=4)
 
 
-def test_a_worker_that_lived_long_is_restarted_after_the_first_backoff_every_time():
+def test_a_worker_that_lived_long_is_restarted_at_once_every_time():
     life = Lifeline(POLICY, started_at=0.0)
     for start in (0.0, 100.0, 200.0):
         life.started_at = start
-        assert life.died(start + 60.0) == start + 60.5
-        life.restarted(start + 60.5)
+        assert life.died(start + 60.0) == start + 60.0
+        life.restarted(start + 60.0)
     assert life.quick_deaths == 0 and life.restarts == 3
 
 
@@ -49,23 +49,23 @@ def test_a_long_life_forgets_earlier_quick_deaths():
     life = Lifeline(POLICY, started_at=0.0)
     life.died(1.0)
     life.restarted(2.0)
-    assert life.died(100.0) == 100.5 and life.quick_deaths == 0
+    assert life.died(100.0) == 100.0 and life.quick_deaths == 0
 
 
 # --- readiness: a probed process is judged by whether it served, not by how long it lived -------
 
 
-def test_a_probed_worker_that_served_is_restarted_after_the_first_backoff_however_soon_it_died():
+def test_a_probed_worker_that_served_is_restarted_at_once_however_soon_it_died():
     life = Lifeline(POLICY, started_at=0.0, probed=True)
     now = 0.0
     for _ in range(8):  # dp=1, the same stage killed 8 times in a row, each time after it came back
         assert life.awaits_ready
         life.became_ready(now + 2.0)
         assert not life.awaits_ready
-        assert life.died(now + 3.0) == now + 3.5 and life.quick_deaths == 0
+        assert life.died(now + 3.0) == now + 3.0 and life.quick_deaths == 0
         assert not life.awaits_ready  # dead: nothing to probe
-        life.restarted(now + 3.5)
-        now += 3.5
+        life.restarted(now + 3.0)
+        now += 3.0
     assert life.restarts == 8 and life.restart_at is None
 
 
@@ -88,9 +88,18 @@ def test_serving_once_forgets_the_deaths_before_it():
     life.became_ready(6.0)
     life.became_ready(9.0)  # the first sighting counts
     assert life.ready_at == 6.0
-    assert life.died(7.0) == 7.5 and life.quick_deaths == 0
-    life.restarted(7.5)
+    assert life.died(7.0) == 7.0 and life.quick_deaths == 0
+    life.restarted(7.0)
     assert life.ready_at is None and life.awaits_ready
+
+
+def test_a_wait_after_serving_is_the_policys_and_does_not_grow():
+    life = Lifeline(RestartPolicy(served_backoff_s=0.25, first_backoff_s=0.5), started_at=0.0, probed=True)
+    for now in (10.0, 20.0, 30.0):
+        life.became_ready(now - 5.0)
+        assert life.died(now) == now + 0.25
+        life.restarted(now + 0.25)
+    assert life.died(31.0) == 32.0  # died before serving: first_backoff_s x 2
 
 
 def test_an_unprobed_process_is_judged_by_its_lifetime_and_never_awaits_a_probe():
@@ -160,9 +169,32 @@ def test_the_mesh_restarts_a_worker_that_served_at_once_every_time_it_is_killed(
             mesh.procs["stage-c0-s0"].wait()
             t_kill = time.monotonic()
             _supervise_until(mesh, lambda: mesh.procs["stage-c0-s0"].pid != pid, "restarted")
-            assert time.monotonic() - t_kill < POLICY.first_backoff_s + 0.5
+            assert time.monotonic() - t_kill < POLICY.served_backoff_s + 0.5
             assert life.quick_deaths == 0 and life.restarts == kill + 1
         assert "stage-c0-s0" not in mesh._gone
+    finally:
+        _kill_all(mesh)
+
+
+def test_the_mesh_wakes_its_supervisor_when_a_child_exits_not_at_the_end_of_its_wait(tmp_path):
+    mesh = _mesh(tmp_path)
+    _add(mesh, "stage-c0-s0", ["sleep", "60"])
+    _add(mesh, "stage-c0-s1", ["sleep", "0.3"])
+    try:
+        t0 = time.monotonic()
+        mesh.wait_for_exit(60.0)
+        assert time.monotonic() - t0 < 30.0, "slept its whole wait: a death would wait that long for its restart"
+        assert mesh.procs["stage-c0-s1"].wait(5) == 0 and mesh.procs["stage-c0-s0"].poll() is None
+        mesh.procs["stage-c0-s0"].kill()
+        mesh.procs["stage-c0-s0"].wait()  # dead before the call: its death is not recorded yet
+        t0 = time.monotonic()
+        mesh.wait_for_exit(60.0)
+        assert time.monotonic() - t0 < 30.0
+        for life in mesh.lifelines.values():
+            life.died(time.monotonic() + 60.0)  # recorded, restarts due later: nothing to wake for
+        t0 = time.monotonic()
+        mesh.wait_for_exit(0.3)
+        assert time.monotonic() - t0 >= 0.3
     finally:
         _kill_all(mesh)
 
