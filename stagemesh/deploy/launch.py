@@ -380,7 +380,8 @@ class Mesh:
                 log.error("%s exited with code %d (%d deaths in a row before serving): giving up on it; see %s",
                           name, code, life.quick_deaths, self.log_dir / f"{name}.log")
                 return
-            log.warning("%s exited with code %d; restarting it in %.1f s", name, code, life.restart_at - now)
+            wait = life.restart_at - now
+            log.warning("%s exited with code %d; restarting it %s", name, code, f"in {wait:.1f} s" if wait > 0 else "at once")
         if now >= life.restart_at:
             self._popen(name)
             life.restarted(now)
