@@ -132,11 +132,15 @@ class GatewayLink:
             await asyncio.sleep(health.retry_after(loop.time() - down_since, RETRY_S))
 
     async def _connect_and_serve(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = mesh_tls.aio_channel(self.address, self.tls, MESSAGE_OPTIONS)
-        status = await health.status(self._channel, service=SCHEDULING_SERVICE, timeout_s=2.0)
-        if status != health.SERVING:
+        if self._channel is None:
+            self._channel = mesh_tls.aio_channel(self.address, self.tls, MESSAGE_OPTIONS)
+        channel = self._channel
+        try:
+            status = await health.status(channel, service=SCHEDULING_SERVICE, timeout_s=2.0)
+        except grpc.RpcError:
+            await self._drop(channel)
+            raise
+        if status != health.SERVING:  # it answers: the channel is kept for the next check
             raise LookupError(f"its health is {health.status_name(status)}")
         self._connection += 1
         call = self._stub().Connect(self._outgoing(self._connection))
@@ -150,6 +154,14 @@ class GatewayLink:
             poll.cancel()
             call.cancel()
             self.can_serve = False
+            await self._drop(channel)
+
+    async def _drop(self, channel: grpc.aio.Channel) -> None:
+        """A new channel for the next attempt: one whose gateway went away waits out gRPC's
+        reconnect backoff (1 s, then longer) before it dials again, long after a new one serves."""
+        if self._channel is channel:
+            self._channel = None
+        await channel.close()
 
     async def _poll_health(self, channel: grpc.aio.Channel) -> None:
         """``can_serve``: the gateway's overall health, which is NOT_SERVING while no chain serves."""
