@@ -29,6 +29,10 @@ RESUME_S = 60.0
 """How long a broken stream keeps trying to resume before its UNAVAILABLE is raised: covers a
 gateway restart (a few seconds) and the mesh's own wait for a chain to come back (30 s)."""
 RESUME_BACKOFF_S = (0.05, 1.0)
+HANDSHAKE_RETRY_S = 2.0
+"""How long a client's first call whose connections are closed during their handshake is tried
+again before its error is raised (``StreamCursor.retry_in``): gRPC dials again after 0.1 s, then
+backs off (×1.6), so about five connections."""
 CHANNEL_OPTIONS = (
     # NOTE: gRPC waits 1 s before its first reconnect attempt by default, then backs off to
     # 120 s: a client whose frontend died would resume seconds late. Reconnect fast instead.
@@ -215,7 +219,10 @@ class StreamCursor:
         self.call_timeout = timeout
         self.fail_fast = fail_fast
         """Raise at once when the first attempt finds no server (the client never reached one):
-        a mesh that is not there is not resumed for ``resume_s``."""
+        a mesh that is not there is not resumed for ``resume_s``. A connection closed during its
+        handshake is tried again for ``HANDSHAKE_RETRY_S`` first: a server overloaded by a storm
+        of connections closes some, and a TLS port that a plaintext client dials (or the reverse)
+        closes every one."""
         self.answered = False
         """A message came on this stream."""
         self._end = None if timeout is None else time.monotonic() + timeout
@@ -244,7 +251,11 @@ class StreamCursor:
             self._broken_since = now
         code = err.code() if hasattr(err, "code") else None
         over = now - self._broken_since >= self.resume_s or (self._end is not None and now >= self._end)
-        never_there = self.fail_fast and not self.answered and self._attempts == 0 and _no_connection(err)
+        if _handshake_failed(err):  # something answered and closed the connection: maybe again, maybe not
+            first_try = now - self._broken_since >= HANDSHAKE_RETRY_S
+        else:
+            first_try = self._attempts == 0
+        never_there = self.fail_fast and not self.answered and first_try and _no_connection(err)
         if code != grpc.StatusCode.UNAVAILABLE or over or never_there or _told_not_to_retry(err):
             raise error_from_rpc(err, address=self.address, timeout=self.call_timeout) from None
         self._attempts += 1

@@ -381,7 +381,8 @@ class Mesh:
                           name, code, life.quick_deaths, self.log_dir / f"{name}.log")
                 return
             wait = life.restart_at - now
-            log.warning("%s exited with code %d; restarting it %s", name, code, f"in {wait:.1f} s" if wait > 0 else "at once")
+            when = f"in {wait:.1f} s" if wait > 0 else "at once"
+            log.warning("%s exited with code %d; restarting it %s", name, code, when)
         if now >= life.restart_at:
             self._popen(name)
             life.restarted(now)

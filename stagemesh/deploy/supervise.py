@@ -30,7 +30,8 @@ class RestartPolicy:
     """Wait before restarting a process that had served: its clients wait on it (a gateway's
     streams, a dp=1 chain's requests), so at once."""
     first_backoff_s: float = 0.5
-    """Wait before restarting a process that died before it served, doubled at each such death in a row."""
+    """The wait before restarting a process that died before it served is this × 2 at its first
+    such death in a row, × 4 at the second, and so on (up to ``max_backoff_s``)."""
     max_backoff_s: float = 8.0
     """The longest wait between two restarts."""
     quick_s: float = 30.0

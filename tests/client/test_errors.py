@@ -4,11 +4,15 @@ address had no server, which deadline passed. On a real grpc.aio server where on
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from stagemesh import AsyncClient, Client
+from stagemesh.client._common import HANDSHAKE_RETRY_S
 from stagemesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from stagemesh.runtime.net import free_port
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -86,3 +90,69 @@ def test_a_deadline_says_which_deadline_passed():
         assert info.value.message.startswith("no answer within 0.3 s (the call's timeout); pass a larger timeout=")
         with pytest.raises(DeadlineExceeded, match=r"no answer within 0\.2 s \(the call's timeout\)"):
             client.status(timeout=0.2)
+
+
+class Answers(gateway_pb2_grpc.GatewayServicer):
+    async def Generate(self, request, context):
+        yield gateway_pb2.GenerateResponse(request_id=request.request_id, token_ids=[7], index=0,
+                                           finish_reason="length")
+
+
+@contextmanager
+def closing_first(address: str, closes: int) -> Iterator[str]:
+    """A TCP front for ``address`` on a port of its own that closes the first ``closes`` connections
+    at once (as a server overloaded by a storm of connections, or a TLS port, closes them during the
+    handshake) and relays the others."""
+    accepted = 0
+
+    async def relay(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        nonlocal accepted
+        accepted += 1
+        if accepted <= closes:
+            writer.close()
+            return
+        host, port = address.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0), loop).result(10)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        async def stop():
+            server.close()
+            relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in relays:
+                task.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_first_call_whose_connection_is_closed_in_its_handshake_is_tried_again_before_it_fails():
+    with serving(Answers()) as address:
+        with closing_first(address, closes=3) as front, Client(front, timeout=30) as client:
+            assert client.generate(token_ids=[5], max_new_tokens=1).token_ids == (7,)
+        with closing_first(address, closes=10**6) as front, Client(front, timeout=30) as client:
+            start = time.monotonic()
+            with pytest.raises(Unavailable) as info:
+                client.generate(token_ids=[5], max_new_tokens=1)
+            assert HANDSHAKE_RETRY_S <= time.monotonic() - start < 10  # not the 60 s of resuming
+            assert f"no stagemesh server answers at {front}" in info.value.message
+            assert "may speak TLS" in info.value.message
