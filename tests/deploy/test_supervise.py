@@ -194,7 +194,7 @@ def test_the_mesh_wakes_its_supervisor_when_a_child_exits_not_at_the_end_of_its_
             life.died(time.monotonic() + 60.0)  # recorded, restarts due later: nothing to wake for
         t0 = time.monotonic()
         mesh.wait_for_exit(0.3)
-        assert time.monotonic() - t0 >= 0.3
+        assert time.monotonic() - t0 >= 0.25  # slept (select may round its timeout a little)
     finally:
         _kill_all(mesh)
 
