@@ -349,29 +349,22 @@ def scheduler_config(
 async def wait_for_stage(address: str, tls: MeshTLS | None = None) -> stage_pb2.StageInfo:
     """The stage's Info, once its health check answers SERVING (retried until it does).
 
-    NOTE: one channel while the stage answers (NOT_SERVING while it loads: a check on it costs
-    a third of one on a new channel), a new one after a failed call: a channel that found the
-    port closed waits out gRPC's reconnect backoff (1 s, then longer) before it dials again, long
-    after the stage serves."""
-    channels: list[grpc.aio.Channel] = []
+    NOTE: the checks go over a ``HealthProbe``: one channel while the stage answers (NOT_SERVING
+    while it loads: a check costs a third of one on a new channel), a new one after a failed
+    check, since a channel that found the port closed waits out gRPC's reconnect backoff (1 s,
+    then longer) before it dials again, long after the stage serves."""
+    probe = HealthProbe(timeout_s=2.0, tls=tls)
 
     async def ready() -> stage_pb2.StageInfo:
-        if not channels:
-            channels.append(mesh_tls.aio_channel(address, tls))
-        try:
-            status = await health.status(channels[0], timeout_s=2.0)
-            if status != health.SERVING:
-                raise LookupError(f"its health is {health.status_name(status)}")
-            return await stage_pb2_grpc.StageStub(channels[0]).Info(tensor_pb2.InfoRequest(), timeout=5.0)
-        except grpc.RpcError:
-            await channels.pop().close()
-            raise
+        if not await probe.serving(address):
+            raise LookupError("it does not answer SERVING yet")
+        async with mesh_tls.aio_channel(address, tls) as channel:
+            return await stage_pb2_grpc.StageStub(channel).Info(tensor_pb2.InfoRequest(), timeout=5.0)
 
     try:
         return await _retry(f"reach the stage worker at {address}", ready)
     finally:
-        for channel in channels:
-            await channel.close()
+        await probe.close()
 
 
 async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
