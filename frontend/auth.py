@@ -27,7 +27,6 @@ from collections.abc import Iterable
 
 import grpc
 import grpc.aio
-from aiohttp import web
 
 from frontend.openai_protocol import ApiError
 from stagemesh.runtime.api_keys import ENV_KEY, ApiKeys
@@ -120,6 +119,7 @@ def interceptors(keys: ApiKeys) -> tuple[grpc.aio.ServerInterceptor, ...]:
 
 def require_api_key(keys: ApiKeys):
     """The aiohttp middleware: 401 (OpenAI's error JSON) on every path but ``OPEN_HTTP`` without a valid key."""
+    from aiohttp import web  # only a frontend that serves HTTP imports aiohttp (``Frontend._start_http``)
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:

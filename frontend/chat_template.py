@@ -5,7 +5,7 @@ NOTE: a chat template is code from the model's author (jinja2), so it runs in ji
 ``trim_blocks`` and ``lstrip_blocks``, the ``raise_exception`` and ``strftime_now`` globals, a
 ``tojson`` filter that does not escape HTML, the loop-control extension, and the tokenizer's
 special tokens (``bos_token``, ``eos_token``, ...) as variables. The rendered text already holds
-the template's special tokens, so it is tokenized without adding any (``encode_chat``), as
+the template's special tokens, so it is tokenized without adding any (``frontend.prompt_encoder.encode_chat``), as
 transformers and vLLM do. The template comes from ``tokenizer_config.json``'s ``chat_template``
 (a string, or a list of ``{"name", "template"}`` of which "default" is used) or, as transformers
 5 saves it, from ``chat_template.jinja`` beside it.
@@ -13,7 +13,6 @@ transformers and vLLM do. The template comes from ``tokenizer_config.json``'s ``
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from stagemesh.errors import InvalidArgument
-from stagemesh.tokenizer import Tokenizer, encode_prompt
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 """The special tokens ``tokenizer_config.json`` may name, handed to the template as transformers does."""
@@ -77,13 +75,6 @@ class ChatTemplate:
             return self._compiled.render(**variables)
         except jinja2.TemplateError as err:
             raise InvalidArgument(f"the model's chat template refused the messages: {err}") from None
-
-
-def encode_chat(tokenizer: Tokenizer, text: str, max_model_len: int | None = None) -> tuple[int, ...]:
-    """Token ids of a rendered chat prompt, without special tokens added (the template has its own)."""
-    plain = copy.copy(tokenizer)  # shares the backend; ``add_bos_token=False`` encodes without special tokens
-    plain.add_bos_token = False
-    return encode_prompt(plain, text, max_model_len)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:

@@ -10,12 +10,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from frontend.chat_template import ChatTemplate
-from frontend.gateway_proxy import GatewayProxy
-from frontend.http import HttpServer
 from frontend.kserve import KServeServicer, with_kserve
 from frontend.link import GatewayLink
-from frontend.openai_http import OpenAIApi
 from frontend.servicer import FrontendServicer
 from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
@@ -86,7 +82,8 @@ class Frontend(Role):
         self.opts, self.topology = opts, topology
         self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s, tls=opts.tls)
         self._health: asyncio.Task | None = None
-        self._http: HttpServer | None = None
+        self._http = None
+        """``frontend.http.HttpServer`` when the frontend serves HTTP."""
         self._http_stopping: asyncio.Task | None = None
 
     async def load(self, server: WorkerServer) -> None:
@@ -111,7 +108,16 @@ class Frontend(Role):
                            public_credentials=cert.server_credentials() if cert else None)
 
     async def _start_http(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
-        """The OpenAI API (and the gateway's pages) on the shared HTTP port."""
+        """The OpenAI API (and the gateway's pages) on the shared HTTP port.
+
+        NOTE: imported here, as the gateway's HTTP is: aiohttp and jinja2 are ~0.3 s of a frontend's
+        start on this VM, which a restarted lone frontend's clients wait for, and a frontend without
+        ``--http-port`` serves no HTTP."""
+        from frontend.chat_template import ChatTemplate
+        from frontend.gateway_proxy import GatewayProxy
+        from frontend.http import HttpServer
+        from frontend.openai_http import OpenAIApi
+
         model = self.topology.model
         api = OpenAIApi(self.link, tokenizer, config, self.opts.served_model_name or Path(model).name,
                         ChatTemplate.from_dir(model))

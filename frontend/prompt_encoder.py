@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from frontend.chat_template import encode_chat
 from stagemesh.errors import InvalidArgument
 from stagemesh.tokenizer import Tokenizer, encode_prompt
 
@@ -21,6 +21,13 @@ thread, which ``Tokenizer.encode`` lets run without the GIL, so other streams ne
 TOKENIZER_NICE = 10
 """NOTE: the tokenizer thread runs at a lower priority: a 3 MB prompt keeps a core busy for
 seconds, and on a small host that core is one a stage worker's OpenMP team computes on."""
+
+
+def encode_chat(tokenizer: Tokenizer, text: str, max_model_len: int | None = None) -> tuple[int, ...]:
+    """Token ids of a rendered chat prompt, without special tokens added (the template has its own)."""
+    plain = copy.copy(tokenizer)  # shares the backend; ``add_bos_token=False`` encodes without special tokens
+    plain.add_bos_token = False
+    return encode_prompt(plain, text, max_model_len)
 
 
 def _lower_priority() -> None:

@@ -83,3 +83,11 @@ def test_the_expert_worker_does_not_import_the_stage_worker():
 
 def test_the_gateway_and_its_frontends_talk_only_over_the_wire():
     assert _importers("gateway", ("frontend",)) + _importers("frontend", ("gateway", "stage_worker", "expert_worker")) == []
+
+
+@pytest.mark.parametrize("entry", ["gateway.main", "frontend.main"])
+def test_a_gateway_or_frontend_without_http_imports_no_http_stack(entry):
+    """aiohttp and jinja2 are ~0.3-0.4 s of a restarted process's start here, which its streams wait
+    for; only a process given ``--http-port`` imports them (``Gateway._start_server``,
+    ``Frontend._start_http``)."""
+    assert not {"aiohttp", "jinja2"} & _loaded_after_import([entry])

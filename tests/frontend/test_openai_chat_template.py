@@ -8,7 +8,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from frontend.chat_template import TEMPLATE_FILE, ChatTemplate, encode_chat
+from frontend.chat_template import TEMPLATE_FILE, ChatTemplate
+from frontend.prompt_encoder import encode_chat
 from stagemesh.cli.demo import write_tokenizer
 from stagemesh.errors import InvalidArgument
 from stagemesh.tokenizer import Tokenizer

@@ -12,10 +12,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from frontend.chat_template import ChatTemplate, encode_chat
+from frontend.chat_template import ChatTemplate
 from frontend.gateway_proxy import GatewayProxy
 from frontend.http import HttpServer
 from frontend.openai_http import OpenAIApi
+from frontend.prompt_encoder import encode_chat
 from frontend.stream import RequestStream
 from stagemesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.runtime.net import free_port

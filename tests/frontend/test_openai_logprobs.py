@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from frontend.chat_template import encode_chat
+from frontend.prompt_encoder import encode_chat
 from stagemesh.serving.types import TokenLogprobs
 from tests.frontend.test_openai_http import client, model_dir, serving  # noqa: F401 (model_dir: a fixture)
 

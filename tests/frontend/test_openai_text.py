@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from frontend.chat_template import encode_chat
 from frontend.openai_choices import Choice
 from frontend.openai_responses import SSE_DONE, Envelope, sse
+from frontend.prompt_encoder import encode_chat
 from frontend.stop_strings import StopMatcher
 from frontend.stream import RequestStream
 from stagemesh.cli.demo import write_tokenizer

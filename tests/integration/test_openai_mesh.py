@@ -22,7 +22,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from frontend.chat_template import ChatTemplate, encode_chat
+from frontend.chat_template import ChatTemplate
+from frontend.prompt_encoder import encode_chat
 from stagemesh import Client
 from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_server import free_port
