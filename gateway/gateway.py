@@ -2,7 +2,8 @@
 (``frontend/``), which own the client-facing APIs, over the ``Scheduling`` service
 (``gateway.scheduling``, ``gateway.hub``).
 
-Startup: connect to Redis and read the topology (both retried until present), start the gRPC
+Startup: connect to Redis and read the topology (both retried until present), with a
+``lock_file`` wait until this process holds it (a warm standby: ``gateway.lead``), start the gRPC
 server with health NOT_SERVING, wait until every stage of every chain answers its health
 check SERVING and its ``Info``, build one engine per chain, take over the open requests a
 previous gateway journaled (``FrontendHub.adopt``), then turn health SERVING: the frontends
@@ -12,7 +13,7 @@ again, requests of a failed chain resume on another (``gateway.failover``), and 
 health ("") says NOT_SERVING while no chain is in service (the ``Scheduling`` service stays
 SERVING, so the frontends stay connected and their requests wait for a chain).
 
-NOTE: each start is a new *epoch* (its start time in microseconds), stamped on every step: a
+NOTE: each start is a new *epoch* (its start time in microseconds; a standby's, when it leads), stamped on every step: a
 stage worker that sees a newer one drops the sequences of the old gateway, whose KV cache it
 still holds, before running the step (``stagemesh.runners.stage``).
 SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
@@ -29,49 +30,39 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from pathlib import Path
 
-import grpc
-import grpc.aio
-
-from gateway.chain_client import STEP_DEADLINE, RemoteChain
 from gateway.chain_health import ChainWatch
+from gateway.chain_setup import POLL_S, build_chain, retry
 from gateway.experts import ExpertWatch
 from gateway.history import History
 from gateway.hub import RESUME_WINDOW_S, FrontendHub
 from gateway.journal import JournalWriter
 from gateway.keeper import StoreKeeper
+from gateway.lead import LeadLock
 from gateway.metrics import GatewayMetrics
-from gateway.router import FAILOVER_WAIT_S, ChainHandle, Router
+from gateway.router import FAILOVER_WAIT_S, Router
 from gateway.scheduling import SchedulingServicer
 from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
 from stagemesh.mesh.signing import Signer
-from stagemesh.mesh.store import JournalEntry, Store, stage_worker_id
+from stagemesh.mesh.store import JournalEntry, Store
 from stagemesh.mesh.topology import Chain, Topology
 from stagemesh.runtime import health
-from stagemesh.runtime import tls as mesh_tls
-from stagemesh.runtime.deadline import Deadline
 from stagemesh.runtime.health import HealthProbe
 from stagemesh.runtime.server import EXCLUSIVE_PORT, Role, WorkerServer, run
 from stagemesh.runtime.tls import MeshTLS
-from stagemesh.serving.engine import Engine
-from stagemesh.serving.scheduler import SchedulerConfig
-from stagemesh.tokenizer import Tokenizer, eos_token_ids
-from stagemesh.v1 import scheduling_pb2, scheduling_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+from stagemesh.tokenizer import Tokenizer
+from stagemesh.v1 import scheduling_pb2, scheduling_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SCHEDULING_SERVICE = scheduling_pb2.DESCRIPTOR.services_by_name["Scheduling"].full_name
 SERVER_OPTIONS = (EXCLUSIVE_PORT,)
 """gRPC's defaults (its callers send token ids, not activations), on a port of its own."""
-POLL_S = 0.5
-LOG_EVERY_S = 10.0
 LATE_CHAIN_WAIT_S = 30.0
 """Once one chain serves, how long the gateway waits for the others before it serves without them."""
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +104,9 @@ class GatewayOptions:
     tls: MeshTLS | None = None
     """The gateway's mesh identity: its port takes only mesh certificates (``Scheduling``: frontends
     alone), and its calls to the workers present it; None: plaintext (an ``--insecure`` mesh)."""
+    lock_file: Path | None = None
+    """Schedule only while holding an exclusive lock on this file (``gateway.lead``): a second gateway
+    given the same file waits, warm, and takes over the moment the first exits; None: no standby."""
     signer: Signer | None = None
     """The mesh key (``--tls-dir``'s ``mesh.key``): the documents it writes to Redis are signed and
     those it reads checked (``stagemesh.mesh.signing``); None: unsigned (an ``--insecure`` mesh)."""
@@ -154,11 +148,14 @@ class Gateway(Role):
 
     async def load(self, server: WorkerServer) -> None:
         """Redis and the topology (waited for), the server, every chain's workers serving, one engine per chain."""
-        self.store = await _retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment,
+        self.store = await retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment,
                                                                            signer=self.opts.signer))
-        topology = await _retry("read the topology", self._topology)
+        topology = await retry("read the topology", self._topology)
         config = ModelConfig.from_dir(topology.model)
         tokenizer = Tokenizer.from_dir(topology.model)
+        if self.opts.lock_file is not None:  # a standby waits here, imported and loaded, until it leads
+            await LeadLock(self.opts.lock_file).acquire()
+            self.epoch = time.time_ns() // 1000  # newer than the epoch of the gateway it follows
         self.journal = JournalWriter(self.store)
         self.journal.start()
         self.status = StatusReporter(self.store, self.router, topology)
@@ -291,109 +288,3 @@ class Gateway(Role):
             await self._http.cleanup()
         if self.store is not None:
             await self.store.close()
-
-
-# --- chains ------------------------------------------------------------------------------
-
-
-async def build_chain(
-    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions, epoch: int = 0
-) -> ChainHandle:
-    """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
-    chain_id, stages = chain.index, chain.stages
-    addresses = tuple(s.address for s in stages)
-    infos = await asyncio.gather(*(wait_for_stage(a, opts.tls) for a in addresses))
-    for stage, info in zip(stages, infos):
-        if (info.chain, info.stage) != (chain_id, stage.index):
-            raise ValueError(
-                f"the worker at {stage.address} serves chain {info.chain} stage {info.stage}, "
-                f"but the topology puts chain {chain_id} stage {stage.index} there"
-            )
-    await _retry(f"see every stage worker of chain {chain_id} heartbeat", lambda: _heartbeating(store, chain_id, len(stages)))
-    sched = scheduler_config(infos, config, tokenizer, opts)
-
-    deadline = Deadline(STEP_DEADLINE)  # one per chain: a chain that comes back keeps what it measured
-
-    def renew() -> tuple[RemoteChain, Engine]:
-        remote = RemoteChain(chain_id, addresses[0], epoch=epoch, deadline=deadline, tls=opts.tls)
-        return remote, Engine(remote, sched, vocab_size=config.vocab_size, max_model_len=sched.max_model_len)
-
-    remote, engine = renew()
-    engine.start()
-    logger.info("chain %d: %d stages, %d micro-batch(es) in flight, %d KV blocks of %d tokens", chain_id, len(stages),
-                sched.num_slots, sched.num_blocks, sched.block_size)
-    return ChainHandle(chain_id, remote, engine, addresses, renew)
-
-
-def scheduler_config(
-    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
-) -> SchedulerConfig:
-    """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage unless
-    ``opts.micro_batches`` asks for fewer (plus a lookahead one with overlap scheduling)."""
-    block_sizes = {info.block_size for info in infos}
-    if len(block_sizes) != 1:
-        raise ValueError(f"the stages of a chain must share one KV block size, got {sorted(block_sizes)}")
-    return SchedulerConfig(
-        block_size=block_sizes.pop(),
-        num_blocks=min(info.num_kv_blocks for info in infos),
-        max_num_seqs=opts.max_num_seqs,
-        max_num_batched_tokens=opts.max_num_batched_tokens,
-        max_waiting=opts.max_waiting,
-        num_slots=min(opts.micro_batches or len(infos), len(infos)),
-        max_model_len=config.max_position_embeddings,
-        eos_token_ids=eos_token_ids(config, tokenizer),
-        overlap=opts.overlap,
-    )
-
-
-async def wait_for_stage(address: str, tls: MeshTLS | None = None) -> stage_pb2.StageInfo:
-    """The stage's Info, once its health check answers SERVING (retried until it does).
-
-    NOTE: the checks go over a ``HealthProbe``: one channel while the stage answers (NOT_SERVING
-    while it loads: a check costs a third of one on a new channel), a new one after a failed
-    check, since a channel that found the port closed waits out gRPC's reconnect backoff (1 s,
-    then longer) before it dials again, long after the stage serves."""
-    probe = HealthProbe(timeout_s=2.0, tls=tls)
-
-    async def ready() -> stage_pb2.StageInfo:
-        if not await probe.serving(address):
-            raise LookupError("it does not answer SERVING yet")
-        async with mesh_tls.aio_channel(address, tls) as channel:
-            return await stage_pb2_grpc.StageStub(channel).Info(tensor_pb2.InfoRequest(), timeout=5.0)
-
-    try:
-        return await _retry(f"reach the stage worker at {address}", ready)
-    finally:
-        await probe.close()
-
-
-async def _heartbeating(store: Store, chain_id: int, num_stages: int) -> None:
-    alive = {w.worker_id for w in await store.list_workers() if w.alive}
-    ids = (stage_worker_id(chain_id, stage) for stage in range(num_stages))
-    missing = [worker_id for worker_id in ids if worker_id not in alive]
-    if missing:
-        raise LookupError(f"no heartbeat yet from {', '.join(missing)}")
-
-
-# --- waiting -----------------------------------------------------------------------------
-
-
-async def _retry(what: str, attempt) -> T:
-    """``await attempt()`` until it succeeds, logging why not every LOG_EVERY_S seconds."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    next_log = start + LOG_EVERY_S
-    while True:
-        try:
-            return await attempt()
-        except (StagemeshError, LookupError, grpc.RpcError) as err:
-            if loop.time() >= next_log:
-                logger.info("still waiting to %s: %s", what, _reason(err))
-                next_log = loop.time() + LOG_EVERY_S
-        await asyncio.sleep(health.retry_after(loop.time() - start, POLL_S))
-
-
-def _reason(err: Exception) -> str:
-    if isinstance(err, grpc.RpcError):
-        return f"{err.code().name}: {err.details()}"
-    return str(err)

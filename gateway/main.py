@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from gateway.gateway import GatewayOptions, serve
 from gateway.hub import RESUME_WINDOW_S
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=None,
                    help="micro-batches each chain keeps in flight (default: one per stage; fewer when its stages "
                         "share too few cores to compute at once)")
+    p.add_argument("--lock-file", type=Path, default=None,
+                   help="schedule only while holding an exclusive lock on this file: a second gateway given the "
+                        "same file is a warm standby that takes over the moment the first exits (one host)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
 
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_window_s=args.resume_window_s,
         tls=tls,
         signer=signer,
+        lock_file=args.lock_file,
     )
     try:
         event_loop.run(serve(opts))

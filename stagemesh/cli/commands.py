@@ -119,6 +119,9 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="client gRPC port, shared by the frontends")
     p.add_argument("--frontends", type=int, default=None,
                    help="frontend processes serving clients on --port (default: one per 8 cores, 1 to 4)")
+    p.add_argument("--standby-gateway", action="store_true",
+                   help="start a second gateway that waits, warm, and takes over the moment the first exits "
+                        "(its streams wait ~0.25 s instead of a restart's ~0.5 s on a small CPU host)")
     p.add_argument("--http-port", type=int, default=None,
                    help="HTTP port of the frontends: the OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /health) beside the gateway's dashboard (/), /api/status and /metrics")
@@ -161,6 +164,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         served_model_name=args.served_model_name or source.repo_id,
         frontends=args.frontends,
+        standby_gateway=args.standby_gateway,
         redis_url=args.redis_url,
         deployment=args.deployment,
         dtype=args.dtype,

@@ -17,7 +17,8 @@ that exits is started again with the same command line, so on the same ports, af
 
 - a stage or expert worker registers again and the gateway puts its chain back in service;
 - the gateway comes back on the same Scheduling and HTTP ports, and the frontends, which
-  reconnect by themselves, reattach to it;
+  reconnect by themselves, reattach to it; with ``--standby-gateway`` a second gateway has
+  taken over already (``gateway.lead``) and the restarted one becomes the next standby;
 - a frontend comes back on the shared client port (its clients retry on the others meanwhile);
 - a local Redis (no ``--redis-url``) comes back on the same port and data dir, so it reloads
   its append-only file; should it come back empty, the launcher writes the topology again at
@@ -26,8 +27,8 @@ that exits is started again with the same command line, so on the same ports, af
 A death counts toward giving a process up only when it had not served since its last start:
 the launcher probes the gRPC health of each worker, of the gateway and of each frontend (on
 its ``--own-port``: the client port is shared) until it answers SERVING. A worker given up
-on leaves its chain out of service; the gateway given up on (or every frontend) stops `up`
-with an error, since then nothing can serve. ``restart=False``
+on leaves its chain out of service; the gateway given up on (both, with a standby) or every
+frontend stops `up` with an error, since then nothing can serve. ``restart=False``
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
 
@@ -76,6 +77,8 @@ PROBE_TIMEOUT_S = 0.5
 for children not yet seen SERVING since their start."""
 LOOPBACK = "127.0.0.1"
 """Where the gateway's private HTTP port listens under `up` (its frontends are local)."""
+STANDBY_PAIR = ("gateway-a", "gateway-b")
+"""The gateway processes of ``--standby-gateway``: either may lead, so neither is named the standby."""
 REDIS_WAIT_S = 60.0
 """How long a worker or frontend waits at startup for Redis and the topology (``--topology-wait-s``):
 past a restart of Redis, and past the topology being written again after Redis came back empty."""
@@ -167,8 +170,7 @@ class Mesh:
                             ("--resume-window-s", self.opts.resume_window_s)):
             if value is not None:
                 gateway_args += [flag, str(value)]
-        # its overall health is NOT_SERVING while no chain serves: its readiness is its service's
-        self._spawn("gateway", "gateway", *gateway_args, address=scheduling, service=SCHEDULING_SERVICE)
+        self._spawn_gateways(gateway_args, scheduling)
         wait = ["--topology-wait-s", str(REDIS_WAIT_S)]
         for i in range(self.frontends):
             name, own = f"frontend-{i}", free_port()  # its own port: the launcher probes it there
@@ -176,6 +178,19 @@ class Mesh:
                         str(self.opts.port), "--own-port", str(own), "--name", name, *http, *wait,
                         *self._api_key_args(), *self._serving_cert_args(), address=f"{self.opts.host}:{own}")
         return topology
+
+    def _spawn_gateways(self, args: list[str], scheduling: str) -> None:
+        """The gateway; with ``standby_gateway`` a second one on the same ports, which waits for a lock
+        the first holds and takes over the moment it exits (``gateway.lead``). NOTE: the two share
+        one address, so a probe cannot tell which answered: like the frontends, each has served once
+        it lived ``quick_s``; alone, the gateway is probed (its overall health is NOT_SERVING while no
+        chain serves: its readiness is its service's)."""
+        if not self.opts.standby_gateway:
+            self._spawn("gateway", "gateway", *args, address=scheduling, service=SCHEDULING_SERVICE)
+            return
+        lock = ["--lock-file", str(self.log_dir / "gateway.lock")]
+        for name in STANDBY_PAIR:  # whichever locks first leads; the other's log says it waits
+            self._spawn(name, "gateway", *args, *lock)
 
     def _api_key_args(self) -> list[str]:
         """The frontends' ``--api-key-file`` (none without keys). NOTE: the keys go to the frontends
@@ -359,10 +374,12 @@ class Mesh:
 
     def _check_servable(self) -> None:
         """RuntimeError when no process is left to serve clients."""
-        if "gateway" in self._gone:
+        gateways = [name for name in self.procs if _is_gateway(name)]
+        if gateways and all(name in self._gone for name in gateways):
             raise RuntimeError(
                 "the gateway was given up on (it exited again and again before serving), so nothing can serve: "
-                f"stagemesh up stops the mesh; the gateway's log ends with:\n{_tail(self.log_dir / 'gateway.log')}"
+                f"stagemesh up stops the mesh; the gateway's log ends with:\n"
+                f"{_tail(self.log_dir / f'{gateways[-1]}.log')}"
             )
         frontends = [name for name in self.procs if name.startswith("frontend")]
         if frontends and all(name in self._gone for name in frontends):
@@ -430,7 +447,7 @@ class Mesh:
     def stop(self, grace: float = 10.0, keep_logs: bool = False) -> None:
         """SIGTERM the frontends, the gateway, then the workers; SIGKILL what is left after ``grace``; stop
         Redis; remove a temporary log dir unless ``keep_logs`` (a mesh that failed: its logs say why)."""
-        order = sorted(self.procs, key=lambda n: (not n.startswith("frontend"), n != "gateway"))
+        order = sorted(self.procs, key=_stop_order)
         for name in order:
             if name in self.procs and self.procs[name].poll() is None:
                 self.procs[name].send_signal(signal.SIGTERM)
@@ -449,6 +466,16 @@ class Mesh:
             shutil.rmtree(self._key_dir, ignore_errors=True)
         if self.temp_log_dir and not keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _is_gateway(name: str) -> bool:
+    return name == "gateway" or name in STANDBY_PAIR
+
+
+def _stop_order(name: str) -> tuple[bool, bool]:
+    """Frontends first (no new calls), then the gateway(s), then the workers. NOTE: a standby is told
+    to stop while the gateway it follows drains, so it never takes over from one being stopped."""
+    return not name.startswith("frontend"), not _is_gateway(name)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

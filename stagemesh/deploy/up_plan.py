@@ -57,6 +57,8 @@ class UpOptions:
     """The model's name in the OpenAI API; None: the checkpoint directory's name."""
     frontends: int | None = None
     """Frontend processes sharing the client port; None: ``default_frontends()`` for this host."""
+    standby_gateway: bool = False
+    """A second gateway process, warm, that takes over the moment the first exits (``gateway.lead``)."""
     redis_url: str | None = None
     deployment: str = "default"
     dtype: str | None = None

@@ -1,5 +1,7 @@
 """The front door under real SIGKILLs: the gateway and a frontend die mid-generation, 32 greedy
-streams each time, and every stream ends with the tokens of a fault-free run, each once.
+streams each time, and every stream ends with the tokens of a fault-free run, each once. The
+gateway is killed twice over: alone (the launcher restarts it) and with a warm standby beside it
+(``stagemesh up --standby-gateway``: the standby takes over).
 
 Real `stagemesh up` (pp=2, two frontends on one port), real processes, sockets and Redis; the
 SDK resumes the broken streams by itself (``stagemesh.client``), the launcher restarts the dead
@@ -19,7 +21,7 @@ import pytest
 
 from stagemesh.runtime.health import serving_sync
 from stagemesh.runtime.tls import MeshTLS
-from tests.chaos.chaos_helpers import timed_streams
+from tests.chaos.chaos_helpers import status, timed_streams
 from tests.checkpoints import make_hf_checkpoint
 from tests.integration.mesh_helpers import admin_tls, children, client_connections, pid_alive, stagemesh_up
 
@@ -98,6 +100,45 @@ def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
         assert not pid_alive(gateway) and wait_for_new(proc, "gateway", gateway, serving=1)
         assert "took over" in (logs / "gateway.log").read_text()  # the new one read the journal
         print(f"gateway SIGKILL {trial + 1}/{TRIALS}: {STREAMS} streams whole; longest gap a stream saw {gap:.2f} s")
+
+
+@pytest.fixture(scope="module")
+def standby_mesh(model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    with stagemesh_up(model_dir, logs, "--pp", "2", "--frontends", "1", "--standby-gateway") as (addr, _, proc):
+        yield addr, proc, logs
+
+
+def test_a_gateway_killed_with_a_standby_beside_it_costs_no_token_and_the_standby_takes_over(standby_mesh, reference):
+    addr, proc, logs = standby_mesh
+    for trial in range(TRIALS):
+        # the standby (started with the mesh, or the gateway killed in the trial before) waits for the lock
+        assert _eventually(lambda: _logged(logs).count("standby: another gateway holds") == trial + 1)
+        active = status(addr)["gateway"]["pid"]
+        (standby,) = [pid for pid in children(proc.pid, "gateway") if pid != active]
+        results, gap = asyncio.run(run_streams(addr, lambda: kill(active)))
+        assert results == reference
+        # the standby leads now (not a process the launcher started after the kill) ...
+        assert not pid_alive(active) and status(addr)["gateway"]["pid"] == standby
+        # ... and the launcher started the killed one again, which waits as the next standby
+        assert _eventually(lambda: len(children(proc.pid, "gateway")) == 2), children(proc.pid, "gateway")
+        logged = _logged(logs)
+        assert logged.count("this standby takes over") == trial + 1 and "took over" in logged  # from the journal
+        print(f"gateway SIGKILL with a standby {trial + 1}/{TRIALS}: {STREAMS} streams whole; "
+              f"longest gap a stream saw {gap:.2f} s")
+
+
+def _logged(logs: Path) -> str:
+    return "".join((logs / f"{name}.log").read_text() for name in ("gateway-a", "gateway-b"))
+
+
+def _eventually(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_a_frontend_killed_mid_generation_costs_no_token(mesh, reference):

@@ -248,6 +248,27 @@ def test_the_mesh_stops_with_an_error_once_every_frontend_is_given_up_on(tmp_pat
         _kill_all(mesh)
 
 
+def test_with_a_standby_gateway_the_mesh_stops_only_once_both_gateways_are_given_up_on(tmp_path):
+    mesh = _mesh(tmp_path)
+    _add(mesh, "gateway-a", ["sleep", "60"])  # leads
+    _add(mesh, "gateway-b", ["sh", "-c", "exit 2"])  # a standby that cannot start
+    try:
+        now = 1.0
+        while "gateway-b" not in mesh._gone:
+            mesh.procs["gateway-b"].wait()
+            mesh.supervise(now := now + 0.25)  # no error: gateway-a still serves
+            assert now < 60
+        mesh.commands["gateway-a"] = ["sh", "-c", "exit 2"]
+        mesh.procs["gateway-a"].kill()
+        with pytest.raises(RuntimeError, match="^the gateway was given up on .* nothing can serve"):
+            while True:
+                mesh.procs["gateway-a"].wait()
+                mesh.supervise(now := now + 0.25)
+                assert now < 120
+    finally:
+        _kill_all(mesh)
+
+
 def _topology() -> Topology:
     return Topology(model="/nowhere", num_layers=2, chains=(Chain(0, (Stage(0, 0, 2, "127.0.0.1:1"),)),))
 

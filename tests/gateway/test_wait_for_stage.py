@@ -1,4 +1,4 @@
-"""The gateway's wait for a stage worker (``gateway.gateway.wait_for_stage``) against a real gRPC
+"""The gateway's wait for a stage worker (``gateway.chain_setup.wait_for_stage``) against a real gRPC
 server that starts listening only after the wait began, as a stage does while it loads.
 
 gRPC puts a channel that found its port closed in reconnect backoff (1 s at first, ±20%, then
@@ -13,7 +13,7 @@ import time
 import grpc.aio
 from grpc_health.v1 import health, health_pb2_grpc
 
-from gateway.gateway import wait_for_stage
+from gateway.chain_setup import wait_for_stage
 from stagemesh.runtime.health import FAST_RETRY_S, NOT_SERVING, SERVING
 from stagemesh.runtime.net import free_port
 from stagemesh.v1 import stage_pb2, stage_pb2_grpc
