@@ -1,0 +1,137 @@
+"""What one SIGKILL costs the streams of a running mesh: the longest gap between two tokens that
+any stream saw while a gateway, a frontend or a stage worker died and the mesh took it back.
+
+    python scripts/kill_gap.py --model /tmp/tiny --victim gateway|frontend|stage [--trials 5]
+        [--pp 2] [--frontends 1] [--standby-gateway] [--streams 16] [--tree DIR] [--port 50720]
+
+Starts ``stagemesh up --model MODEL --pp P --frontends F --insecure`` from the tree ``--tree``
+(this checkout by default: two trees give a before/after pair), then per trial runs
+``--streams`` greedy streams at once, each on a client of its own, SIGKILLs the victim once
+every stream is well under way (the gateway and the stage by the pid the status document
+gives, a frontend as the launcher's child), checks each stream got every token once, and
+prints the longest gap; between trials it waits until the launcher restarted the victim and
+the mesh is whole. With one frontend its clients wait for its restart; with a standby gateway
+the standby takes over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW = 200
+
+
+def _children(pid: int, module: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and module.encode() in argv:
+            found.append(int(proc.name))
+    return found
+
+
+async def _status(addr: str) -> dict:
+    from stagemesh import AsyncClient
+
+    async with AsyncClient(addr, timeout=10) as client:
+        return await client.status()
+
+
+async def _whole(addr: str, pp: int) -> bool:
+    try:
+        doc = await _status(addr)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
+    stages = [w for w in doc["workers"] if w["role"] == "stage" and w["healthy"]]
+    return len(stages) == pp and all(c["healthy"] for c in doc["chains"])
+
+
+async def trial(addr: str, streams: int, kill) -> tuple[float, int]:
+    """(the longest gap any stream saw, tokens in all) of one run with one kill."""
+    from stagemesh import AsyncClient
+
+    received, longest, fired = 0, 0.0, False
+
+    async def one(i: int) -> int:
+        nonlocal received, longest, fired
+        prompt = [(7 * i + j) % 250 + 3 for j in range(4 + i % 5)]
+        async with AsyncClient(addr, timeout=60) as client:
+            last, count = time.monotonic(), 0
+            async for _ in client.stream(token_ids=prompt, max_new_tokens=MAX_NEW, ignore_eos=True):
+                now = time.monotonic()
+                longest = max(longest, now - last) if count else longest
+                last, count, received = now, count + 1, received + 1
+                if not fired and received >= streams * MAX_NEW // 4:
+                    fired = True
+                    kill()
+        return count
+
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    if any(c != MAX_NEW for c in counts):
+        raise SystemExit(f"a stream lost or repeated tokens: {counts}")
+    return longest, sum(counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--victim", choices=["gateway", "frontend", "stage"], required=True)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--frontends", type=int, default=1)
+    parser.add_argument("--standby-gateway", action="store_true")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose code runs")
+    parser.add_argument("--port", type=int, default=50720)
+    args = parser.parse_args()
+    tree = args.tree.resolve()
+    command = [sys.executable, "-m", "stagemesh.cli", "up", "--model", args.model, "--pp", str(args.pp), "--insecure",
+               "--frontends", str(args.frontends), "--port", str(args.port)]
+    command += ["--standby-gateway"] if args.standby_gateway else []
+    up = subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    addr = f"127.0.0.1:{args.port}"
+    try:
+        for line in up.stdout:
+            if line.startswith("stagemesh ready"):
+                break
+        else:
+            raise SystemExit("stagemesh up ended before its ready line")
+        for n in range(args.trials):
+            doc = asyncio.run(_status(addr))
+            if args.victim == "gateway":
+                victim = doc["gateway"]["pid"]
+            elif args.victim == "stage":
+                victim = next(w["pid"] for w in doc["workers"] if w["role"] == "stage" and w["stage"] == args.pp - 1)
+            else:
+                victim = _children(up.pid, "frontend")[0]
+            gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, signal.SIGKILL)))
+            print(f"{tree.name} {args.victim} SIGKILL {n + 1}/{args.trials}: {tokens} tokens whole, "
+                  f"longest gap {gap:.3f} s", flush=True)
+            deadline = time.monotonic() + 60
+            while not asyncio.run(_whole(addr, args.pp)) or len(_children(up.pid, args.victim.replace(
+                    "stage", "stage_worker"))) < {"gateway": 1 + args.standby_gateway, "frontend": args.frontends,
+                                                  "stage": args.pp}[args.victim]:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the mesh was not whole again 60 s after the kill")
+                time.sleep(0.2)
+            time.sleep(2.0)  # the restarted process settles (a standby reaches its wait for the lock)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+
+
+if __name__ == "__main__":
+    main()
