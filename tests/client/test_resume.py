@@ -88,5 +88,5 @@ def test_resuming_gives_up_after_resume_s_and_other_errors_are_final(frontend):
             client.generate("bad", max_new_tokens=20)
         with pytest.raises(Unavailable, match="no healthy chain"):
             client.generate("final", max_new_tokens=20)
-    assert 3 <= attempts <= 12  # backed off (50 ms doubling to 1 s), not a hot loop
+    assert 3 <= attempts <= 12  # backed off (50 ms doubling to 0.25 s), not a hot loop
     assert len(servicer.calls) == attempts + 2  # INVALID_ARGUMENT and a "do not retry" are not retried
