@@ -13,9 +13,9 @@ again, requests of a failed chain resume on another (``gateway.failover``), and 
 health ("") says NOT_SERVING while no chain is in service (the ``Scheduling`` service stays
 SERVING, so the frontends stay connected and their requests wait for a chain).
 
-NOTE: each start is a new *epoch* (its start time in microseconds; a standby's, when it leads), stamped on every step: a
-stage worker that sees a newer one drops the sequences of the old gateway, whose KV cache it
-still holds, before running the step (``stagemesh.runners.stage``).
+NOTE: each start is a new *epoch* (its start time in microseconds; a standby's: when it leads),
+stamped on every step: a stage worker that sees a newer one drops the sequences of the old
+gateway, whose KV cache it still holds, before running the step (``stagemesh.runners.stage``).
 SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, let running ones finish for
 ``shutdown_grace_s`` (``server.stop(grace)``), then stop the engines and flush the journal.
 
@@ -149,7 +149,7 @@ class Gateway(Role):
     async def load(self, server: WorkerServer) -> None:
         """Redis and the topology (waited for), the server, every chain's workers serving, one engine per chain."""
         self.store = await retry("connect to Redis", lambda: Store.connect(self.opts.redis_url, self.opts.deployment,
-                                                                           signer=self.opts.signer))
+                                                                          signer=self.opts.signer))
         topology = await retry("read the topology", self._topology)
         config = ModelConfig.from_dir(topology.model)
         tokenizer = Tokenizer.from_dir(topology.model)
