@@ -30,15 +30,15 @@ MAX_NEW = 200
 
 
 def _children(pid: int, module: str) -> list[int]:
+    """Pids of ``pid``'s children running ``python -m module`` (its main thread's children)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for kid in kids:
         try:
-            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and module.encode() in argv:
-            found.append(int(proc.name))
+            if module.encode() in Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0"):
+                found.append(int(kid))
+        except OSError:  # exited meanwhile
+            pass
     return found
 
 
