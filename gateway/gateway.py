@@ -39,7 +39,7 @@ from gateway.history import History
 from gateway.hub import RESUME_WINDOW_S, FrontendHub
 from gateway.journal import JournalWriter
 from gateway.keeper import StoreKeeper
-from gateway.lead import LeadLock
+from gateway.lead import Fence, LeadLock
 from gateway.metrics import GatewayMetrics
 from gateway.router import FAILOVER_WAIT_S, Router
 from gateway.scheduling import SchedulingServicer
@@ -107,6 +107,9 @@ class GatewayOptions:
     lock_file: Path | None = None
     """Schedule only while holding an exclusive lock on this file (``gateway.lead``): a second gateway
     given the same file waits, warm, and takes over the moment the first exits; None: no standby."""
+    fence_after_s: float = 10.0
+    """With ``lock_file``: a standby SIGKILLs the leader once it answered no health check this long
+    (frozen), then takes over (``gateway.lead.Fence``)."""
     signer: Signer | None = None
     """The mesh key (``--tls-dir``'s ``mesh.key``): the documents it writes to Redis are signed and
     those it reads checked (``stagemesh.mesh.signing``); None: unsigned (an ``--insecure`` mesh)."""
@@ -154,7 +157,8 @@ class Gateway(Role):
         config = ModelConfig.from_dir(topology.model)
         tokenizer = Tokenizer.from_dir(topology.model)
         if self.opts.lock_file is not None:  # a standby waits here, imported and loaded, until it leads
-            await LeadLock(self.opts.lock_file).acquire()
+            leader = f"{_local(self.opts.host)}:{self.opts.port}"
+            await LeadLock(self.opts.lock_file).acquire(Fence(leader, self.opts.fence_after_s, self.opts.tls))
             self.epoch = time.time_ns() // 1000  # newer than the epoch of the gateway it follows
         self.journal = JournalWriter(self.store)
         self.journal.start()
@@ -288,3 +292,8 @@ class Gateway(Role):
             await self._http.cleanup()
         if self.store is not None:
             await self.store.close()
+
+
+def _local(host: str) -> str:
+    """Where this host's own server at ``host`` is reached: loopback for a wildcard address."""
+    return "127.0.0.1" if host.strip("[]") in ("", "0.0.0.0", "::") else host

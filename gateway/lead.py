@@ -10,6 +10,13 @@ then does it bind the Scheduling port (which the dead one's listening socket no 
 take a new epoch and take over the journal, as any restarted gateway does; the launcher starts
 the dead one again, and it becomes the next standby. A lock file serves gateways on ONE host
 (``stagemesh up``); a standby on another host would need a lease in Redis instead (not built).
+
+A frozen gateway (SIGSTOP, a stuck loop) keeps its lock and its sockets, so it would hold the
+mesh forever: the standby also checks the leader's health (``Fence``) and SIGKILLs it, by the pid
+it wrote into the lock file, once it has answered before and then answered nothing for
+``after_s`` (NOT_SERVING is an answer: a gateway with no chain in service is alive). The kernel
+then hands the lock over as for any death. The pid is the lock holder's own: a process that
+holds the lock is alive, so the pid cannot have been reused.
 """
 
 from __future__ import annotations
@@ -18,8 +25,14 @@ import asyncio
 import fcntl
 import logging
 import os
+import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from stagemesh.runtime.health import HealthProbe
+from stagemesh.runtime.tls import MeshTLS
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +52,23 @@ class LeadLock:
         except BlockingIOError:
             os.close(fd)
             return False
-        self._fd = fd
+        self._hold(fd)
         return True
 
-    async def acquire(self) -> None:
-        """Until this process holds the lock.
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock, as it wrote it; None when none is written."""
+        try:
+            return int(self.path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def _hold(self, fd: int) -> None:
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    async def acquire(self, fence: Fence | None = None) -> None:
+        """Until this process holds the lock; with ``fence``, a leader that freezes is killed.
 
         NOTE: the wait is a blocking ``flock`` on a daemon thread, not an executor's: a standby
         stopped while it waits (SIGTERM) exits without joining a thread that may block for days."""
@@ -51,6 +76,17 @@ class LeadLock:
             logger.info("holding %s: this gateway leads", self.path)
             return
         logger.info("standby: another gateway holds %s; taking over when it exits", self.path)
+        watching = asyncio.create_task(fence.run(self.holder)) if fence is not None else None
+        try:
+            self._hold(await self._wait())
+        finally:
+            if watching is not None:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+        logger.warning("the active gateway exited: this standby takes over")
+
+    async def _wait(self) -> int:
+        """The fd of the lock, once this process holds it."""
         loop = asyncio.get_running_loop()
         held: asyncio.Future[int] = loop.create_future()
 
@@ -63,8 +99,40 @@ class LeadLock:
                 os.close(fd)
 
         threading.Thread(target=wait, name="gateway-lead", daemon=True).start()
-        self._fd = await held
-        logger.warning("the active gateway exited: this standby takes over")
+        return await held
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A standby's check of the leader: SIGKILL it once it answered nothing for ``after_s``."""
+
+    address: str
+    """The leader's ``Scheduling`` port (the standby's own, once it leads)."""
+    after_s: float = 10.0
+    tls: MeshTLS | None = None
+    every_s: float = 0.5
+
+    async def run(self, holder: Callable[[], int | None]) -> None:
+        probe = HealthProbe(timeout_s=min(1.0, self.after_s / 4), tls=self.tls)  # one channel while it answers
+        try:
+            await self._watch(probe, holder)
+        finally:
+            await probe.close()
+
+    async def _watch(self, probe: HealthProbe, holder: Callable[[], int | None]) -> None:
+        loop = asyncio.get_running_loop()
+        last_answer: float | None = None  # before its first answer the leader may be loading, not frozen
+        while True:
+            if await probe.answers(self.address):
+                last_answer = loop.time()
+            elif last_answer is not None and loop.time() - last_answer >= self.after_s:
+                pid = holder()
+                if pid is not None:
+                    logger.warning("the active gateway (pid %d) has answered no health check for %.1f s: killing "
+                                   "it to take over", pid, loop.time() - last_answer)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            await asyncio.sleep(self.every_s)
 
 
 def _resolve(held: asyncio.Future[int], fd: int) -> None:

@@ -122,6 +122,9 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standby-gateway", action="store_true",
                    help="start a second gateway that waits, warm, and takes over the moment the first exits "
                         "(its streams wait ~0.25 s instead of a restart's ~0.5 s on a small CPU host)")
+    p.add_argument("--standby-fence-s", type=float, default=None, metavar="S",
+                   help="with --standby-gateway: the standby kills a gateway that answered no health check for S "
+                        "seconds (frozen) and takes over (default 10)")
     p.add_argument("--http-port", type=int, default=None,
                    help="HTTP port of the frontends: the OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /health) beside the gateway's dashboard (/), /api/status and /metrics")
@@ -165,6 +168,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or source.repo_id,
         frontends=args.frontends,
         standby_gateway=args.standby_gateway,
+        standby_fence_s=args.standby_fence_s,
         redis_url=args.redis_url,
         deployment=args.deployment,
         dtype=args.dtype,

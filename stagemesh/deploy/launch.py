@@ -189,6 +189,8 @@ class Mesh:
             self._spawn("gateway", "gateway", *args, address=scheduling, service=SCHEDULING_SERVICE)
             return
         lock = ["--lock-file", str(self.log_dir / "gateway.lock")]
+        if self.opts.standby_fence_s is not None:
+            lock += ["--fence-after-s", str(self.opts.standby_fence_s)]
         for name in STANDBY_PAIR:  # whichever locks first leads; the other's log says it waits
             self._spawn(name, "gateway", *args, *lock)
 

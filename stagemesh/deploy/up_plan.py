@@ -59,6 +59,9 @@ class UpOptions:
     """Frontend processes sharing the client port; None: ``default_frontends()`` for this host."""
     standby_gateway: bool = False
     """A second gateway process, warm, that takes over the moment the first exits (``gateway.lead``)."""
+    standby_fence_s: float | None = None
+    """With ``standby_gateway``: the standby kills a leader that answered no health check this long
+    (frozen) and takes over; None: the gateway's default (10 s)."""
     redis_url: str | None = None
     deployment: str = "default"
     dtype: str | None = None
@@ -111,6 +114,8 @@ def plan_topology(opts: UpOptions) -> Topology:
     ``pp × tp + ep`` GPUs after chain ``c - 1``'s, so no GPU is booked twice. ValueError
     (before anything starts) when the model or the machine cannot take the layout.
     """
+    if opts.standby_fence_s is not None and not (opts.standby_gateway and opts.standby_fence_s > 0):
+        raise ValueError(f"--standby-fence-s {opts.standby_fence_s}: give it with --standby-gateway, and more than 0 s")
     config = ModelConfig.from_dir(opts.model)
     gpus = (visible_gpus() if opts.gpus is None else opts.gpus) if opts.device == "cuda" else None
     validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)

@@ -95,16 +95,24 @@ class HealthProbe:
 
     async def serving(self, address: str) -> bool:
         """Whether the worker at ``address`` answers SERVING within the timeout."""
+        return await self.check(address) == SERVING
+
+    async def answers(self, address: str) -> bool:
+        """Whether it answers at all, SERVING or not (alive: ``answers_sync``)."""
+        return await self.check(address) is not None
+
+    async def check(self, address: str) -> int | None:
+        """Its ``ServingStatus`` (service ""), None when it does not answer within the timeout."""
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = mesh_tls.aio_channel(address, self.tls)
         try:
-            return await status(channel, timeout_s=self.timeout_s) == SERVING
+            return await status(channel, timeout_s=self.timeout_s)
         except grpc.RpcError:
             # NOTE: a fresh channel next time: this one may sit in reconnect backoff long after the worker is back.
             del self._channels[address]
             await channel.close()
-            return False
+            return None
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -1,7 +1,8 @@
 """The front door under real SIGKILLs: the gateway and a frontend die mid-generation, 32 greedy
 streams each time, and every stream ends with the tokens of a fault-free run, each once. The
 gateway is killed twice over: alone (the launcher restarts it) and with a warm standby beside it
-(``stagemesh up --standby-gateway``: the standby takes over).
+(``stagemesh up --standby-gateway``: the standby takes over); and frozen (SIGSTOP) with a
+standby, which kills it once it has answered nothing for ``FENCE_S`` and takes over.
 
 Real `stagemesh up` (pp=2, two frontends on one port), real processes, sockets and Redis; the
 SDK resumes the broken streams by itself (``stagemesh.client``), the launcher restarts the dead
@@ -31,6 +32,8 @@ STREAMS = 32
 MAX_NEW = 40
 KILL_AFTER = STREAMS * 6
 """Tokens received in all before the kill: mid-generation for every stream."""
+FENCE_S = 2.0
+"""How long the standby lets a frozen leader answer nothing before it kills it (10 s by default)."""
 TRIALS = int(os.environ.get("STAGEMESH_TRIALS", "1"))
 """Kills per test (``STAGEMESH_TRIALS=10 pytest -s tests/chaos/test_front_door.py`` for the figures)."""
 
@@ -105,7 +108,8 @@ def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
 @pytest.fixture(scope="module")
 def standby_mesh(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with stagemesh_up(model_dir, logs, "--pp", "2", "--frontends", "1", "--standby-gateway") as (addr, _, proc):
+    with stagemesh_up(model_dir, logs, "--pp", "2", "--frontends", "1", "--standby-gateway",
+                      "--standby-fence-s", str(FENCE_S)) as (addr, _, proc):
         yield addr, proc, logs
 
 
@@ -126,6 +130,25 @@ def test_a_gateway_killed_with_a_standby_beside_it_costs_no_token_and_the_standb
         assert logged.count("this standby takes over") == trial + 1 and "took over" in logged  # from the journal
         print(f"gateway SIGKILL with a standby {trial + 1}/{TRIALS}: {STREAMS} streams whole; "
               f"longest gap a stream saw {gap:.2f} s")
+
+
+def test_a_frozen_gateway_is_killed_by_its_standby_which_takes_over_and_costs_no_token(standby_mesh, reference):
+    addr, proc, logs = standby_mesh
+    assert _eventually(lambda: len(children(proc.pid, "gateway")) == 2)
+    takeovers = _logged(logs).count("this standby takes over")
+    assert _eventually(lambda: _logged(logs).count("standby: another gateway holds") == takeovers + 1)
+    frozen = status(addr)["gateway"]["pid"]
+    (standby,) = [pid for pid in children(proc.pid, "gateway") if pid != frozen]
+    try:
+        results, gap = asyncio.run(run_streams(addr, lambda: os.kill(frozen, signal.SIGSTOP)))
+    finally:
+        if pid_alive(frozen):
+            os.kill(frozen, signal.SIGCONT)
+    assert results == reference
+    assert not pid_alive(frozen) and status(addr)["gateway"]["pid"] == standby
+    assert f"the active gateway (pid {frozen}) has answered no health check" in _logged(logs)
+    print(f"gateway SIGSTOP with a standby (fence {FENCE_S:.0f} s): {STREAMS} streams whole; "
+          f"longest gap a stream saw {gap:.2f} s")
 
 
 def _logged(logs: Path) -> str:
