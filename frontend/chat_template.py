@@ -5,8 +5,8 @@ NOTE: a chat template is code from the model's author (jinja2), so it runs in ji
 ``trim_blocks`` and ``lstrip_blocks``, the ``raise_exception`` and ``strftime_now`` globals, a
 ``tojson`` filter that does not escape HTML, the loop-control extension, and the tokenizer's
 special tokens (``bos_token``, ``eos_token``, ...) as variables. The rendered text already holds
-the template's special tokens, so it is tokenized without adding any (``frontend.prompt_encoder.encode_chat``), as
-transformers and vLLM do. The template comes from ``tokenizer_config.json``'s ``chat_template``
+the template's special tokens, so it is tokenized without adding any, as transformers and vLLM
+do (``frontend.prompt_encoder.encode_chat``). The template comes from ``tokenizer_config.json``'s ``chat_template``
 (a string, or a list of ``{"name", "template"}`` of which "default" is used) or, as transformers
 5 saves it, from ``chat_template.jinja`` beside it.
 """

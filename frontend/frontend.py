@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from frontend.kserve import KServeServicer, with_kserve
 from frontend.link import GatewayLink
@@ -21,6 +22,9 @@ from stagemesh.runtime.server import CALL_OPTIONS, Role, WorkerServer
 from stagemesh.runtime.tls import MeshTLS, ServingCert
 from stagemesh.tokenizer import Tokenizer
 from stagemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+if TYPE_CHECKING:
+    from frontend.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,7 @@ class Frontend(Role):
         self.opts, self.topology = opts, topology
         self.link = GatewayLink(opts.gateway, opts.name, opts.messages_per_s, tls=opts.tls)
         self._health: asyncio.Task | None = None
-        self._http = None
-        """``frontend.http.HttpServer`` when the frontend serves HTTP."""
+        self._http: HttpServer | None = None
         self._http_stopping: asyncio.Task | None = None
 
     async def load(self, server: WorkerServer) -> None:

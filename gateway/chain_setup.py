@@ -9,7 +9,6 @@ import logging
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-import grpc.aio
 
 from gateway.chain_client import STEP_DEADLINE, RemoteChain
 from gateway.router import ChainHandle
@@ -30,7 +29,7 @@ from stagemesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 if TYPE_CHECKING:
     from gateway.gateway import GatewayOptions
 
-logger = logging.getLogger("gateway.gateway")
+logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
 LOG_EVERY_S = 10.0
@@ -39,7 +38,7 @@ T = TypeVar("T")
 
 
 async def build_chain(
-    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: "GatewayOptions", epoch: int = 0
+    chain: Chain, config: ModelConfig, tokenizer: Tokenizer | None, store: Store, opts: GatewayOptions, epoch: int = 0
 ) -> ChainHandle:
     """Wait until every stage of one chain serves and heartbeats, then build its engine, started."""
     chain_id, stages = chain.index, chain.stages
@@ -69,7 +68,7 @@ async def build_chain(
 
 
 def scheduler_config(
-    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: "GatewayOptions"
+    infos: list[stage_pb2.StageInfo], config: ModelConfig, tokenizer: Tokenizer | None, opts: GatewayOptions
 ) -> SchedulerConfig:
     """One chain's limits: the KV blocks every stage holds, one micro-batch slot per stage unless
     ``opts.micro_batches`` asks for fewer (plus a lookahead one with overlap scheduling)."""

@@ -39,7 +39,7 @@ from gateway.history import History
 from gateway.hub import RESUME_WINDOW_S, FrontendHub
 from gateway.journal import JournalWriter
 from gateway.keeper import StoreKeeper
-from gateway.lead import Fence, LeadLock
+from gateway.lead import FENCE_AFTER_S, Fence, LeadLock
 from gateway.metrics import GatewayMetrics
 from gateway.router import FAILOVER_WAIT_S, Router
 from gateway.scheduling import SchedulingServicer
@@ -107,7 +107,7 @@ class GatewayOptions:
     lock_file: Path | None = None
     """Schedule only while holding an exclusive lock on this file (``gateway.lead``): a second gateway
     given the same file waits, warm, and takes over the moment the first exits; None: no standby."""
-    fence_after_s: float = 10.0
+    fence_after_s: float = FENCE_AFTER_S
     """With ``lock_file``: a standby SIGKILLs the leader once it answered no health check this long
     (frozen), then takes over (``gateway.lead.Fence``)."""
     signer: Signer | None = None

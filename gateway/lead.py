@@ -36,6 +36,9 @@ from stagemesh.runtime.tls import MeshTLS
 
 logger = logging.getLogger(__name__)
 
+FENCE_AFTER_S = 10.0
+"""How long a leader that answered before may answer no health check before its standby kills it."""
+
 
 class LeadLock:
     """The lock on ``path``, held from ``acquire`` until the process exits."""
@@ -108,7 +111,7 @@ class Fence:
 
     address: str
     """The leader's ``Scheduling`` port (the standby's own, once it leads)."""
-    after_s: float = 10.0
+    after_s: float = FENCE_AFTER_S
     tls: MeshTLS | None = None
     every_s: float = 0.5
 

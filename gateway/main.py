@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.gateway import GatewayOptions, serve
 from gateway.hub import RESUME_WINDOW_S
+from gateway.lead import FENCE_AFTER_S
 from gateway.router import FAILOVER_WAIT_S
 from stagemesh.runtime import event_loop
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-file", type=Path, default=None,
                    help="schedule only while holding an exclusive lock on this file: a second gateway given the "
                         "same file is a warm standby that takes over the moment the first exits (one host)")
-    p.add_argument("--fence-after-s", type=float, default=10.0,
+    p.add_argument("--fence-after-s", type=float, default=FENCE_AFTER_S,
                    help="with --lock-file: the standby kills a leader that answered no health check this long")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     return p
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.fence_after_s <= 0:
-        parser.error(f"--fence-after-s {args.fence_after_s}: a leader must be silent for some time > 0 before it is killed")
+        parser.error(f"--fence-after-s {args.fence_after_s}: a leader must be silent for more than 0 s to be killed")
     if args.micro_batches is not None and args.micro_batches < 1:
         parser.error(f"--micro-batches {args.micro_batches}: a chain needs at least 1 micro-batch in flight")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -120,10 +120,10 @@ def main() -> None:
             gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, signal.SIGKILL)))
             print(f"{tree.name} {args.victim} SIGKILL {n + 1}/{args.trials}: {tokens} tokens whole, "
                   f"longest gap {gap:.3f} s", flush=True)
+            module, count = {"gateway": ("gateway", 1 + args.standby_gateway), "frontend": ("frontend", args.frontends),
+                             "stage": ("stage_worker", args.pp)}[args.victim]
             deadline = time.monotonic() + 60
-            while not asyncio.run(_whole(addr, args.pp)) or len(_children(up.pid, args.victim.replace(
-                    "stage", "stage_worker"))) < {"gateway": 1 + args.standby_gateway, "frontend": args.frontends,
-                                                  "stage": args.pp}[args.victim]:
+            while not (asyncio.run(_whole(addr, args.pp)) and len(_children(up.pid, module)) >= count):
                 if time.monotonic() > deadline:
                     raise SystemExit("the mesh was not whole again 60 s after the kill")
                 time.sleep(0.2)
