@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from stagemesh.deploy.hub import add_model_arguments, resolve_model
+from stagemesh.deploy.supervise import LIVENESS_S
 from stagemesh.runtime import api_keys
 from stagemesh.runtime.api_keys import ApiKeys
 
@@ -26,6 +27,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-restart", dest="restart", action="store_false",
                    help="stop the mesh when a worker, the gateway or a frontend exits instead of restarting it "
                         "(a local Redis is restarted either way)")
+    p.add_argument("--liveness-s", type=float, default=LIVENESS_S, metavar="S",
+                   help="kill and restart a worker, the gateway or a frontend that served and then answered no health "
+                        "check for S seconds (frozen); 0: never (default %(default)g)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one micro-batch at most (default 256)")
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         try_prompt=args.try_prompt,
         restart=args.restart,
+        liveness_s=args.liveness_s,
         overlap=args.overlap,
         max_num_seqs=args.max_num_seqs,
         micro_batches=args.micro_batches,

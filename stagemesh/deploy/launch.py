@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stagemesh.deploy.liveness import Liveness
 from stagemesh.deploy.redis_server import LocalRedis, start_local_redis
 from stagemesh.deploy.run_secrets import RunSecrets, child_env
 from stagemesh.deploy.supervise import Lifeline
@@ -104,6 +105,8 @@ class Mesh:
         self.addresses: dict[str, tuple[str, str]] = {}
         """The gRPC address of each child that has one of its own (workers, the gateway): its readiness probe."""
         self._next_probe = 0.0
+        self._liveness: Liveness | None = None
+        """The watch of the children that served (``--liveness-s``), from the first ``supervise``."""
         self.spare: set[str] = set()
         """Children whose exit the mesh outlives: expert workers whose experts all have other replicas."""
         self._gone: set[str] = set()
@@ -330,6 +333,7 @@ class Mesh:
             self.check_children()
             return
         self._probe(now)
+        self._kill_silent(now)
         for name, proc in list(self.procs.items()):
             if name not in self._gone and proc.poll() is not None:
                 self._restart(name, proc.returncode, now)
@@ -373,6 +377,22 @@ class Mesh:
                 life.became_ready(now)
                 if life.restarts:
                     log.info("%s serves again (restart %d)", name, life.restarts)
+
+    def _kill_silent(self, now: float) -> None:
+        """SIGKILL each child that served and has since answered no health check for ``liveness_s``
+        (frozen: ``stagemesh.deploy.liveness``); ``supervise`` then starts it again at once."""
+        if not self.opts.liveness_s:
+            return
+        if self._liveness is None:
+            self._liveness = Liveness(self.opts.liveness_s, self.tls)
+        watched = {name: (address, life.ready_at) for name, (address, _) in self.addresses.items()
+                   if (life := self.lifelines[name]).ready_at is not None and self.procs[name].poll() is None}
+        for name, silent_s in self._liveness.silent(watched, now):
+            proc = self.procs[name]
+            log.warning("%s (pid %d) has answered no health check for %.1f s: killing it to start it again "
+                        "(--liveness-s %g)", name, proc.pid, silent_s, self.opts.liveness_s)
+            proc.kill()
+            proc.wait()
 
     def _check_servable(self) -> None:
         """RuntimeError when no process is left to serve clients."""
@@ -460,6 +480,8 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._liveness is not None:
+            self._liveness.close()
         if self.redis is not None:
             self.redis.stop()
         if self.secrets is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.config import ModelConfig, StageSpec
-from stagemesh.deploy.supervise import RestartPolicy
+from stagemesh.deploy.supervise import LIVENESS_S, RestartPolicy
 from stagemesh.mesh.layout import (
     chain_devices,
     expert_devices,
@@ -71,6 +71,9 @@ class UpOptions:
     """Once ready, send this prompt through the gateway and print the reply."""
     restart: bool = True
     """Restart a worker, the gateway or a frontend that exits (False: its exit stops the mesh)."""
+    liveness_s: float = LIVENESS_S
+    """With ``restart``: kill (to restart) a worker, the gateway or a frontend that served and then
+    answered no health check this long (frozen: ``stagemesh.deploy.liveness``); 0: never."""
     overlap: bool = True
     """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
     micro_batches: int | None = None
@@ -116,6 +119,8 @@ def plan_topology(opts: UpOptions) -> Topology:
     """
     if opts.standby_fence_s is not None and not (opts.standby_gateway and opts.standby_fence_s > 0):
         raise ValueError(f"--standby-fence-s {opts.standby_fence_s}: give it with --standby-gateway, and more than 0 s")
+    if opts.liveness_s < 0:
+        raise ValueError(f"--liveness-s {opts.liveness_s}: give how long a process may answer nothing, or 0: never")
     config = ModelConfig.from_dir(opts.model)
     gpus = (visible_gpus() if opts.gpus is None else opts.gpus) if opts.device == "cuda" else None
     validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)

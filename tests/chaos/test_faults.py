@@ -38,7 +38,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with stagemesh_up(model_dir, logs, "--pp", "2", "--dp", "2", "--fault-injection") as (addr, _, up):
+    # --liveness-s 0: the freeze below is the gateway's to fence; the launcher's kill is tests/chaos/test_launcher.py's
+    args = ("--pp", "2", "--dp", "2", "--fault-injection", "--liveness-s", "0")
+    with stagemesh_up(model_dir, logs, *args) as (addr, _, up):
         yield addr, logs, admin_tls(up)  # the workers' Admin service takes mesh certificates only
 
 

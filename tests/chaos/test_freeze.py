@@ -57,7 +57,9 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mesh(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    args = ("--tp", "2", "--ep", "2", "--expert-replicas", "2", "--dp", "2", "--fault-injection")
+    # --liveness-s 0: the freezes are the gateway's and the stages' to fence, and end in SIGCONT; the
+    # launcher's kill of a frozen process is tests/chaos/test_launcher.py's
+    args = ("--tp", "2", "--ep", "2", "--expert-replicas", "2", "--dp", "2", "--fault-injection", "--liveness-s", "0")
     with stagemesh_up(model_dir, logs, *args) as (addr, _, proc):
         yield addr, proc, logs
 

@@ -1,8 +1,11 @@
 """What `stagemesh up` restarts, under a real mesh (pp=2, dp=1, one frontend): the same stage
 worker SIGKILLed three times in a row mid-generation, each time after it served again, costs no
 request and no token (the requests wait for their chain, the launcher restarts the worker after
-its first backoff each time: it had served); and a SIGKILLed gateway is restarted on the same
-ports, after which new requests are served. Pids come from the mesh's status document."""
+its first backoff each time: it had served); a SIGKILLed gateway is restarted on the same
+ports, after which new requests are served; and a stage worker, the gateway or the frontend
+frozen (SIGSTOP) mid-generation is killed by the launcher once it answered no health check for
+``--liveness-s`` and started again, at the cost of that wait and a restart, never of a request
+or a token. Pids come from the mesh's status document."""
 
 from __future__ import annotations
 
@@ -16,9 +19,17 @@ import time
 import pytest
 
 from stagemesh import AsyncClient
-from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, streams, wait_whole, worker
+from tests.chaos.chaos_helpers import (
+    greedy_requests,
+    same_tokens,
+    status,
+    streams,
+    timed_streams,
+    wait_whole,
+    worker,
+)
 from tests.checkpoints import make_hf_checkpoint
-from tests.integration.mesh_helpers import stagemesh_up
+from tests.integration.mesh_helpers import children, stagemesh_up
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +38,12 @@ KILLS = int(os.environ.get("STAGEMESH_KILLS", "3"))
 """``STAGEMESH_KILLS=8 pytest -s tests/chaos/test_launcher.py`` for the issue's figure."""
 SERVED_AGAIN_TOKENS = STREAMS * 4
 """Tokens streamed after a restart that show the chain served again."""
+LIVENESS_S = 3.0
+"""The mesh's ``--liveness-s``: a frozen process is killed this long after its last answer."""
+FROZEN_BOUND_S = 60.0
+"""A frozen process's streams that have not ended this long after the freeze never will: the
+launcher did not kill it (the gateway's requests would wait for ever, a dp=1 chain's would fail
+UNAVAILABLE after their 30 s failover wait)."""
 LAUNCHER_PROBE_S = 1.5
 """Then this long for the launcher's readiness probe (every 0.5 s, four chances; a loaded machine delays it) to see
 the worker SERVING: a death before that counts as one before serving, with a longer backoff."""
@@ -41,7 +58,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh(model_dir, tmp_path_factory):
     """(client address, the `stagemesh up` process) of one mesh both tests kill processes of."""
-    with stagemesh_up(model_dir, tmp_path_factory.mktemp("logs"), "--pp", "2", "--frontends", "1") as (addr, _, up):
+    up_args = ("--pp", "2", "--frontends", "1", "--liveness-s", str(LIVENESS_S))
+    with stagemesh_up(model_dir, tmp_path_factory.mktemp("logs"), *up_args) as (addr, _, up):
         yield addr, up
         assert up.poll() is None, "stagemesh up stopped"
 
@@ -136,3 +154,44 @@ def test_a_killed_gateway_is_restarted_and_serves_new_requests(mesh):
     after = status(addr)["gateway"]["pid"]
     assert after != before and up.poll() is None
     print(f"a new gateway served {took:.1f} s after the kill")
+
+
+def _pid(addr: str, up: subprocess.Popen, victim: str) -> int:
+    if victim == "frontend-0":
+        (pid,) = children(up.pid, "frontend")
+        return pid
+    doc = status(addr)
+    return doc["gateway"]["pid"] if victim == "gateway" else worker(doc, "stage", 0, 1)["pid"]
+
+
+@pytest.mark.parametrize("victim", ["stage-c0-s1", "gateway", "frontend-0"])
+def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_token(mesh, model_dir, victim):
+    addr, up = mesh
+    wait_whole(addr, 2, since=time.monotonic(), within=30.0)
+    requests = greedy_requests(STREAMS, seed=13, max_new=120)
+    fault_free = asyncio.run(streams(addr, requests))
+    pid = _pid(addr, up, victim)
+    _launcher_output(up)
+    frozen_at: list[float] = []
+
+    def freeze() -> None:
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at.append(time.monotonic())
+
+    try:
+        got, longest = asyncio.run(asyncio.wait_for(timed_streams(addr, requests, freeze, fire_after=STREAMS * 4),
+                                                    FROZEN_BOUND_S))
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # a failed test leaves no frozen process behind
+        except ProcessLookupError:
+            pass
+    same_tokens(model_dir, requests, fault_free, got)
+    log = _launcher_output(up)
+    killed = [line for line in log.splitlines() if f"{victim} (pid {pid}) has answered no health check" in line]
+    assert len(killed) == 1 and "killing it" in killed[0], log
+    assert f"{victim} exited with code -9; restarting it at once" in log, log
+    assert _pid(addr, up, victim) != pid and up.poll() is None
+    assert longest >= LIVENESS_S, f"the streams waited {longest:.2f} s, less than the freeze lasted"
+    print(f"{victim} frozen mid-generation: killed and restarted; {STREAMS} streams whole, the longest gap "
+          f"{longest:.2f} s (--liveness-s {LIVENESS_S:g})")

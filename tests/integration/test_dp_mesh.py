@@ -109,7 +109,7 @@ def test_dp2_spreads_requests_and_a_killed_stage_costs_no_token_and_comes_back(m
 
 
 def test_with_every_chain_down_requests_fail_unavailable_at_once_and_never_hang(model_dir, reference, tmp_path):
-    up = ("--pp", "2", "--dp", "2", "--failover-wait-s", "5")
+    up = ("--pp", "2", "--dp", "2", "--failover-wait-s", "5", "--liveness-s", "0")  # frozen until SIGCONT
     with stagemesh_up(model_dir, tmp_path / "logs", *up) as (addr, _, _):
         with Client(addr, timeout=10) as client:
             stages = [w["pid"] for w in client.status()["workers"] if w["role"] == "stage"]
@@ -128,7 +128,7 @@ def test_with_every_chain_down_requests_fail_unavailable_at_once_and_never_hang(
                 running = [asyncio.ensure_future(one(n, r)) for n, r in enumerate(_requests(4, seed=4, max_new=220))]
                 await asyncio.wait_for(started.wait(), CALL_TIMEOUT_S)  # every request is generating
                 for pid in stages:
-                    os.kill(pid, signal.SIGSTOP)  # hung, not dead: `up` does not restart them
+                    os.kill(pid, signal.SIGSTOP)  # hung, not dead: with --liveness-s 0 `up` leaves them
                 t_stop = time.monotonic()
                 outcomes = await asyncio.gather(*running, return_exceptions=True)
                 t_running = time.monotonic() - t_stop

@@ -62,7 +62,7 @@ def mesh(tmp_path_factory):
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     http_port = free_port()
     with stagemesh_up(model, root / "logs", "--pp", "2", "--frontends", "2", "--http-port", str(http_port),
-                      "--kv-blocks", str(KV_BLOCKS)) as (addr, _, proc):
+                      "--kv-blocks", str(KV_BLOCKS), "--liveness-s", "0") as (addr, _, proc):  # frozen until SIGCONT
         yield RunningMesh(addr, f"http://127.0.0.1:{http_port}", proc.pid, model)
 
 

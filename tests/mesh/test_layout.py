@@ -134,6 +134,16 @@ def test_plan_topology_refuses_a_bad_tp_before_anything_starts(tmp_path):
         plan_topology(UpOptions(model=_model_dir(tmp_path, LLAMA), tp=3))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"liveness_s": -1.0}, r"--liveness-s -1.0: give how long a process may answer nothing, or 0: never"),
+    ({"standby_fence_s": 2.0}, r"--standby-fence-s 2.0: give it with --standby-gateway"),
+    ({"standby_gateway": True, "standby_fence_s": 0.0}, r"--standby-fence-s 0.0: .* more than 0 s"),
+])
+def test_plan_topology_refuses_bad_supervision_flags_before_anything_starts(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        plan_topology(UpOptions(model=_model_dir(tmp_path, LLAMA), **options))
+
+
 def test_an_entry_without_tp_is_one_rank_and_a_devices_mismatch_is_refused():
     doc = {"model": "/m", "num_layers": 4, "chains": [{"chain": 0, "stages": [
         {"stage": 0, "start_layer": 0, "end_layer": 4, "address": "h:1", "device": "cuda:3"}]}]}
