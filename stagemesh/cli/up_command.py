@@ -28,8 +28,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="stop the mesh when a worker, the gateway or a frontend exits instead of restarting it "
                         "(a local Redis is restarted either way)")
     p.add_argument("--liveness-s", type=float, default=LIVENESS_S, metavar="S",
-                   help="kill and restart a worker, the gateway or a frontend that served and then answered no health "
-                        "check for S seconds (frozen); 0: never (default %(default)g)")
+                   help="kill and restart a worker, the gateway, a frontend or the local Redis that served and then "
+                        "answered no health check for S seconds (frozen); 0: never (default %(default)g)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="wait for each step's tokens before scheduling a step after it (overlap scheduling is on by default)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one micro-batch at most (default 256)")

@@ -32,8 +32,13 @@ frontend stops `up` with an error, since then nothing can serve. ``restart=False
 (``--no-restart``) stops the mesh when a worker exits instead, except an expert worker whose
 experts all have other replicas.
 
+A worker, the gateway or a frontend that served and then answered no health check for
+``--liveness-s`` (frozen) is SIGKILLed, and so restarted (``stagemesh.deploy.liveness``); the
+local Redis likewise (``stagemesh.deploy.redis_keeper``).
+
 NOTE: over 400 lines, a sixth of them this docstring: ``Mesh`` is one concern (start,
-supervise, stop); planning is ``up_plan.py`` and the command ``up.py``.
+supervise, stop); planning is ``up_plan.py``, the command ``up.py``, the local Redis's keeping
+``redis_keeper.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stagemesh.deploy.liveness import Liveness
-from stagemesh.deploy.redis_server import LocalRedis, start_local_redis
+from stagemesh.deploy.redis_keeper import RedisKeeper
+from stagemesh.deploy.redis_server import LocalRedis, log_tail, start_local_redis
 from stagemesh.deploy.run_secrets import RunSecrets, child_env
 from stagemesh.deploy.supervise import Lifeline
 from stagemesh.deploy.up_plan import UpOptions, default_frontends, plan_topology, write_topology
@@ -91,9 +97,8 @@ class Mesh:
 
     def __init__(self, opts: UpOptions):
         self.opts = opts
-        self.redis: LocalRedis | None = None
-        """The local redis-server, when `up` started one (no ``--redis-url``)."""
-        self.redis_life: Lifeline | None = None
+        self.redis_keeper: RedisKeeper | None = None
+        """The local redis-server, when `up` started one (no ``--redis-url``), and its restarts."""
         self.redis_url = opts.redis_url
         self.secrets: RunSecrets | None = None
         """The run's certificates and Redis password (None with ``insecure``), made by ``start``."""
@@ -147,12 +152,12 @@ class Mesh:
         if not self.opts.insecure:
             self.secrets = RunSecrets.create(self.opts.tls_dir)
         if self.redis_url is None:
-            self.redis = start_local_redis(
+            redis = start_local_redis(
                 data_dir=self.log_dir / "redis", password=self.secrets.redis_password if self.secrets else None,
                 secrets_dir=self.secrets.directory if self.secrets else None)
-            self.redis_life = Lifeline(self.opts.restart_policy, started_at=time.monotonic(), probed=True)
-            self.redis_life.became_ready(time.monotonic())
-            self.redis_url = self.redis.url
+            self.redis_keeper = RedisKeeper(redis, self.opts.restart_policy, self.opts.liveness_s,
+                                            on_back=self._rewrite_topology)
+            self.redis_url = redis.url
         if self.secrets is not None:
             self.secrets.write_redis_url(self.redis_url)
         asyncio.run(write_topology(self.redis_url, self.opts.deployment, topology, signer=self.signer))
@@ -251,6 +256,11 @@ class Mesh:
                 self.spare.add(name)
 
     @property
+    def redis(self) -> LocalRedis | None:
+        """The local redis-server, when `up` started one."""
+        return self.redis_keeper.redis if self.redis_keeper is not None else None
+
+    @property
     def tls(self) -> MeshTLS | None:
         """The launcher's own mesh identity (``admin``): its probes of the children; None when insecure."""
         return self.secrets.tls if self.secrets is not None else None
@@ -320,7 +330,7 @@ class Mesh:
                 log.warning("%s exited with code %d; the other replicas of its experts serve", name, proc.returncode)
                 self._gone.add(name)
                 continue
-            tail = _tail(self.log_dir / f"{name}.log")
+            tail = log_tail(self.log_dir / f"{name}.log")
             raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
 
     def supervise(self, now: float | None = None) -> None:
@@ -328,7 +338,8 @@ class Mesh:
         RuntimeError when nothing can serve any more (the gateway or every frontend given up on),
         or when a worker exited and ``restart`` is off."""
         now = time.monotonic() if now is None else now
-        self._keep_redis(now)
+        if self.redis_keeper is not None:
+            self.redis_keeper.keep(now)
         if not self.opts.restart:
             self.check_children()
             return
@@ -347,7 +358,7 @@ class Mesh:
         lives = [(proc.pid, proc.poll() is None, name in self._gone, self.lifelines.get(name))
                  for name, proc in self.procs.items()]
         if self.redis is not None:
-            lives.append((self.redis.pid, self.redis.running(), False, self.redis_life))
+            lives.append((self.redis.pid, self.redis.running(), False, self.redis_keeper.life))
         for pid, running, gone, life in lives:
             if running:
                 pids.append(pid)  # not reaped, so the pid is still this child's
@@ -401,13 +412,13 @@ class Mesh:
             raise RuntimeError(
                 "the gateway was given up on (it exited again and again before serving), so nothing can serve: "
                 f"stagemesh up stops the mesh; the gateway's log ends with:\n"
-                f"{_tail(self.log_dir / f'{gateways[-1]}.log')}"
+                f"{log_tail(self.log_dir / f'{gateways[-1]}.log')}"
             )
         frontends = [name for name in self.procs if name.startswith("frontend")]
         if frontends and all(name in self._gone for name in frontends):
             raise RuntimeError(
                 "every frontend was given up on, so no client can reach the mesh: stagemesh up stops it; "
-                f"frontend-0's log ends with:\n{_tail(self.log_dir / 'frontend-0.log')}"
+                f"frontend-0's log ends with:\n{log_tail(self.log_dir / 'frontend-0.log')}"
             )
 
     def _restart(self, name: str, code: int, now: float) -> None:
@@ -426,36 +437,6 @@ class Mesh:
             self._popen(name)
             life.restarted(now)
             log.warning("restarted %s (pid %d, restart %d)", name, self.procs[name].pid, life.restarts)
-
-    def _keep_redis(self, now: float) -> None:
-        """Start the local Redis again when it died (same port and data dir: it reloads its
-        append-only file), then write the topology back if it came back without one.
-
-        NOTE: a Redis that had served is started again at once, whatever ``served_backoff_s`` says:
-        every process is waiting for it. Failed starts back off and give up like any child's.
-        """
-        life = self.redis_life
-        if self.redis is None or life is None or self.redis.running():
-            return
-        if life.restart_at is None:
-            if life.died(now) is None:
-                raise RuntimeError(
-                    f"redis-server keeps failing to start; its log ends with:\n{_tail(self.redis.log_path)}"
-                )
-            if life.quick_deaths == 0:
-                life.restart_at = now
-            log.warning("redis-server (port %d) exited with code %s; restarting it",
-                        self.redis.port, self.redis.returncode)
-        if now < life.restart_at:
-            return
-        life.restarted(now)
-        try:
-            self.redis.restart()
-        except RuntimeError as err:
-            log.error("could not restart redis-server: %s", err)  # not ready: this death counts
-            return
-        life.became_ready(now)
-        self._rewrite_topology()
 
     def _rewrite_topology(self) -> None:
         """The topology back into a Redis that came back without it (the workers need it to start)."""
@@ -482,8 +463,8 @@ class Mesh:
                 proc.wait()
         if self._liveness is not None:
             self._liveness.close()
-        if self.redis is not None:
-            self.redis.stop()
+        if self.redis_keeper is not None:
+            self.redis_keeper.stop()
         if self.secrets is not None:
             self.secrets.remove()
         if self._key_dir is not None:
@@ -500,13 +481,6 @@ def _stop_order(name: str) -> tuple[bool, bool]:
     """Frontends first (no new calls), then the gateway(s), then the workers. NOTE: a standby is told
     to stop while the gateway it follows drains, so it never takes over from one being stopped."""
     return not name.startswith("frontend"), not _is_gateway(name)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _fewer_micro_batches(cores: int, ranks: int, topology: Topology, tp: int) -> int | None:

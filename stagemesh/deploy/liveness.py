@@ -1,6 +1,6 @@
 """`stagemesh up`'s liveness probe: which children that served have since answered no health check
 for ``after_s`` (frozen: SIGSTOP, a deadlock, a stuck event loop), so that the launcher kills
-them and its supervision starts them again.
+them and its supervision starts them again; ``Pinger`` does the same for the local Redis.
 
 NOTE: a frozen process keeps its pid and its sockets, so nothing restarts it and the kernel does
 not close its connections: on dp=1 a frozen stage holds its chain out of service until its
@@ -17,6 +17,10 @@ blocks the loop and N of them cost one deadline, not N.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,3 +88,29 @@ class Liveness:
     def close(self) -> None:
         for name in self._channels.keys() | self._calls.keys():
             self._forget(name)
+
+
+class Pinger:
+    """When ``answers()`` last returned True, asked every ``every_s`` on a daemon thread of its own.
+
+    NOTE: the local Redis speaks no gRPC health: ``answers`` is a raw ``INFO`` with a 0.5 s timeout
+    (``stagemesh.deploy.redis_server.server_pid``), which blocks for that long while Redis is
+    frozen; on a thread of its own it never holds the launcher's supervision. A frozen Redis
+    does not stop the streams, but every journal write, heartbeat and registration fails while it
+    lasts; killed, it comes back from its append-only file in a second."""
+
+    def __init__(self, answers: Callable[[], bool], every_s: float = CHECK_EVERY_S):
+        self.last_answer = time.monotonic()
+        self._answers = answers
+        self._every_s = every_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="liveness-ping", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._answers():
+                self.last_answer = time.monotonic()
+            self._stop.wait(self._every_s)
+
+    def close(self) -> None:
+        self._stop.set()

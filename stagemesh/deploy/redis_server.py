@@ -124,11 +124,12 @@ class LocalRedis:
         try:
             _wait_for_ping(self)
         except BaseException:
-            self._kill()
+            self.kill()
             raise
         log.info("redis-server restarted (pid %d) at %s", self.pid, self.public_url)
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL (a frozen server ignores SIGTERM until it runs again) and reap it."""
         if self.running():
             self._proc.kill()
             self._proc.wait()
@@ -234,7 +235,7 @@ def _wait_for_ping(server: LocalRedis) -> None:
         if not server.running():
             raise RuntimeError(
                 f"redis-server exited with code {server.returncode} before answering PING "
-                f"on port {server.port}; its log ends with:\n{_log_tail(server.log_path)}"
+                f"on port {server.port}; its log ends with:\n{log_tail(server.log_path)}"
             )
         # NOTE: a PING alone is not enough: when the port is taken, another Redis answers it
         # in the moment before ours exits with "Address already in use". And a Redis still
@@ -245,7 +246,7 @@ def _wait_for_ping(server: LocalRedis) -> None:
         time.sleep(0.02)
     raise RuntimeError(
         f"redis-server (pid {server.pid}) did not answer PING on port {server.port} within "
-        f"{_START_TIMEOUT_S:.0f} s; its log ends with:\n{_log_tail(server.log_path)}"
+        f"{_START_TIMEOUT_S:.0f} s; its log ends with:\n{log_tail(server.log_path)}"
     )
 
 
@@ -309,7 +310,8 @@ def _read_bulk(sock: socket.socket) -> bytes:
     return body[:size]
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log, for an error message."""
     try:
         text = path.read_text(errors="replace")
     except OSError as err:

@@ -72,8 +72,8 @@ class UpOptions:
     restart: bool = True
     """Restart a worker, the gateway or a frontend that exits (False: its exit stops the mesh)."""
     liveness_s: float = LIVENESS_S
-    """With ``restart``: kill (to restart) a worker, the gateway or a frontend that served and then
-    answered no health check this long (frozen: ``stagemesh.deploy.liveness``); 0: never."""
+    """Kill (to restart) a worker, the gateway or a frontend (with ``restart``) or the local Redis that
+    served and then answered no health check this long (frozen: ``stagemesh.deploy.liveness``); 0: never."""
     overlap: bool = True
     """Overlap scheduling (the gateway's ``--no-overlap`` when False)."""
     micro_batches: int | None = None

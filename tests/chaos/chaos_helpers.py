@@ -1,11 +1,14 @@
 """What the chaos tests share: a tiny checkpoint's greedy streams, run all at once against a
 `stagemesh up` mesh and compared with a fault-free run, and the mesh's pids and health read
-from its own status document (never guessed)."""
+from its own status document (never guessed), and what the launcher printed."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import select
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,3 +124,11 @@ def wait_whole(addr: str, stages: int, since: float, within: float) -> float:
             doc = repr(err)
         assert time.monotonic() - since < within, f"the mesh is not whole {within:.0f} s after the fault: {doc}"
         time.sleep(0.1)
+
+
+def launcher_output(up: subprocess.Popen) -> str:
+    """What `stagemesh up` printed (its log lines) since it was last read, without blocking."""
+    fd, out = up.stdout.fileno(), b""
+    while select.select([fd], [], [], 0)[0] and (chunk := os.read(fd, 65536)):
+        out += chunk
+    return out.decode(errors="replace")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import subprocess
 import time
@@ -21,6 +20,7 @@ import pytest
 from stagemesh import AsyncClient
 from tests.chaos.chaos_helpers import (
     greedy_requests,
+    launcher_output,
     same_tokens,
     status,
     streams,
@@ -62,14 +62,6 @@ def mesh(model_dir, tmp_path_factory):
     with stagemesh_up(model_dir, tmp_path_factory.mktemp("logs"), *up_args) as (addr, _, up):
         yield addr, up
         assert up.poll() is None, "stagemesh up stopped"
-
-
-def _launcher_output(up: subprocess.Popen) -> str:
-    """What `stagemesh up` printed (its log lines) since it was last read, without blocking."""
-    fd, out = up.stdout.fileno(), b""
-    while select.select([fd], [], [], 0)[0] and (chunk := os.read(fd, 65536)):
-        out += chunk
-    return out.decode(errors="replace")
 
 
 class Killer:
@@ -114,7 +106,7 @@ def test_the_same_stage_killed_three_times_in_a_row_costs_no_request_and_no_toke
     requests = greedy_requests(STREAMS, seed=11, max_new=1500 * max(1, KILLS) // 3)
     fault_free = asyncio.run(streams(addr, requests))
     killer = Killer(addr)
-    _launcher_output(up)
+    launcher_output(up)
 
     async def scenario():
         killing = asyncio.ensure_future(killer.run())
@@ -131,7 +123,7 @@ def test_the_same_stage_killed_three_times_in_a_row_costs_no_request_and_no_toke
     # each recovery timed while the streams ran (after the last, they may run on for a while)
     assert len(killer.back_after) == KILLS and max(killer.back_after) < 30.0, killer.back_after
     wait_whole(addr, 2, since=time.monotonic(), within=30.0)
-    restarts = [line for line in _launcher_output(up).splitlines() if "stage-c0-s1 exited with code -9" in line]
+    restarts = [line for line in launcher_output(up).splitlines() if "stage-c0-s1 exited with code -9" in line]
     assert len(restarts) == KILLS and all(line.endswith("restarting it at once") for line in restarts), restarts
     print(f"dp=1, stage c0-s1 SIGKILLed {KILLS} times in a row: {STREAMS} streams of {requests[0]['max_new_tokens']} "
           f"tokens whole, in {took:.1f} s; the worker back after {', '.join(f'{t:.1f}' for t in killer.back_after)} s")
@@ -171,7 +163,7 @@ def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_t
     requests = greedy_requests(STREAMS, seed=13, max_new=120)
     fault_free = asyncio.run(streams(addr, requests))
     pid = _pid(addr, up, victim)
-    _launcher_output(up)
+    launcher_output(up)
     frozen_at: list[float] = []
 
     def freeze() -> None:
@@ -187,7 +179,7 @@ def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_t
         except ProcessLookupError:
             pass
     same_tokens(model_dir, requests, fault_free, got)
-    log = _launcher_output(up)
+    log = launcher_output(up)
     killed = [line for line in log.splitlines() if f"{victim} (pid {pid}) has answered no health check" in line]
     assert len(killed) == 1 and "killing it" in killed[0], log
     assert f"{victim} exited with code -9; restarting it at once" in log, log

@@ -61,7 +61,7 @@ def test_a_not_serving_process_is_alive_and_a_frozen_one_is_silent_until_it_runs
     liveness = Liveness(after_s=AFTER_S, every_s=0.2)
     with health_server() as (address, proc):
         watched = {"stage-c0-s1": (address, time.monotonic())}
-        said = _watch(liveness, watched, 3 * AFTER_S)
+        said = _watch(liveness, watched, 2 * AFTER_S)
         assert all(not silent for _, silent in said), "an answering process read silent"
         os.kill(proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
@@ -72,8 +72,11 @@ def test_a_not_serving_process_is_alive_and_a_frozen_one_is_silent_until_it_runs
         names = {name for _, silent in said for name, _ in silent}
         assert names == {"stage-c0-s1"}
         os.kill(proc.pid, signal.SIGCONT)
-        said = _watch(liveness, watched, 2 * CALL_TIMEOUT_S + 1.0)
-        assert not said[-1][1], "a process that runs again still read silent"
+        thawed, deadline = time.monotonic(), time.monotonic() + 2 * CALL_TIMEOUT_S + 1.0
+        while liveness.silent(watched, time.monotonic()):
+            assert time.monotonic() < deadline, "a process that runs again still read silent"
+            time.sleep(0.05)
+        print(f"alive again {time.monotonic() - thawed:.2f} s after SIGCONT")
     liveness.close()
 
 

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from stagemesh.deploy.launch import Mesh
+from stagemesh.deploy.redis_keeper import RedisKeeper
 from stagemesh.deploy.redis_server import server_pid, start_local_redis
-from stagemesh.deploy.supervise import Lifeline, RestartPolicy
+from stagemesh.deploy.supervise import LIVENESS_S, Lifeline, RestartPolicy
 from stagemesh.deploy.up_plan import UpOptions, write_topology
 from stagemesh.mesh.store import Store
 from stagemesh.mesh.topology import Chain, Stage, Topology
@@ -142,8 +143,8 @@ def _kill_all(mesh: Mesh) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if mesh.redis is not None:
-        mesh.redis.stop()
+    if mesh.redis_keeper is not None:
+        mesh.redis_keeper.stop()
 
 
 def _supervise_until(mesh: Mesh, done, what: str, timeout: float = 20.0) -> None:
@@ -281,10 +282,9 @@ async def _store_call(url: str, call):
 def test_the_mesh_restarts_its_redis_on_the_same_port_with_its_data_and_rewrites_a_lost_topology(tmp_path):
     mesh = _mesh(tmp_path)
     mesh.topology = _topology()
-    mesh.redis = start_local_redis(data_dir=tmp_path / "redis")
+    mesh.redis_keeper = RedisKeeper(start_local_redis(data_dir=tmp_path / "redis"), POLICY, LIVENESS_S,
+                                    on_back=mesh._rewrite_topology)  # as Mesh.start has it
     mesh.redis_url = mesh.redis.url
-    mesh.redis_life = Lifeline(POLICY, started_at=0.0, probed=True)
-    mesh.redis_life.became_ready(0.0)  # as Mesh.start has it: it answered
     try:
         asyncio.run(write_topology(mesh.redis_url, "default", mesh.topology))
         asyncio.run(_store_call(mesh.redis_url, lambda s: s.journal_open("r1", [1, 2], {}, 0)))
@@ -305,6 +305,32 @@ def test_the_mesh_restarts_its_redis_on_the_same_port_with_its_data_and_rewrites
             assert journaled == ([] if lose_data else ["r1"])
             if lose_data:
                 asyncio.run(_store_call(mesh.redis_url, lambda s: s.journal_open("r1", [1, 2], {}, 0)))
-        assert mesh.redis_life.restarts == 3 and mesh.redis_life.quick_deaths == 0
+        assert mesh.redis_keeper.life.restarts == 3 and mesh.redis_keeper.life.quick_deaths == 0
     finally:
         _kill_all(mesh)
+
+
+def test_a_frozen_redis_is_killed_and_restarted_on_its_port_with_its_data(tmp_path):
+    back = []
+    keeper = RedisKeeper(start_local_redis(data_dir=tmp_path / "redis"), POLICY, 1.0, on_back=lambda: back.append(1))
+    try:
+        asyncio.run(_store_call(keeper.redis.url, lambda s: s.journal_open("r1", [1, 2], {}, 0)))
+        frozen = server_pid(keeper.redis.port)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # answering: never killed
+            keeper.keep(time.monotonic())
+            time.sleep(0.1)
+        assert server_pid(keeper.redis.port) == frozen and keeper.life.restarts == 0
+        os.kill(frozen, signal.SIGSTOP)
+        t_freeze = time.monotonic()
+        while keeper.life.restarts == 0:
+            assert time.monotonic() - t_freeze < 10.0, "a Redis frozen for 10 s was not restarted"
+            keeper.keep(time.monotonic())
+            time.sleep(0.05)
+        took = time.monotonic() - t_freeze
+        assert server_pid(keeper.redis.port) not in (None, frozen) and back == [1]
+        assert took >= 1.0 - 0.5, took  # its last answer came at most one check (0.5 s) before the freeze
+        journaled = asyncio.run(_store_call(keeper.redis.url, lambda s: s.journal_by_chain(0)))
+        assert journaled == ["r1"]  # back from its append-only file
+    finally:
+        keeper.stop()
