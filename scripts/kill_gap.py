@@ -1,8 +1,10 @@
-"""What one SIGKILL costs the streams of a running mesh: the longest gap between two tokens that
-any stream saw while a gateway, a frontend or a stage worker died and the mesh took it back.
+"""What one SIGKILL (or SIGSTOP) costs the streams of a running mesh: the longest gap between two
+tokens that any stream saw while a gateway, a frontend or a stage worker died (or froze) and the
+mesh took it back.
 
     python scripts/kill_gap.py --model /tmp/tiny --victim gateway|frontend|stage [--trials 5]
         [--pp 2] [--frontends 1] [--standby-gateway] [--streams 16] [--tree DIR] [--port 50720]
+        [--signal KILL|STOP] [--liveness-s S]
 
 Starts ``stagemesh up --model MODEL --pp P --frontends F --insecure`` from the tree ``--tree``
 (this checkout by default: two trees give a before/after pair), then per trial runs
@@ -11,7 +13,8 @@ every stream is well under way (the gateway and the stage by the pid the status 
 gives, a frontend as the launcher's child), checks each stream got every token once, and
 prints the longest gap; between trials it waits until the launcher restarted the victim and
 the mesh is whole. With one frontend its clients wait for its restart; with a standby gateway
-the standby takes over.
+the standby takes over. ``--signal STOP`` freezes the victim instead: the launcher kills it once
+it answered no health check for ``--liveness-s`` (its default unless given) and restarts it.
 """
 
 from __future__ import annotations
@@ -95,11 +98,15 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose code runs")
     parser.add_argument("--port", type=int, default=50720)
+    parser.add_argument("--signal", choices=["KILL", "STOP"], default="KILL", help="kill the victim, or freeze it")
+    parser.add_argument("--liveness-s", type=float, default=None, help="`up`'s --liveness-s (default: its own)")
     args = parser.parse_args()
+    sig = getattr(signal, f"SIG{args.signal}")
     tree = args.tree.resolve()
     command = [sys.executable, "-m", "stagemesh.cli", "up", "--model", args.model, "--pp", str(args.pp), "--insecure",
                "--frontends", str(args.frontends), "--port", str(args.port)]
     command += ["--standby-gateway"] if args.standby_gateway else []
+    command += ["--liveness-s", str(args.liveness_s)] if args.liveness_s is not None else []
     up = subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     addr = f"127.0.0.1:{args.port}"
@@ -117,8 +124,8 @@ def main() -> None:
                 victim = next(w["pid"] for w in doc["workers"] if w["role"] == "stage" and w["stage"] == args.pp - 1)
             else:
                 victim = _children(up.pid, "frontend")[0]
-            gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, signal.SIGKILL)))
-            print(f"{tree.name} {args.victim} SIGKILL {n + 1}/{args.trials}: {tokens} tokens whole, "
+            gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, sig)))
+            print(f"{tree.name} {args.victim} SIG{args.signal} {n + 1}/{args.trials}: {tokens} tokens whole, "
                   f"longest gap {gap:.3f} s", flush=True)
             module, count = {"gateway": ("gateway", 1 + args.standby_gateway), "frontend": ("frontend", args.frontends),
                              "stage": ("stage_worker", args.pp)}[args.victim]
