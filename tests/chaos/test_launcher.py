@@ -104,7 +104,6 @@ def test_the_same_stage_killed_three_times_in_a_row_costs_no_request_and_no_toke
     addr, up = mesh
     # long enough for every kill: each takes ~4-5 s here (restart, tokens again, the probe's wait)
     requests = greedy_requests(STREAMS, seed=11, max_new=1500 * max(1, KILLS) // 3)
-    fault_free = asyncio.run(streams(addr, requests))
     killer = Killer(addr)
     launcher_output(up)
 
@@ -119,7 +118,7 @@ def test_the_same_stage_killed_three_times_in_a_row_costs_no_request_and_no_toke
     got = asyncio.run(scenario())
     took = time.monotonic() - t0
     assert len(killer.kills) == KILLS, f"only {len(killer.kills)} kills before the streams ended ({took:.1f} s)"
-    same_tokens(model_dir, requests, fault_free, got)
+    same_tokens(model_dir, requests, None, got)  # transformers' greedy tokens: a fault-free run would take ~20 s
     # each recovery timed while the streams ran (after the last, they may run on for a while)
     assert len(killer.back_after) == KILLS and max(killer.back_after) < 30.0, killer.back_after
     wait_whole(addr, 2, since=time.monotonic(), within=30.0)
@@ -161,7 +160,6 @@ def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_t
     addr, up = mesh
     wait_whole(addr, 2, since=time.monotonic(), within=30.0)
     requests = greedy_requests(STREAMS, seed=13, max_new=120)
-    fault_free = asyncio.run(streams(addr, requests))
     pid = _pid(addr, up, victim)
     launcher_output(up)
     frozen_at: list[float] = []
@@ -178,7 +176,7 @@ def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_t
             os.kill(pid, signal.SIGCONT)  # a failed test leaves no frozen process behind
         except ProcessLookupError:
             pass
-    same_tokens(model_dir, requests, fault_free, got)
+    same_tokens(model_dir, requests, None, got)  # transformers' greedy tokens
     log = launcher_output(up)
     killed = [line for line in log.splitlines() if f"{victim} (pid {pid}) has answered no health check" in line]
     assert len(killed) == 1 and "killing it" in killed[0], log
