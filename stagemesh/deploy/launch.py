@@ -82,6 +82,8 @@ SUPERVISE_S = 0.5
 PROBE_TIMEOUT_S = 0.5
 """A readiness probe's deadline: probes run one after the other in the supervise loop, and only
 for children not yet seen SERVING since their start."""
+KILL_WAIT_S = 1.0
+"""How long the supervision waits for a frozen child it SIGKILLed to exit before it goes on."""
 LOOPBACK = "127.0.0.1"
 """Where the gateway's private HTTP port listens under `up` (its frontends are local)."""
 STANDBY_PAIR = ("gateway-a", "gateway-b")
@@ -403,7 +405,10 @@ class Mesh:
             log.warning("%s (pid %d) has answered no health check for %.1f s: killing it to start it again "
                         "(--liveness-s %g)", name, proc.pid, silent_s, self.opts.liveness_s)
             proc.kill()
-            proc.wait()
+            try:
+                proc.wait(KILL_WAIT_S)  # reaped here, it is restarted in this same pass
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a driver): restarted once it exits
+                log.error("%s (pid %d) did not exit %.0f s after SIGKILL", name, proc.pid, KILL_WAIT_S)
 
     def _check_servable(self) -> None:
         """RuntimeError when no process is left to serve clients."""

@@ -8,7 +8,7 @@ requests' failover wait runs out (UNAVAILABLE), and a frozen frontend or gateway
 clients' streams forever. Kubernetes kills such a container on its liveness probe
 (``stagemesh.deploy.k8s_objects``); under `up` the launcher does, the same way: "alive" is any
 answer to ``grpc.health.v1``, NOT_SERVING included (a stage waiting for its next stage, a gateway
-with no chain in service), never SERVING. A process is watched from the moment the launcher's
+with no chain in service), not only SERVING. A process is watched from the moment the launcher's
 readiness probe saw it SERVING since its latest start (``Lifeline.ready_at``), never while it
 loads. The checks are the blocking channel's futures, one kept channel per child (a fresh one
 after a failed call: a channel to a restarted process may sit in reconnect backoff), sent every
