@@ -28,6 +28,7 @@ from stagemesh.config import ModelConfig
 from stagemesh.mesh.layout import validate_layout
 from stagemesh.mesh.store import Store
 from stagemesh.runtime import cpus, event_loop, faults
+from stagemesh.runtime.procs import LIVENESS_S
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import MeshTLS, add_tls_args
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TP ranks' torch.distributed backend (default: the topology's, else nccl on cuda, gloo on cpu)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
+    p.add_argument("--liveness-s", type=float, default=LIVENESS_S, metavar="S",
+                   help="with --tp > 1 in the topology: kill a TP rank that has been stopped (SIGSTOP) for S seconds, "
+                        "which takes the stage down to be restarted; 0: never (default %(default)g)")
     p.add_argument("--enable-fault-injection", action="store_true", default=faults.enabled_by_env(),
                    help=f"serve Admin.InjectFault (tests, drills; never in production); "
                         f"also on with {faults.FAULT_INJECTION_ENV}=1")

@@ -3,6 +3,13 @@
 Each is ``python -m stage_worker.tp_rank``; it dies with rank 0 (it sets PR_SET_PDEATHSIG
 itself, ``stagemesh.runtime.procs.follow_parent``), and rank 0 polls it so that a rank that dies
 turns the stage unhealthy within a poll or two.
+
+NOTE: a rank that is stopped (SIGSTOP; ``T`` in ``/proc/PID/stat``) holds every collective of
+the stage, while rank 0 still answers its health checks: no liveness probe sees it, and on dp=1
+the chain's requests would fail once their failover wait ends. Rank 0 SIGKILLs a rank that has
+been stopped for ``stopped_limit_s`` (the worker's ``--liveness-s``), and the stage goes down as
+for any rank's death, to be restarted whole. A rank stuck while running (a deadlocked driver)
+cannot be told from a slow one here: its stage is fenced by the gateway's step deadline.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 
 from stage_worker.build import StageOptions
 from stage_worker.topology import StagePlace, place_to_dict
+from stagemesh.runtime.procs import stopped
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,7 @@ def rank_command(place: StagePlace, opts: StageOptions, rank: int, init_method: 
 class RankProcesses:
     """Ranks 1..T-1 of one stage: started from the main thread, polled, stopped or killed."""
 
-    def __init__(self, commands: list[list[str]]):
+    def __init__(self, commands: list[list[str]], stopped_limit_s: float = 0.0):
         # NOTE: no preexec_fn: Python code run in a child forked from a process with gRPC threads
         # aborts. Started from the main thread, which lives as long as the process: PDEATHSIG
         # (set by the child) fires when the creating *thread* ends.
@@ -45,6 +53,9 @@ class RankProcesses:
         }
         self.stopping = False
         """Set before a deliberate stop, so that ranks ending on request do not read as died."""
+        self.stopped_limit_s = stopped_limit_s
+        """Kill a rank stopped (SIGSTOP) this long; 0: never."""
+        self._stopped_since: dict[int, float] = {}
         for rank, proc in self.procs.items():
             log.info("started tp rank %d (pid %d)", rank, proc.pid)
 
@@ -57,9 +68,23 @@ class RankProcesses:
         if self.stopping:
             return None
         for rank, proc in self.procs.items():
+            if proc.poll() is None and self.stopped_limit_s:
+                self._kill_if_stopped(rank, proc)
             if proc.poll() is not None:
                 return rank, proc.returncode
         return None
+
+    def _kill_if_stopped(self, rank: int, proc: subprocess.Popen) -> None:
+        now = time.monotonic()
+        if not stopped(proc.pid):
+            self._stopped_since.pop(rank, None)
+            return
+        since = self._stopped_since.setdefault(rank, now)
+        if now - since >= self.stopped_limit_s:
+            log.error("tp rank %d (pid %d) has been stopped (SIGSTOP) for %.1f s: killing it; the stage goes down "
+                      "to be restarted (--liveness-s %g)", rank, proc.pid, now - since, self.stopped_limit_s)
+            proc.kill()
+            proc.wait()
 
     def wait_dead(self, timeout_s: float) -> tuple[int, int] | None:
         """``first_dead``, waiting up to ``timeout_s`` for one to show."""
@@ -85,3 +110,4 @@ class RankProcesses:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+

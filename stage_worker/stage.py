@@ -152,7 +152,8 @@ def launch_tp(
     loads this rank's weights (call it on the step thread). It returns once every rank has loaded."""
     backend = tp_backend(place.devices[0], opts.tp_backend or place.tp_backend)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    ranks = RankProcesses([rank_command(place, opts, rank, init_method) for rank in range(1, place.tp)])
+    ranks = RankProcesses([rank_command(place, opts, rank, init_method) for rank in range(1, place.tp)],
+                          stopped_limit_s=opts.liveness_s)
 
     def build() -> TPStage:
         group = join_group(0, place.tp, init_method, backend, place.devices[0])

@@ -55,7 +55,7 @@ class StageWorker(Role):
         """The stage's mesh identity: what its calls to the next stage and the expert workers present."""
         self.opts = StageOptions(
             kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads, cpus=args.cpus,
-            tp_backend=args.tp_backend, log_level=args.log_level,
+            tp_backend=args.tp_backend, log_level=args.log_level, liveness_s=args.liveness_s,
         )
         self.faults = FaultInjector(place.worker_id, getattr(args, "enable_fault_injection", False))
         """Fault injection through the Admin service (refused unless --enable-fault-injection)."""

@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from stagemesh.deploy.hub import add_model_arguments, resolve_model
-from stagemesh.deploy.supervise import LIVENESS_S
 from stagemesh.runtime import api_keys
 from stagemesh.runtime.api_keys import ApiKeys
+from stagemesh.runtime.procs import LIVENESS_S
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:

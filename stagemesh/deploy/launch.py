@@ -251,8 +251,10 @@ class Mesh:
             self.micro_batches = _fewer_micro_batches(len(cores), sum(ranks), topology, self.opts.tp)
         for i, (name, module, args, _, address) in enumerate(workers):
             bound = ["--cpus", cpus.format_list(sets[i])] if sets is not None and self.opts.cpu_bind else []
-            faults = ["--enable-fault-injection"] if self.opts.fault_injection else []
-            self._spawn(name, module, *args, "--threads", str(threads), *bound, *faults,
+            extra = ["--enable-fault-injection"] if self.opts.fault_injection else []
+            if module == "stage_worker":  # its rank 0 kills a frozen TP rank, as `up` kills a frozen process
+                extra += ["--liveness-s", str(self.opts.liveness_s if self.opts.restart else 0)]
+            self._spawn(name, module, *args, "--threads", str(threads), *bound, *extra,
                         "--topology-wait-s", str(REDIS_WAIT_S), address=address)
             if module == "expert_worker" and self.opts.expert_replicas > 1:
                 self.spare.add(name)

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stagemesh.deploy.supervise import LIVENESS_S
 from stagemesh.runtime import tls as mesh_tls
+from stagemesh.runtime.procs import LIVENESS_S
 from stagemesh.runtime.tls import MeshTLS
 
 CHECK_EVERY_S = 0.5

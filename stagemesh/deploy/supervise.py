@@ -21,10 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LIVENESS_S = 10.0
-"""How long a process that served may answer no health check before `up` kills it to start it again
-(``--liveness-s``; ``stagemesh.deploy.liveness``)."""
-
 
 @dataclass(frozen=True)
 class RestartPolicy:

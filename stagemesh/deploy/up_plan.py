@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.config import ModelConfig, StageSpec
-from stagemesh.deploy.supervise import LIVENESS_S, RestartPolicy
+from stagemesh.deploy.supervise import RestartPolicy
 from stagemesh.mesh.layout import (
     chain_devices,
     expert_devices,
@@ -27,6 +27,7 @@ from stagemesh.mesh.topology import Chain, ExpertWorker, Stage, Topology
 from stagemesh.runtime import cpus
 from stagemesh.runtime.api_keys import NO_KEYS, ApiKeys
 from stagemesh.runtime.net import free_port
+from stagemesh.runtime.procs import LIVENESS_S
 from stagemesh.runtime.tls import ServingCert
 
 

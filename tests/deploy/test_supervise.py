@@ -16,12 +16,13 @@ import pytest
 from stagemesh.deploy.launch import Mesh
 from stagemesh.deploy.redis_keeper import RedisKeeper
 from stagemesh.deploy.redis_server import server_pid, start_local_redis
-from stagemesh.deploy.supervise import LIVENESS_S, Lifeline, RestartPolicy
+from stagemesh.deploy.supervise import Lifeline, RestartPolicy
 from stagemesh.deploy.up_plan import UpOptions, write_topology
 from stagemesh.mesh.store import Store
 from stagemesh.mesh.topology import Chain, Stage, Topology
 from stagemesh.runtime.health import serving_sync
 from stagemesh.runtime.net import free_port
+from stagemesh.runtime.procs import LIVENESS_S
 
 POLICY = RestartPolicy(first_backoff_s=0.5, max_backoff_s=4.0, quick_s=30.0, max_quick_deaths=4)
 

@@ -170,6 +170,30 @@ def test_a_dead_tp_rank_takes_its_stage_down_within_seconds_and_requests_fail_fa
     assert still_alive([rank0, rank1]) == []
 
 
+def test_a_stopped_tp_rank_is_killed_and_its_stage_restarted_at_no_cost_of_a_request(checkpoints, tmp_path):
+    """dp=1: a TP rank 1 SIGSTOPped mid-generation holds its stage's collectives while rank 0 still
+    answers its health checks; rank 0 kills it after --liveness-s, the stage goes down and
+    `stagemesh up` restarts it whole, and the running request waits for it (never fails)."""
+    prompt = list(range(3, 30))
+    up = ("--tp", "2", "--liveness-s", "2")
+    with stagemesh_up(checkpoints["llama"], tmp_path / "logs", *up) as (addr, redis_url, _):
+        with Client(addr, timeout=60) as client:
+            rank0, rank1 = _rank_pids(redis_url, "stage-c0-s0")
+            stream = client.stream(token_ids=prompt, max_new_tokens=160, ignore_eos=True, timeout=60)
+            got = [next(stream).token_id for _ in range(3)]
+            os.kill(rank1, signal.SIGSTOP)
+            t_stop = time.monotonic()
+            got += [item.token_id for item in stream if item.token_id is not None]
+            took = time.monotonic() - t_stop
+            assert _rank_pids(redis_url, "stage-c0-s0")[0] != rank0  # a new stage, new ranks
+    log = (tmp_path / "logs" / "stage-c0-s0.log").read_text()
+    assert f"tp rank 1 (pid {rank1}) has been stopped (SIGSTOP) for" in log, log[-3000:]
+    assert still_alive([rank0, rank1]) == []
+    assert len(got) == 160
+    teacher_forcing_check(hf_model(checkpoints["llama"]), prompt, got)
+    print(f"tp rank 1 stopped mid-generation: the stream whole {took:.1f} s later (--liveness-s 2, then the restart)")
+
+
 def test_each_rank_runs_on_cores_of_its_own_and_sigterm_stops_every_rank(checkpoints, tmp_path):
     with stagemesh_up(checkpoints["llama"], tmp_path / "logs", "--tp", "2") as (addr, redis_url, up):
         pids = _rank_pids(redis_url, "stage-c0-s0")
