@@ -27,6 +27,9 @@ from stagemesh.runtime.procs import stopped
 
 log = logging.getLogger(__name__)
 
+LOOK_EVERY_S = 0.1
+"""How often rank 0 reads its ranks' state for a stopped one."""
+
 
 def rank_command(place: StagePlace, opts: StageOptions, rank: int, init_method: str) -> list[str]:
     """The command line of TP rank ``rank`` (> 0) of the stage at ``place``."""
@@ -56,6 +59,8 @@ class RankProcesses:
         self.stopped_limit_s = stopped_limit_s
         """Kill a rank stopped (SIGSTOP) this long; 0: never."""
         self._stopped_since: dict[int, float] = {}
+        self._next_look = 0.0
+        """``first_dead`` runs before every step: ``/proc`` is read at most every ``LOOK_EVERY_S``."""
         for rank, proc in self.procs.items():
             log.info("started tp rank %d (pid %d)", rank, proc.pid)
 
@@ -67,8 +72,11 @@ class RankProcesses:
         """(rank, exit code) of a rank process that has ended unasked, or None."""
         if self.stopping:
             return None
+        look = bool(self.stopped_limit_s) and time.monotonic() >= self._next_look
+        if look:
+            self._next_look = time.monotonic() + LOOK_EVERY_S
         for rank, proc in self.procs.items():
-            if proc.poll() is None and self.stopped_limit_s:
+            if look and proc.poll() is None:
                 self._kill_if_stopped(rank, proc)
             if proc.poll() is not None:
                 return rank, proc.returncode
@@ -110,4 +118,3 @@ class RankProcesses:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
