@@ -18,6 +18,7 @@ import time
 import pytest
 
 from stagemesh import AsyncClient
+from stagemesh.deploy.liveness import CHECK_EVERY_S
 from tests.chaos.chaos_helpers import (
     greedy_requests,
     launcher_output,
@@ -182,6 +183,7 @@ def test_a_frozen_process_is_killed_and_restarted_at_no_cost_of_a_request_or_a_t
     assert len(killed) == 1 and "killing it" in killed[0], log
     assert f"{victim} exited with code -9; restarting it at once" in log, log
     assert _pid(addr, up, victim) != pid and up.poll() is None
-    assert longest >= LIVENESS_S, f"the streams waited {longest:.2f} s, less than the freeze lasted"
+    # its last answer came at most one check (0.5 s) before the freeze: the kill, then the restart
+    assert longest >= LIVENESS_S - CHECK_EVERY_S, f"the streams waited only {longest:.2f} s"
     print(f"{victim} frozen mid-generation: killed and restarted; {STREAMS} streams whole, the longest gap "
           f"{longest:.2f} s (--liveness-s {LIVENESS_S:g})")
