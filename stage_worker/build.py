@@ -12,7 +12,6 @@ from stagemesh.model.moe import Experts, ExpertsOnRankZero
 from stagemesh.model.parallel import TPGroup
 from stagemesh.runners.stage import StageRunner
 from stagemesh.runtime.load_progress import Progress
-from stagemesh.runtime.procs import LIVENESS_S
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,6 @@ class StageOptions:
     log_level: str = "INFO"
     remote_experts: bool = False
     """The chain's routed experts run on expert workers (TP ranks > 0 then stand in with zeros)."""
-    liveness_s: float = LIVENESS_S
-    """Rank 0 kills a rank > 0 that has been stopped (SIGSTOP) this long, taking the stage down to be
-    restarted (``stage_worker.ranks``); 0: never."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

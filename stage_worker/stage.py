@@ -146,14 +146,15 @@ class TPStage:
 
 
 def launch_tp(
-    place: StagePlace, opts: StageOptions, experts: Experts | None = None
+    place: StagePlace, opts: StageOptions, experts: Experts | None = None, stopped_limit_s: float = 0.0
 ) -> tuple[RankProcesses, Callable[[], TPStage]]:
     """Start ranks 1..T-1 (call on the main thread); the callable joins them as rank 0 and
-    loads this rank's weights (call it on the step thread). It returns once every rank has loaded."""
+    loads this rank's weights (call it on the step thread). It returns once every rank has loaded.
+    ``stopped_limit_s``: a rank stopped (SIGSTOP) this long is killed (the worker's ``--liveness-s``; 0: never)."""
     backend = tp_backend(place.devices[0], opts.tp_backend or place.tp_backend)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ranks = RankProcesses([rank_command(place, opts, rank, init_method) for rank in range(1, place.tp)],
-                          stopped_limit_s=opts.liveness_s)
+                          stopped_limit_s=stopped_limit_s)
 
     def build() -> TPStage:
         group = join_group(0, place.tp, init_method, backend, place.devices[0])

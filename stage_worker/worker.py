@@ -55,7 +55,7 @@ class StageWorker(Role):
         """The stage's mesh identity: what its calls to the next stage and the expert workers present."""
         self.opts = StageOptions(
             kv_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb, threads=args.threads, cpus=args.cpus,
-            tp_backend=args.tp_backend, log_level=args.log_level, liveness_s=args.liveness_s,
+            tp_backend=args.tp_backend, log_level=args.log_level,
         )
         self.faults = FaultInjector(place.worker_id, getattr(args, "enable_fault_injection", False))
         """Fault injection through the Admin service (refused unless --enable-fault-injection)."""
@@ -116,7 +116,7 @@ class StageWorker(Role):
         """What the step thread calls to build the stage; with tp > 1 the TP ranks are started first."""
         if self.place.tp > 1:
             opts = dataclasses.replace(self.opts, remote_experts=self.experts is not None)
-            self.ranks, make_stage = launch_tp(self.place, opts, self.experts)
+            self.ranks, make_stage = launch_tp(self.place, opts, self.experts, stopped_limit_s=self.args.liveness_s)
             return make_stage
         place, opts, experts = self.place, self.opts, self.experts
         progress = reporter(log, "layers")  # `stagemesh up` follows these lines (stagemesh.runtime.load_progress)
