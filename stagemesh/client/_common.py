@@ -39,8 +39,9 @@ CHANNEL_OPTIONS = (
     # 120 s: a client whose frontend died would resume seconds late. Reconnect fast instead, and
     # keep dialing every 0.25 s at most: with a 1 s cap (and the resume's own 1 s), the clients
     # of a lone frontend, back 0.5 s after a SIGKILL, resumed 2.6 s after it (scripts/kill_gap.py).
+    # Not grpc.min_reconnect_backoff_ms: gRPC's core reads it as each connection attempt's deadline
+    # (20 s by default), and a frontend under an overload wave may take over 0.1 s to answer one.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 250),
     # Each client its own connection: gRPC otherwise shares one among every channel of the process
     # to the same address, so a process's clients would all land on one of the mesh's frontends.

@@ -99,10 +99,11 @@ class Answers(gateway_pb2_grpc.GatewayServicer):
 
 
 @contextmanager
-def closing_first(address: str, closes: int) -> Iterator[str]:
+def tcp_front(address: str, closes: int = 0, delay_s: float = 0.0) -> Iterator[str]:
     """A TCP front for ``address`` on a port of its own that closes the first ``closes`` connections
     at once (as a server overloaded by a storm of connections, or a TLS port, closes them during the
-    handshake) and relays the others."""
+    handshake) and relays the others, each from ``delay_s`` after it was accepted (a server too busy
+    to send its HTTP/2 SETTINGS at once)."""
     accepted = 0
 
     async def relay(reader, writer):
@@ -121,6 +122,7 @@ def closing_first(address: str, closes: int) -> Iterator[str]:
         if accepted <= closes:
             writer.close()
             return
+        await asyncio.sleep(delay_s)
         host, port = address.rsplit(":", 1)
         up_reader, up_writer = await asyncio.open_connection(host, int(port))
         await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
@@ -147,12 +149,30 @@ def closing_first(address: str, closes: int) -> Iterator[str]:
 
 def test_a_first_call_whose_connection_is_closed_in_its_handshake_is_tried_again_before_it_fails():
     with serving(Answers()) as address:
-        with closing_first(address, closes=3) as front, Client(front, timeout=30) as client:
+        with tcp_front(address, closes=3) as front, Client(front, timeout=30) as client:
             assert client.generate(token_ids=[5], max_new_tokens=1).token_ids == (7,)
-        with closing_first(address, closes=10**6) as front, Client(front, timeout=30) as client:
+        with tcp_front(address, closes=10**6) as front, Client(front, timeout=30) as client:
             start = time.monotonic()
             with pytest.raises(Unavailable) as info:
                 client.generate(token_ids=[5], max_new_tokens=1)
             assert HANDSHAKE_RETRY_S <= time.monotonic() - start < 10  # not the 60 s of resuming
             assert f"no stagemesh server answers at {front}" in info.value.message
             assert "may speak TLS" in info.value.message
+
+
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+def test_a_server_slow_to_answer_a_new_connection_is_waited_for(client_class):
+    """A frontend under an overload wave may take a second or more to send its SETTINGS frame: the
+    connection is waited for (gRPC's own 20 s), not given up after 0.1 s (``grpc.min_reconnect_backoff_ms``
+    sets that deadline: with it at 100, such calls failed UNAVAILABLE "connection attempt timed out
+    before receiving SETTINGS frame")."""
+    with serving(Answers()) as address, tcp_front(address, delay_s=1.0) as front:
+        if client_class is Client:
+            with Client(front, timeout=30) as client:
+                assert client.generate(token_ids=[5], max_new_tokens=1).token_ids == (7,)
+        else:
+            async def one() -> tuple[int, ...]:
+                async with AsyncClient(front, timeout=30) as client:
+                    return (await client.generate(token_ids=[5], max_new_tokens=1)).token_ids
+
+            assert asyncio.run(one()) == (7,)
