@@ -26,6 +26,7 @@ from stagemesh.runtime import cpus, event_loop, faults
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import MeshTLS, add_tls_args
+from stagemesh.runtime.watchdog import add_liveness_arg
 from stagemesh.v1 import expert_pb2
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=1.0,
                    help="on SIGTERM, how long it keeps answering (UNAVAILABLE) while stages learn it is gone")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
+    add_liveness_arg(p)
     p.add_argument("--enable-fault-injection", action="store_true", default=faults.enabled_by_env(),
                    help=f"serve Admin.InjectFault (tests, drills; never in production); "
                         f"also on with {faults.FAULT_INJECTION_ENV}=1")
@@ -77,6 +79,7 @@ async def _run(args: argparse.Namespace, tls: MeshTLS | None) -> int:
         args.deployment,
         args.topology_wait_s,
         lambda doc: find_expert_worker(doc, args.chain, args.worker),
-        lambda place, store: run(WorkerServer(EXPERT_SERVICE, args.grace_s, tls=tls), ExpertWorker(args, place, store)),
+        lambda place, store: run(WorkerServer(EXPERT_SERVICE, args.grace_s, tls=tls, liveness_s=args.liveness_s),
+                                 ExpertWorker(args, place, store)),
         signer=signer_from_args(args),
     )

@@ -17,6 +17,7 @@ from stagemesh.runtime.api_keys import ApiKeys
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import add_serving_cert_args, add_tls_args, serving_cert_from_args
+from stagemesh.runtime.watchdog import add_liveness_arg
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "then carries several tokens (0: one message per step per stream)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running streams may finish")
+    add_liveness_arg(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     api_keys.add_arguments(p.add_argument_group("API keys (frontend.auth): asked for on the client and HTTP ports"))
     return p.parse_args(argv)
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return event_loop.run(start_worker(
             redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,
             lambda topology, store: run(
-                WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS, interceptors(keys), tls=tls),
+                WorkerServer(GATEWAY_SERVICE, args.grace_s, CLIENT_SERVER_OPTIONS, interceptors(keys), tls=tls,
+                             liveness_s=args.liveness_s),
                 Frontend(opts, topology)),
             signer=signer_from_args(args),
         ))

@@ -51,6 +51,7 @@ from stagemesh.mesh.store import JournalEntry, Store
 from stagemesh.mesh.topology import Chain, Topology
 from stagemesh.runtime import health
 from stagemesh.runtime.health import HealthProbe
+from stagemesh.runtime.procs import LIVENESS_S
 from stagemesh.runtime.server import EXCLUSIVE_PORT, Role, WorkerServer, run
 from stagemesh.runtime.tls import MeshTLS
 from stagemesh.tokenizer import Tokenizer
@@ -110,6 +111,9 @@ class GatewayOptions:
     fence_after_s: float = FENCE_AFTER_S
     """With ``lock_file``: a standby SIGKILLs the leader once it answered no health check this long
     (frozen), then takes over (``gateway.lead.Fence``)."""
+    liveness_s: float = LIVENESS_S
+    """Once serving, the process ends when its event loop has not run this long, so that whatever runs
+    it restarts it (``stagemesh.runtime.watchdog``); 0: never."""
     signer: Signer | None = None
     """The mesh key (``--tls-dir``'s ``mesh.key``): the documents it writes to Redis are signed and
     those it reads checked (``stagemesh.mesh.signing``); None: unsigned (an ``--insecure`` mesh)."""
@@ -117,7 +121,8 @@ class GatewayOptions:
 
 async def serve(opts: GatewayOptions) -> None:
     """Run the gateway until SIGTERM / SIGINT."""
-    await run(WorkerServer(SCHEDULING_SERVICE, opts.shutdown_grace_s, options=SERVER_OPTIONS, tls=opts.tls),
+    await run(WorkerServer(SCHEDULING_SERVICE, opts.shutdown_grace_s, options=SERVER_OPTIONS, tls=opts.tls,
+                           liveness_s=opts.liveness_s),
               Gateway(opts))
 
 

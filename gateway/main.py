@@ -15,6 +15,7 @@ from gateway.router import FAILOVER_WAIT_S
 from stagemesh.runtime import event_loop
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args
 from stagemesh.runtime.tls import add_tls_args
+from stagemesh.runtime.watchdog import add_liveness_arg
 
 logger = logging.getLogger("gateway")
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests one chain queues at most; past that RESOURCE_EXHAUSTED with a retry hint")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running calls may finish")
+    add_liveness_arg(p)
     p.add_argument("--failover-wait-s", type=float, default=FAILOVER_WAIT_S,
                    help="how long a running request whose chain failed waits for a healthy chain before UNAVAILABLE")
     p.add_argument("--resume-window-s", type=float, default=RESUME_WINDOW_S,
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         signer=signer,
         lock_file=args.lock_file,
         fence_after_s=args.fence_after_s,
+        liveness_s=args.liveness_s,
     )
     try:
         event_loop.run(serve(opts))

@@ -28,10 +28,10 @@ from stagemesh.config import ModelConfig
 from stagemesh.mesh.layout import validate_layout
 from stagemesh.mesh.store import Store
 from stagemesh.runtime import cpus, event_loop, faults
-from stagemesh.runtime.procs import LIVENESS_S
 from stagemesh.runtime.server import WorkerServer, run
 from stagemesh.runtime.startup import StartupError, add_redis_args, mesh_args, signer_from_args, start_worker
 from stagemesh.runtime.tls import MeshTLS, add_tls_args
+from stagemesh.runtime.watchdog import add_liveness_arg
 from stagemesh.v1 import stage_pb2
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TP ranks' torch.distributed backend (default: the topology's, else nccl on cuda, gloo on cpu)")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight streams may finish")
-    p.add_argument("--liveness-s", type=float, default=LIVENESS_S, metavar="S",
-                   help="with --tp > 1 in the topology: kill a TP rank that has been stopped (SIGSTOP) for S seconds, "
-                        "which takes the stage down to be restarted; 0: never (default %(default)g)")
+    add_liveness_arg(p, also="; with --tp > 1 also kill a TP rank stopped (SIGSTOP) that long, which takes the "
+                             "stage down to be restarted")
     p.add_argument("--enable-fault-injection", action="store_true", default=faults.enabled_by_env(),
                    help=f"serve Admin.InjectFault (tests, drills; never in production); "
                         f"also on with {faults.FAULT_INJECTION_ENV}=1")
@@ -86,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(args: argparse.Namespace, tls: MeshTLS | None) -> int:
     async def serve(place: StagePlace, store: Store) -> int:
         _check_layout(place)
-        return await run(WorkerServer(STAGE_SERVICE, args.grace_s, tls=tls), StageWorker(args, place, store, tls))
+        server = WorkerServer(STAGE_SERVICE, args.grace_s, tls=tls, liveness_s=args.liveness_s)
+        return await run(server, StageWorker(args, place, store, tls))
 
     def find(doc):
         return find_stage(doc, args.chain, args.stage)

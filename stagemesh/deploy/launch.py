@@ -34,7 +34,8 @@ experts all have other replicas.
 
 A worker, the gateway or a frontend that served and then answered no health check for
 ``--liveness-s`` (frozen) is SIGKILLed, and so restarted (``stagemesh.deploy.liveness``); the
-local Redis likewise (``stagemesh.deploy.redis_keeper``).
+local Redis likewise (``stagemesh.deploy.redis_keeper``). Each child also gets the flag: one whose
+event loop stands still that long ends itself (``stagemesh.runtime.watchdog``).
 
 NOTE: over 400 lines, a sixth of them this docstring: ``Mesh`` is one concern (start,
 supervise, stop); planning is ``up_plan.py``, the command ``up.py``, the local Redis's keeping
@@ -252,8 +253,6 @@ class Mesh:
         for i, (name, module, args, _, address) in enumerate(workers):
             bound = ["--cpus", cpus.format_list(sets[i])] if sets is not None and self.opts.cpu_bind else []
             extra = ["--enable-fault-injection"] if self.opts.fault_injection else []
-            if module == "stage_worker":  # its rank 0 kills a frozen TP rank, as `up` kills a frozen process
-                extra += ["--liveness-s", str(self.opts.liveness_s if self.opts.restart else 0)]
             self._spawn(name, module, *args, "--threads", str(threads), *bound, *extra,
                         "--topology-wait-s", str(REDIS_WAIT_S), address=address)
             if module == "expert_worker" and self.opts.expert_replicas > 1:
@@ -284,7 +283,9 @@ class Mesh:
     def _spawn(self, name: str, module: str, *args: str, address: str | None = None, service: str = "") -> None:
         """Start a child; with ``address``, its readiness is probed there: the health of
         ``service`` ("": the server as a whole; see the module NOTE)."""
-        common = ["--deployment", self.opts.deployment]  # Redis's URL and the certificates: in the environment
+        # Redis's URL and the certificates: in the environment
+        common = ["--deployment", self.opts.deployment,
+                  "--liveness-s", str(self.opts.liveness_s if self.opts.restart else 0)]
         self.commands[name] = [sys.executable, "-m", module, *common, *args]
         if address is not None:
             self.addresses[name] = (address, service)

@@ -4,6 +4,7 @@
 
     SIGTERM/SIGINT caught → role.load: bind (health NOT_SERVING), weights, peers
       → role.serve: health SERVING, heartbeats → the garbage collector settled (``gc_policy``)
+      → the loop watched (``watchdog``: a loop stuck for --liveness-s ends the process)
       → until a stop signal (or role.broken → role.fail)
       → health NOT_SERVING → role.drain → server.stop(grace) → role.close
 
@@ -28,6 +29,7 @@ from stagemesh.runtime.decode_guard import DecodeGuard
 from stagemesh.runtime.health import NOT_SERVING, SERVING
 from stagemesh.runtime.startup import StartupError
 from stagemesh.runtime.tls import MeshTLS
+from stagemesh.runtime.watchdog import LoopWatchdog
 from stagemesh.wire.streams import MESSAGE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ class WorkerServer:
     """One gRPC server with ``grpc.health.v1`` for "" and ``service``, and the stop signal that ends it."""
 
     def __init__(self, service: str, grace_s: float, options: tuple = SERVER_OPTIONS,
-                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (), *, tls: MeshTLS | None = None):
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (), *, tls: MeshTLS | None = None,
+                 liveness_s: float = 0.0):
         self.service = service
         """Full name of the served service, e.g. ``stagemesh.v1.Stage`` (its health name)."""
         self.grace_s = grace_s
@@ -67,6 +70,8 @@ class WorkerServer:
         self.tls = tls
         """This process's mesh identity: its ports take only the mesh CA's client certificates and each
         caller's role is checked (``stagemesh.runtime.tls``); None: plaintext (an ``--insecure`` mesh)."""
+        self.watchdog = LoopWatchdog(liveness_s)
+        """Once serving: the process ends when its event loop stands still ``liveness_s`` (0: never)."""
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.stopping = asyncio.Event()
@@ -174,7 +179,9 @@ async def run(server: WorkerServer, role: Role) -> int:
             return 0
         await role.serve(server)
         gc_policy.settle(gc_wanted)
+        server.watchdog.start()
         broken = await server.until_stopped(role.broken())
         return 0 if broken is None else await role.fail(broken.result())
     finally:
+        server.watchdog.stop()
         await server.shutdown(role)
