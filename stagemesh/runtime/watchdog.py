@@ -24,9 +24,17 @@ import sys
 from stagemesh.runtime.procs import LIVENESS_S
 
 
+def seconds(text: str) -> float:
+    """``--liveness-s``'s value: 0 or more seconds (argparse's error otherwise, before anything starts)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give how long the event loop may stand still, or 0: never")
+    return value
+
+
 def add_liveness_arg(parser: argparse.ArgumentParser, also: str = "") -> None:
     """``--liveness-s``, the same for every serving process (``also``: what else it bounds there)."""
-    parser.add_argument("--liveness-s", type=float, default=LIVENESS_S, metavar="S",
+    parser.add_argument("--liveness-s", type=seconds, default=LIVENESS_S, metavar="S",
                         help="once serving, exit (every thread's stack in the log) when the event loop has not "
                              f"run for S seconds, so that `up`, compose or Kubernetes restarts it{also}; 0: never")
 

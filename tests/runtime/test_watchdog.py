@@ -74,6 +74,11 @@ def test_a_process_stopped_for_less_than_the_wait_serves_on():
     assert stop(proc)[0] == 0
 
 
-def test_a_negative_wait_is_refused():
+@pytest.mark.parametrize("module", ["gateway", "frontend", "stage_worker", "expert_worker"])
+def test_a_negative_wait_is_refused_before_anything_starts(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--liveness-s", "-1"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --liveness-s: -1: give how long the event loop may stand still, or 0: never" in proc.stderr
     with pytest.raises(ValueError, match="--liveness-s -1: give how long the event loop may stand still, or 0"):
         LoopWatchdog(-1)
