@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from functools import partial
 
 import pytest
 
 from stagemesh.cli.bench import BenchSpec
+from stagemesh.cli.bench import mesh as bench_mesh
 from stagemesh.cli.bench.local import _import_transformers
-from stagemesh.cli.bench.mesh import is_local, stage_figures, status_processes
+from stagemesh.cli.bench.mesh import is_local, runs_module, stage_figures
 from stagemesh.cli.bench.roofline import flops_needed, model_cost, roofline_figures
 from stagemesh.cli.bench.workload import (
     BenchRequest,
@@ -102,6 +106,7 @@ def test_step_overhead_is_the_chains_step_interval_less_each_stages_compute():
 def test_a_running_meshs_processes_come_from_its_status_and_are_unknown_elsewhere():
     workers = [{"role": "stage", "chain": 0, "stage": 1, "pid": 11, "address": "127.0.0.1:5001"},
                {"role": "expert", "chain": 0, "stage": -1, "pid": 12, "address": "127.0.0.1:5002"}]
+    status_processes = partial(bench_mesh.status_processes, runs=lambda pid, module: True)  # as the document says
     procs = status_processes({"workers": workers}, local=True)
     assert [(p.name, p.role, p.pid) for p in procs[:-1]] == [
         ("gateway", "gateway", None), ("redis", "redis", None),  # the status document gives neither pid
@@ -116,6 +121,23 @@ def test_a_running_meshs_processes_come_from_its_status_and_are_unknown_elsewher
         ("frontend-0", "frontends", 21), ("frontend-web-1", "frontends", None)]
     assert [p.pid for p in status_processes({"workers": workers}, local=False)[:-1]] == [None] * 4
     assert [is_local(a) for a in ("127.0.0.1:5", "localhost:5", "[::1]:5", "10.1.2.3:5")] == [True, True, True, False]
+
+
+def test_a_pid_that_here_runs_another_program_than_its_role_is_unknown():
+    """Against compose's published port the status document gives the containers' own pids: here
+    they name other processes, whose CPU would be reported as the mesh's."""
+    other = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert runs_module(other.pid, "http.server") and not runs_module(other.pid, "gateway")
+        doc = {"gateway": {"pid": other.pid, "frontends": [{"name": "frontend-0", "pid": os.getpid()}]},
+               "workers": [{"role": "stage", "chain": 0, "stage": 0, "pid": 1, "address": "a:1"}]}
+        assert [(p.name, p.pid) for p in bench_mesh.status_processes(doc, local=True)[:-1]] == [
+            ("gateway", None), ("redis", None), ("frontend-0", None), ("stage-c0-s0", None)]
+    finally:
+        other.kill()
+        other.wait()
+    assert not runs_module(other.pid, "http.server")  # gone
 
 
 def test_flops_follow_the_documented_formula(tmp_path):

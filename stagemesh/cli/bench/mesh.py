@@ -29,7 +29,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from stagemesh.cli.bench.cpu import CpuProbe, MeshProcess, cpu_figures
 from stagemesh.cli.bench.workload import BenchRequest, LoadShape, SystemRun, Trace, arrival_offsets
@@ -143,10 +143,25 @@ async def _status(addr: str, connect: Connect) -> dict:
         return await client.status()
 
 
-def status_processes(status: dict, *, local: bool) -> list[MeshProcess]:
+MODULES = {"gateway": "gateway", "frontends": "frontend", "stages": "stage_worker", "experts": "expert_worker"}
+"""The module (``python -m MODULE``) each role of the status document runs."""
+
+
+def runs_module(pid: int, module: str) -> bool:
+    """Whether process ``pid`` of this machine is ``python -m module``."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone, or no /proc here
+        return False
+    return any(a == b"-m" and b == module.encode() for a, b in zip(args, args[1:]))
+
+
+def status_processes(status: dict, *, local: bool, runs: Callable[[int, str], bool] = runs_module) -> list[MeshProcess]:
     """A running mesh's processes as its status document lists them (the gateway, the frontends
     attached to it, the workers), and the bench client. A pid only where the document gives
-    it, Redis's never; no pid at all when the mesh runs on another machine (``local`` False):
+    it, Redis's never; no pid at all when the mesh runs on another machine (``local`` False),
+    nor where that pid here does not ``runs`` the role's module (a container's pids are its own
+    namespace's: pid 7 in a compose gateway's container is another process, or none, here):
     unknown, never guessed."""
     gateway = status.get("gateway", {})
     procs = [MeshProcess("gateway", gateway.get("pid")), MeshProcess("redis", None)]
@@ -154,8 +169,8 @@ def status_processes(status: dict, *, local: bool) -> list[MeshProcess]:
     for w in status.get("workers", []):
         name = f"stage-c{w['chain']}-s{w['stage']}" if w["role"] == "stage" else f"{w['role']}-{w['address']}"
         procs.append(MeshProcess(name, w.get("pid") or None))
-    if not local:
-        procs = [MeshProcess(p.name, None) for p in procs]
+    procs = [p if local and p.pid is not None and runs(p.pid, MODULES[p.role]) else MeshProcess(p.name, None)
+             for p in procs]
     return procs + [CLIENT]
 
 
