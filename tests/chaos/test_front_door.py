@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.journal import DEFAULT_FLUSH_INTERVAL_S
 from stagemesh.runtime.health import serving_sync
 from stagemesh.runtime.tls import MeshTLS
 from tests.chaos.chaos_helpers import status, timed_streams
@@ -73,6 +74,14 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def kill_once_journaled(pid: int) -> None:
+    """SIGKILL the gateway ``pid`` two journal windows from now (the streams go on meanwhile): its
+    journal is flushed a window after a write, and a gateway killed before the first flush leaves
+    nothing there to take over (its requests then come back by the frontends' resubmission alone),
+    which these tests' "took over" would read as a failure."""
+    asyncio.get_running_loop().call_later(2 * DEFAULT_FLUSH_INTERVAL_S, kill, pid)
+
+
 def wait_for_new(up: subprocess.Popen, module: str, old: int, serving: int, timeout: float = 30.0) -> int:
     """The restarted process's pid, once ``serving`` processes of ``module`` serve clients again
     (their own ports answer SERVING: the next trial starts with all of them up)."""
@@ -98,7 +107,7 @@ def test_a_gateway_killed_mid_generation_costs_no_token(mesh, reference):
     addr, proc, logs = mesh
     for trial in range(TRIALS):
         (gateway,) = children(proc.pid, "gateway")
-        results, gap = asyncio.run(run_streams(addr, lambda: kill(gateway)))
+        results, gap = asyncio.run(run_streams(addr, lambda: kill_once_journaled(gateway)))
         assert results == reference  # every stream whole, in order, each token once
         assert not pid_alive(gateway) and wait_for_new(proc, "gateway", gateway, serving=1)
         assert "took over" in (logs / "gateway.log").read_text()  # the new one read the journal
@@ -120,7 +129,7 @@ def test_a_gateway_killed_with_a_standby_beside_it_costs_no_token_and_the_standb
         assert _eventually(lambda: _logged(logs).count("standby: another gateway holds") == trial + 1)
         active = status(addr)["gateway"]["pid"]
         (standby,) = [pid for pid in children(proc.pid, "gateway") if pid != active]
-        results, gap = asyncio.run(run_streams(addr, lambda: kill(active)))
+        results, gap = asyncio.run(run_streams(addr, lambda: kill_once_journaled(active)))
         assert results == reference
         # the standby leads now (not a process the launcher started after the kill) ...
         assert not pid_alive(active) and status(addr)["gateway"]["pid"] == standby

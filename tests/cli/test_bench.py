@@ -24,6 +24,7 @@ from stagemesh.cli.bench.workload import (
     percentile,
 )
 from stagemesh.cli.demo import write_demo_model
+from stagemesh.runtime.net import free_port
 
 
 def test_requests_are_seeded_within_their_ranges_and_avoid_reserved_ids():
@@ -126,10 +127,11 @@ def test_a_running_meshs_processes_come_from_its_status_and_are_unknown_elsewher
 def test_a_pid_that_here_runs_another_program_than_its_role_is_unknown():
     """Against compose's published port the status document gives the containers' own pids: here
     they name other processes, whose CPU would be reported as the mesh's."""
-    other = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    module = "tests.runtime.watched_server"
+    other = subprocess.Popen([sys.executable, "-m", module, str(free_port()), "0"], stdout=subprocess.PIPE, text=True)
     try:
-        assert runs_module(other.pid, "http.server") and not runs_module(other.pid, "gateway")
+        assert other.stdout.readline().strip() == "serving"  # past its exec: /proc shows its own command line
+        assert runs_module(other.pid, module) and not runs_module(other.pid, "gateway")
         doc = {"gateway": {"pid": other.pid, "frontends": [{"name": "frontend-0", "pid": os.getpid()}]},
                "workers": [{"role": "stage", "chain": 0, "stage": 0, "pid": 1, "address": "a:1"}]}
         assert [(p.name, p.pid) for p in bench_mesh.status_processes(doc, local=True)[:-1]] == [
@@ -137,7 +139,7 @@ def test_a_pid_that_here_runs_another_program_than_its_role_is_unknown():
     finally:
         other.kill()
         other.wait()
-    assert not runs_module(other.pid, "http.server")  # gone
+    assert not runs_module(other.pid, module)  # gone
 
 
 def test_flops_follow_the_documented_formula(tmp_path):

@@ -15,13 +15,24 @@ from stagemesh.runtime.net import free_port
 from stagemesh.runtime.watchdog import LoopWatchdog
 
 
-def start(liveness_s: float, stall_after_s: float | None = None) -> subprocess.Popen:
-    """tests/runtime/watched_server.py, once it serves."""
-    args = [str(free_port()), str(liveness_s), *([] if stall_after_s is None else [str(stall_after_s)])]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.runtime.watched_server", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "serving", proc.communicate(timeout=30)
-    return proc
+@pytest.fixture
+def start():
+    """Starts tests/runtime/watched_server.py and returns it once it serves; kills what is left after the test."""
+    procs = []
+
+    def start(liveness_s: float, stall_after_s: float | None = None) -> subprocess.Popen:
+        args = [str(free_port()), str(liveness_s), *([] if stall_after_s is None else [str(stall_after_s)])]
+        proc = subprocess.Popen([sys.executable, "-m", "tests.runtime.watched_server", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "serving", proc.communicate(timeout=30)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def ended(proc: subprocess.Popen, within_s: float) -> tuple[int | None, str]:
@@ -41,7 +52,7 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return code, err
 
 
-def test_a_loop_stuck_for_the_liveness_wait_ends_the_process_with_the_stuck_stack_in_its_log():
+def test_a_loop_stuck_for_the_liveness_wait_ends_the_process_with_the_stuck_stack_in_its_log(start):
     proc = start(liveness_s=1.0, stall_after_s=0.3)
     began = time.monotonic()
     code, err = ended(proc, within_s=30)
@@ -51,21 +62,19 @@ def test_a_loop_stuck_for_the_liveness_wait_ends_the_process_with_the_stuck_stac
     assert 1.0 <= took < 10, took
 
 
-def test_a_loop_that_runs_keeps_its_process_however_long_it_serves():
+def test_a_loop_that_runs_keeps_its_process_however_long_it_serves(start):
     proc = start(liveness_s=1.0)
     assert ended(proc, within_s=4) == (None, "")  # four liveness waits
     code, err = stop(proc)
     assert code == 0 and "Timeout" not in err, err  # disarmed before the drain
 
 
-def test_liveness_0_never_ends_a_stuck_process():
+def test_liveness_0_never_ends_a_stuck_process(start):
     proc = start(liveness_s=0, stall_after_s=0.1)
     assert ended(proc, within_s=3) == (None, "")
-    proc.kill()
-    proc.wait()
 
 
-def test_a_process_stopped_for_less_than_the_wait_serves_on():
+def test_a_process_stopped_for_less_than_the_wait_serves_on(start):
     proc = start(liveness_s=1.0)
     proc.send_signal(signal.SIGSTOP)
     time.sleep(0.5)
