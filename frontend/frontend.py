@@ -18,6 +18,7 @@ from frontend.stream import MESSAGES_PER_S
 from stagemesh.config import ModelConfig
 from stagemesh.mesh.topology import Topology
 from stagemesh.runtime.api_keys import NO_KEYS, ApiKeys
+from stagemesh.runtime.file_lock import FileLocks
 from stagemesh.runtime.server import CALL_OPTIONS, Role, WorkerServer
 from stagemesh.runtime.tls import MeshTLS, ServingCert
 from stagemesh.tokenizer import Tokenizer
@@ -77,6 +78,10 @@ class FrontendOptions:
     api_keys: ApiKeys = NO_KEYS
     """The keys the HTTP port asks for (the gRPC port's check is the server's interceptor:
     ``frontend.auth.interceptors``); none: every caller is let in."""
+    slots: tuple[Path, ...] = ()
+    """Lock files, one per frontend that serves (``stagemesh up --spare-frontends``): this one binds
+    its ports only once it holds one of them, so with more frontends than files the rest wait,
+    loaded and linked, as spares (``Frontend._take_slot``); empty: it serves at once."""
 
 
 class Frontend(Role):
@@ -100,6 +105,7 @@ class Frontend(Role):
         self.link.start()
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()
+        await self._take_slot()
         servicer = FrontendServicer(self.link, tokenizer, config)
         add_servicer = with_kserve(partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer), KServeServicer(
             self.link, tokenizer, config, self.opts.served_model_name or Path(self.topology.model).name))
@@ -109,6 +115,26 @@ class Frontend(Role):
         cert = self.opts.serving_cert
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own, public=True,
                            public_credentials=cert.server_credentials() if cert else None)
+
+    async def _take_slot(self) -> None:
+        """Until this frontend holds one of ``slots`` (at once without them).
+
+        NOTE: a warm spare. A lone frontend's restart costs its clients a new interpreter, its
+        imports, the tokenizer and the link (1.2-1.7 s here, under load); a spare has done all of
+        that and blocks in ``flock`` (``stagemesh.runtime.file_lock``) until a serving frontend
+        dies, which lets its lock go as it dies, SIGKILL included. It then binds the shared client
+        port (and its own and the HTTP port) and its clients resume there; the launcher starts the
+        dead one again, which finds every slot held and waits as the next spare."""
+        if not self.opts.slots:
+            return
+        locks = FileLocks(self.opts.slots)
+        if locks.try_acquire():
+            log.info("%s holds %s: it serves", self.opts.name, locks.held)
+            return
+        log.info("%s is a spare: %d other frontend(s) serve; serving once one of them exits",
+                 self.opts.name, len(self.opts.slots))
+        held = await locks.wait()
+        log.warning("%s takes over %s: a frontend exited; this spare serves now", self.opts.name, held)
 
     async def _start_http(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
         """The OpenAI API (and the gateway's pages) on the shared HTTP port.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from frontend.auth import interceptors
 from frontend.frontend import CLIENT_SERVER_OPTIONS, GATEWAY_SERVICE, Frontend, FrontendOptions
@@ -45,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-messages-per-s", type=float, default=MESSAGES_PER_S,
                    help="messages a second this frontend sends its clients in all; with many streams each message "
                         "then carries several tokens (0: one message per step per stream)")
+    p.add_argument("--slot-files", nargs="+", type=Path, default=(), metavar="PATH",
+                   help="serve only once this process holds the lock of one of these files, one per serving "
+                        "frontend: with more frontends than files the others wait, loaded, as spares "
+                        "(stagemesh up --spare-frontends); default: serve at once")
     p.add_argument("--topology-wait-s", type=float, default=10.0, help="how long to wait for Redis and the topology")
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long running streams may finish")
     add_liveness_arg(p)
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                            messages_per_s=args.stream_messages_per_s, own_port=args.own_port,
                            http_port=args.http_port, gateway_http=args.gateway_http,
                            served_model_name=args.served_model_name, grace_s=args.grace_s, api_keys=keys,
-                           tls=tls, serving_cert=cert)
+                           tls=tls, serving_cert=cert, slots=tuple(args.slot_files))
     try:
         return event_loop.run(start_worker(
             redis_url, args.deployment, args.topology_wait_s, lambda topology: topology,

@@ -22,15 +22,14 @@ holds the lock is alive, so the pid cannot have been reused.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stagemesh.runtime.file_lock import FileLocks
 from stagemesh.runtime.health import HealthProbe
 from stagemesh.runtime.tls import MeshTLS
 
@@ -40,69 +39,27 @@ FENCE_AFTER_S = 10.0
 """How long a leader that answered before may answer no health check before its standby kills it."""
 
 
-class LeadLock:
-    """The lock on ``path``, held from ``acquire`` until the process exits."""
+class LeadLock(FileLocks):
+    """The lock on ``path`` (``stagemesh.runtime.file_lock``), held from ``acquire`` until the process exits."""
 
     def __init__(self, path: Path):
+        super().__init__((path,))
         self.path = path
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free, without waiting."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._hold(fd)
-        return True
-
-    def holder(self) -> int | None:
-        """The pid of the process holding the lock, as it wrote it; None when none is written."""
-        try:
-            return int(self.path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
-
-    def _hold(self, fd: int) -> None:
-        self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     async def acquire(self, fence: Fence | None = None) -> None:
-        """Until this process holds the lock; with ``fence``, a leader that freezes is killed.
-
-        NOTE: the wait is a blocking ``flock`` on a daemon thread, not an executor's: a standby
-        stopped while it waits (SIGTERM) exits without joining a thread that may block for days."""
+        """Until this process holds the lock; with ``fence``, a leader that freezes is killed."""
         if self.try_acquire():
             logger.info("holding %s: this gateway leads", self.path)
             return
         logger.info("standby: another gateway holds %s; taking over when it exits", self.path)
         watching = asyncio.create_task(fence.run(self.holder)) if fence is not None else None
         try:
-            self._hold(await self._wait())
+            await self.wait()
         finally:
             if watching is not None:
                 watching.cancel()
                 await asyncio.gather(watching, return_exceptions=True)
         logger.warning("the active gateway exited: this standby takes over")
-
-    async def _wait(self) -> int:
-        """The fd of the lock, once this process holds it."""
-        loop = asyncio.get_running_loop()
-        held: asyncio.Future[int] = loop.create_future()
-
-        def wait() -> None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                loop.call_soon_threadsafe(_resolve, held, fd)
-            except RuntimeError:  # the loop is closed: this process is stopping
-                os.close(fd)
-
-        threading.Thread(target=wait, name="gateway-lead", daemon=True).start()
-        return await held
 
 
 @dataclass(frozen=True)
@@ -137,9 +94,3 @@ class Fence:
                     return
             await asyncio.sleep(self.every_s)
 
-
-def _resolve(held: asyncio.Future[int], fd: int) -> None:
-    if held.done():  # the wait was cancelled (the standby is stopping): let the lock go
-        os.close(fd)
-    else:
-        held.set_result(fd)

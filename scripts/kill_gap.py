@@ -3,7 +3,8 @@ tokens that any stream saw while a gateway, a frontend or a stage worker died (o
 mesh took it back.
 
     python scripts/kill_gap.py --model /tmp/tiny --victim gateway|frontend|stage [--trials 5]
-        [--pp 2] [--frontends 1] [--standby-gateway] [--streams 16] [--tree DIR] [--port 50720]
+        [--pp 2] [--frontends 1] [--spare-frontends 0] [--standby-gateway] [--streams 16] [--tree DIR]
+        [--port 50720]
         [--signal KILL|STOP] [--liveness-s S]
 
 Starts ``stagemesh up --model MODEL --pp P --frontends F --insecure`` from the tree ``--tree``
@@ -12,8 +13,9 @@ Starts ``stagemesh up --model MODEL --pp P --frontends F --insecure`` from the t
 every stream is well under way (the gateway and the stage by the pid the status document
 gives, a frontend as the launcher's child), checks each stream got every token once, and
 prints the longest gap; between trials it waits until the launcher restarted the victim and
-the mesh is whole. With one frontend its clients wait for its restart; with a standby gateway
-the standby takes over. ``--signal STOP`` freezes the victim instead: the launcher kills it once
+the mesh is whole. With one frontend its clients wait for its restart, unless a spare frontend
+takes its place (``--spare-frontends``: the victim is then the one serving slot 0); with a
+standby gateway the standby takes over. ``--signal STOP`` freezes the victim instead: the launcher kills it once
 it answered no health check for ``--liveness-s`` (its default unless given) and restarts it.
 """
 
@@ -22,9 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +98,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--frontends", type=int, default=1)
+    parser.add_argument("--spare-frontends", type=int, default=0)
     parser.add_argument("--standby-gateway", action="store_true")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose code runs")
@@ -106,6 +111,8 @@ def main() -> None:
     command = [sys.executable, "-m", "stagemesh.cli", "up", "--model", args.model, "--pp", str(args.pp), "--insecure",
                "--frontends", str(args.frontends), "--port", str(args.port)]
     command += ["--standby-gateway"] if args.standby_gateway else []
+    logs = Path(tempfile.mkdtemp(prefix="kill-gap-"))
+    command += ["--spare-frontends", str(args.spare_frontends), "--log-dir", str(logs)] if args.spare_frontends else []
     command += ["--liveness-s", str(args.liveness_s)] if args.liveness_s is not None else []
     up = subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -122,22 +129,26 @@ def main() -> None:
                 victim = doc["gateway"]["pid"]
             elif args.victim == "stage":
                 victim = next(w["pid"] for w in doc["workers"] if w["role"] == "stage" and w["stage"] == args.pp - 1)
+            elif args.spare_frontends:  # a serving one: it holds a slot's lock and wrote its pid there
+                victim = int((logs / "frontend-slot-0.lock").read_text())
             else:
                 victim = _children(up.pid, "frontend")[0]
             gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, sig)))
             print(f"{tree.name} {args.victim} SIG{args.signal} {n + 1}/{args.trials}: {tokens} tokens whole, "
                   f"longest gap {gap:.3f} s", flush=True)
-            module, count = {"gateway": ("gateway", 1 + args.standby_gateway), "frontend": ("frontend", args.frontends),
+            module, count = {"gateway": ("gateway", 1 + args.standby_gateway),
+                             "frontend": ("frontend", args.frontends + args.spare_frontends),
                              "stage": ("stage_worker", args.pp)}[args.victim]
             deadline = time.monotonic() + 60
             while not (asyncio.run(_whole(addr, args.pp)) and len(_children(up.pid, module)) >= count):
                 if time.monotonic() > deadline:
                     raise SystemExit("the mesh was not whole again 60 s after the kill")
                 time.sleep(0.2)
-            time.sleep(2.0)  # the restarted process settles (a standby reaches its wait for the lock)
+            time.sleep(2.0)  # the restarted process settles (a standby or spare reaches its wait for the lock)
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="client gRPC port, shared by the frontends")
     p.add_argument("--frontends", type=int, default=None,
                    help="frontend processes serving clients on --port (default: one per 8 cores, 1 to 4)")
+    p.add_argument("--spare-frontends", type=int, default=0, metavar="N",
+                   help="N more frontend processes, loaded and linked to the gateway, that serve the client port "
+                        "only when a serving frontend exits: a lone frontend's death then costs its clients a "
+                        "reconnect, not a restart (default: 0)")
     p.add_argument("--standby-gateway", action="store_true",
                    help="start a second gateway that waits, warm, and takes over the moment the first exits "
                         "(its streams wait ~0.25 s instead of a restart's ~0.5 s on a small CPU host)")
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         served_model_name=args.served_model_name or source.repo_id,
         frontends=args.frontends,
+        spare_frontends=args.spare_frontends,
         standby_gateway=args.standby_gateway,
         standby_fence_s=args.standby_fence_s,
         redis_url=args.redis_url,

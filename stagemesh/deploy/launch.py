@@ -20,6 +20,7 @@ that exits is started again with the same command line, so on the same ports, af
   reconnect by themselves, reattach to it; with ``--standby-gateway`` a second gateway has
   taken over already (``gateway.lead``) and the restarted one becomes the next standby;
 - a frontend comes back on the shared client port (its clients retry on the others meanwhile);
+  with ``--spare-frontends`` a warm spare has taken its place already, and it becomes a spare;
 - a local Redis (no ``--redis-url``) comes back on the same port and data dir, so it reloads
   its append-only file; should it come back empty, the launcher writes the topology again at
   once (the gateway's ``StoreKeeper`` then rebuilds the rest) and the workers register again.
@@ -183,11 +184,12 @@ class Mesh:
                 gateway_args += [flag, str(value)]
         self._spawn_gateways(gateway_args, scheduling)
         wait = ["--topology-wait-s", str(REDIS_WAIT_S)]
-        for i in range(self.frontends):
+        for i in range(self.frontends + self.opts.spare_frontends):
             name, own = f"frontend-{i}", free_port()  # its own port: the launcher probes it there
             self._spawn(name, "frontend", "--gateway", scheduling, "--host", self.opts.host, "--port",
                         str(self.opts.port), "--own-port", str(own), "--name", name, *http, *wait,
-                        *self._api_key_args(), *self._serving_cert_args(), address=f"{self.opts.host}:{own}")
+                        *self._slot_args(), *self._api_key_args(), *self._serving_cert_args(),
+                        address=f"{self.opts.host}:{own}")
         return topology
 
     def _spawn_gateways(self, args: list[str], scheduling: str) -> None:
@@ -204,6 +206,13 @@ class Mesh:
             lock += ["--fence-after-s", str(self.opts.standby_fence_s)]
         for name in STANDBY_PAIR:  # whichever locks first leads; the other's log says it waits
             self._spawn(name, "gateway", *args, *lock)
+
+    def _slot_args(self) -> list[str]:
+        """The frontends' ``--slot-files`` with ``spare_frontends``: one lock file per frontend that
+        serves, so the rest wait as warm spares (``frontend.frontend.Frontend._take_slot``)."""
+        if not self.opts.spare_frontends:
+            return []
+        return ["--slot-files", *(str(self.log_dir / f"frontend-slot-{i}.lock") for i in range(self.frontends))]
 
     def _api_key_args(self) -> list[str]:
         """The frontends' ``--api-key-file`` (none without keys). NOTE: the keys go to the frontends
@@ -275,10 +284,10 @@ class Mesh:
         return load_signer(self.secrets.tls_dir) if self.secrets is not None else None
 
     def _every_frontend_serves(self) -> bool:
-        """Whether each frontend answers SERVING on its own port (mesh mTLS, whatever the client port
-        serves): linked to a ready gateway."""
-        return all(serving_sync(address, tls=self.tls) for name, (address, _) in self.addresses.items()
-                   if name.startswith("frontend"))
+        """Whether ``frontends`` frontends answer SERVING on their own ports (mesh mTLS, whatever the
+        client port serves): linked to a ready gateway. A spare binds no port until it serves."""
+        return sum(serving_sync(address, tls=self.tls) for name, (address, _) in self.addresses.items()
+                   if name.startswith("frontend")) >= self.frontends
 
     def _spawn(self, name: str, module: str, *args: str, address: str | None = None, service: str = "") -> None:
         """Start a child; with ``address``, its readiness is probed there: the health of

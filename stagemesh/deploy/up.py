@@ -75,9 +75,10 @@ def run_up(opts: UpOptions) -> int:
         stages = len(topology.chains[0].stages)
         experts = f" + {opts.ep} expert worker(s) x {opts.expert_replicas} replica(s)" if opts.ep else ""
         micro = _micro_line(mesh.micro_batches, stages, asked=opts.micro_batches is not None)
+        spares = f" + {opts.spare_frontends} spare" if opts.spare_frontends else ""
         print(
-            f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s)) | {opts.dp} chain(s) of "
-            f"{stages} stage worker(s) "
+            f"stagemesh ready: gateway {mesh.gateway_address} ({mesh.frontends} frontend(s){spares}) | "
+            f"{opts.dp} chain(s) of {stages} stage worker(s) "
             f"x tp {opts.tp}{experts} "
             f"on {opts.device}{micro}{_http_line(opts)}{_keys_line(opts.api_keys)}"
             f"{_security_line(mesh)} | logs {mesh.log_dir}",

@@ -58,6 +58,9 @@ class UpOptions:
     """The model's name in the OpenAI API; None: the checkpoint directory's name."""
     frontends: int | None = None
     """Frontend processes sharing the client port; None: ``default_frontends()`` for this host."""
+    spare_frontends: int = 0
+    """Frontend processes more than ``frontends``, warm (loaded, linked to the gateway), that bind the
+    client port only when a serving frontend exits (``frontend.frontend.Frontend._take_slot``)."""
     standby_gateway: bool = False
     """A second gateway process, warm, that takes over the moment the first exits (``gateway.lead``)."""
     standby_fence_s: float | None = None
@@ -122,6 +125,8 @@ def plan_topology(opts: UpOptions) -> Topology:
         raise ValueError(f"--standby-fence-s {opts.standby_fence_s}: give it with --standby-gateway, and more than 0 s")
     if opts.liveness_s < 0:
         raise ValueError(f"--liveness-s {opts.liveness_s}: give how long a process may answer nothing, or 0: never")
+    if opts.spare_frontends < 0:
+        raise ValueError(f"--spare-frontends {opts.spare_frontends}: give how many spare frontends, or 0: none")
     config = ModelConfig.from_dir(opts.model)
     gpus = (visible_gpus() if opts.gpus is None else opts.gpus) if opts.device == "cuda" else None
     validate_layout(config, opts.pp, opts.tp, ep=opts.ep, dp=opts.dp, gpus=gpus)

@@ -48,7 +48,7 @@ def test_the_first_leads_and_a_second_waits_until_the_first_lets_go(tmp_path):
         waiting = asyncio.create_task(second.acquire())
         await asyncio.sleep(0.2)
         assert not waiting.done()
-        os.close(first._fd)  # what the kernel does when the holder exits
+        first.release()  # what the kernel does when the holder exits
         await asyncio.wait_for(waiting, timeout=5.0)
 
     asyncio.run(scenario())
@@ -90,7 +90,7 @@ def test_a_standby_stopped_while_it_waits_leaves_the_lock_to_others(tmp_path, ho
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         if holder_exits:
-            os.close(first._fd)
+            first.release()
             await asyncio.sleep(0.2)  # the cancelled wait's thread takes the lock and lets it go
 
     asyncio.run(scenario())

@@ -138,6 +138,7 @@ def test_plan_topology_refuses_a_bad_tp_before_anything_starts(tmp_path):
     ({"liveness_s": -1.0}, r"--liveness-s -1.0: give how long a process may answer nothing, or 0: never"),
     ({"standby_fence_s": 2.0}, r"--standby-fence-s 2.0: give it with --standby-gateway"),
     ({"standby_gateway": True, "standby_fence_s": 0.0}, r"--standby-fence-s 0.0: .* more than 0 s"),
+    ({"spare_frontends": -1}, r"--spare-frontends -1: give how many spare frontends, or 0: none"),
 ])
 def test_plan_topology_refuses_bad_supervision_flags_before_anything_starts(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
