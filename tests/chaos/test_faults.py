@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from gateway.journal import DEFAULT_FLUSH_INTERVAL_S
 from stagemesh.runtime.faults import DropStreams, FailNext, Fault, Stall, inject_fault
 from stagemesh.runtime.tls import MeshTLS
 from tests.chaos.chaos_helpers import greedy_requests, same_tokens, status, streams, wait_whole
@@ -99,7 +100,10 @@ def test_a_stage_stalling_past_the_step_deadline_is_fenced_and_costs_no_token(me
 def test_a_gateway_killed_while_a_chain_is_frozen_comes_back_with_the_other_and_costs_no_token(mesh, model_dir,
                                                                                               fault_free):
     """The new gateway takes the open requests over on the chain that serves: it does not wait
-    for the frozen one (which joins once it answers again)."""
+    for the frozen one (which joins once it answers again). The gateway dies two journal windows
+    after the freeze: a gateway killed before its journal's first flush leaves nothing there to
+    take over, and one that restarts with nothing to take over waits up to 30 s for every chain
+    (``gateway.gateway.LATE_CHAIN_WAIT_S``) before its frontends can resubmit their requests."""
     addr, logs, _ = mesh
     requests, expected = fault_free
     doc = status(addr)
@@ -107,11 +111,14 @@ def test_a_gateway_killed_while_a_chain_is_frozen_comes_back_with_the_other_and_
     gateway = doc["gateway"]["pid"]
     done: list[float] = []
 
+    def kill() -> None:
+        os.kill(gateway, signal.SIGKILL)
+        done.append(time.monotonic())
+
     def freeze_and_kill(total: int) -> None:
         if total == INJECT_AFTER:
             os.kill(frozen, signal.SIGSTOP)
-            os.kill(gateway, signal.SIGKILL)
-            done.append(time.monotonic())
+            asyncio.get_running_loop().call_later(2 * DEFAULT_FLUSH_INTERVAL_S, kill)
 
     try:
         got = asyncio.run(streams(addr, requests, freeze_and_kill))
@@ -119,6 +126,7 @@ def test_a_gateway_killed_while_a_chain_is_frozen_comes_back_with_the_other_and_
     finally:
         os.kill(frozen, signal.SIGCONT)
     same_tokens(model_dir, requests, expected, got)
-    assert "serving with 1 of 2 chain(s)" in (logs / "gateway.log").read_text()
+    logged = (logs / "gateway.log").read_text()
+    assert "serving with 1 of 2 chain(s)" in logged and "took over" in logged  # from the journal
     wait_whole(addr, 4, time.monotonic(), RECOVERY_S)  # the thawed chain joins the new gateway
     print(f"gateway SIGKILL with chain 1 frozen: {len(requests)} streams whole {took:.1f} s after the kill")
