@@ -105,14 +105,16 @@ class Frontend(Role):
         self.link.start()
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()
-        await self._take_slot()
         servicer = FrontendServicer(self.link, tokenizer, config)
         add_servicer = with_kserve(partial(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer), KServeServicer(
             self.link, tokenizer, config, self.opts.served_model_name or Path(self.topology.model).name))
         own = (f"{self.opts.host}:{self.opts.own_port}",) if self.opts.own_port else ()
-        if self.opts.http_port:  # before the client port: once a probe sees SERVING, both ports are up
-            await self._start_http(tokenizer, config)
+        http = self._http_server(tokenizer, config) if self.opts.http_port else None
+        await self._take_slot()  # a spare waits here, ready to bind
         cert = self.opts.serving_cert
+        if http is not None:  # before the client port: once a probe sees SERVING, both ports are up
+            await http.start(self.opts.host, self.opts.http_port, cert.ssl_context() if cert else None)
+            self._http = http
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own, public=True,
                            public_credentials=cert.server_credentials() if cert else None)
 
@@ -136,8 +138,8 @@ class Frontend(Role):
         held = await locks.wait()
         log.warning("%s takes over %s: a frontend exited; this spare serves now", self.opts.name, held)
 
-    async def _start_http(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
-        """The OpenAI API (and the gateway's pages) on the shared HTTP port.
+    def _http_server(self, tokenizer: Tokenizer | None, config: ModelConfig) -> HttpServer:
+        """The OpenAI API (and the gateway's pages) for the shared HTTP port, not yet bound.
 
         NOTE: imported here, as the gateway's HTTP is: aiohttp and jinja2 are ~0.3 s of a frontend's
         start on this VM, which a restarted lone frontend's clients wait for, and a frontend without
@@ -151,10 +153,7 @@ class Frontend(Role):
         api = OpenAIApi(self.link, tokenizer, config, self.opts.served_model_name or Path(model).name,
                         ChatTemplate.from_dir(model))
         proxy = GatewayProxy(self.opts.gateway_http) if self.opts.gateway_http else None
-        http = HttpServer(api, proxy, self.opts.grace_s, self.opts.api_keys)
-        cert = self.opts.serving_cert
-        await http.start(self.opts.host, self.opts.http_port, cert.ssl_context() if cert else None)
-        self._http = http
+        return HttpServer(api, proxy, self.opts.grace_s, self.opts.api_keys)
 
     async def serve(self, server: WorkerServer) -> None:
         """SERVING while the link to the gateway is up and a chain serves, else NOT_SERVING."""
