@@ -102,6 +102,8 @@ class Frontend(Role):
         that is still starting would answer them UNAVAILABLE while its siblings serve."""
         config = ModelConfig.from_dir(self.topology.model)
         tokenizer = Tokenizer.from_dir(self.topology.model)
+        slot = self._slot()
+        self.link.spare = slot is not None and slot.held is None
         self.link.start()
         log.info("%s waiting for the gateway at %s", self.opts.name, self.opts.gateway)
         await self.link.connected.wait()
@@ -110,7 +112,8 @@ class Frontend(Role):
             self.link, tokenizer, config, self.opts.served_model_name or Path(self.topology.model).name))
         own = (f"{self.opts.host}:{self.opts.own_port}",) if self.opts.own_port else ()
         http = self._http_server(tokenizer, config) if self.opts.http_port else None
-        await self._take_slot()  # a spare waits here, ready to bind
+        if self.link.spare:  # it waits here, ready to bind
+            await self._take_slot(slot)
         cert = self.opts.serving_cert
         if http is not None:  # before the client port: once a probe sees SERVING, both ports are up
             await http.start(self.opts.host, self.opts.http_port, cert.ssl_context() if cert else None)
@@ -118,24 +121,30 @@ class Frontend(Role):
         await server.start(f"{self.opts.host}:{self.opts.port}", add_servicer, also=own, public=True,
                            public_credentials=cert.server_credentials() if cert else None)
 
-    async def _take_slot(self) -> None:
-        """Until this frontend holds one of ``slots`` (at once without them).
-
-        NOTE: a warm spare. A lone frontend's restart costs its clients a new interpreter, its
-        imports, the tokenizer and the link (1.2-1.7 s here, under load); a spare has done all of
-        that and blocks in ``flock`` (``stagemesh.runtime.file_lock``) until a serving frontend
-        dies, which lets its lock go as it dies, SIGKILL included. It then binds the shared client
-        port (and its own and the HTTP port) and its clients resume there; the launcher starts the
-        dead one again, which finds every slot held and waits as the next spare."""
+    def _slot(self) -> FileLocks | None:
+        """The locks of ``slots`` (None without them), holding one if one is free: else a spare."""
         if not self.opts.slots:
-            return
+            return None
         locks = FileLocks(self.opts.slots)
         if locks.try_acquire():
             log.info("%s holds %s: it serves", self.opts.name, locks.held)
-            return
-        log.info("%s is a spare: %d other frontend(s) serve; serving once one of them exits",
-                 self.opts.name, len(self.opts.slots))
+        else:
+            log.info("%s is a spare: %d other frontend(s) serve; serving once one of them exits",
+                     self.opts.name, len(self.opts.slots))
+        return locks
+
+    async def _take_slot(self, locks: FileLocks) -> None:
+        """A spare: until it holds one of ``locks``.
+
+        NOTE: a warm spare. A lone frontend's restart costs its clients a new interpreter, its
+        imports, the tokenizer and the link (1.2-1.7 s here, under load); a spare has done all of
+        that, and built its servers, and blocks in ``flock`` (``stagemesh.runtime.file_lock``)
+        until a serving frontend dies, which lets its lock go as it dies, SIGKILL included. It then
+        binds the shared client port (and its own and the HTTP port) and its clients resume there;
+        the launcher starts the dead one again, which finds every slot held and waits as the next
+        spare. The gateway's status lists a spare as one (``GatewayLink.spare``)."""
         held = await locks.wait()
+        self.link.serves()
         log.warning("%s takes over %s: a frontend exited; this spare serves now", self.opts.name, held)
 
     def _http_server(self, tokenizer: Tokenizer | None, config: ModelConfig) -> HttpServer:

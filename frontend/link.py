@@ -63,6 +63,9 @@ class GatewayLink:
         """Set while the stream to a serving gateway is up."""
         self.can_serve = False
         """The gateway's overall health, polled while connected: some chain can serve."""
+        self.spare = False
+        """A warm spare (``frontend.frontend.Frontend._take_slot``): said in every message, so the
+        gateway's status lists it as one; ``serves`` ends it."""
         self._handles = itertools.count(1)
         self._submit: list[scheduling_pb2.Submission] = []
         self._cancel: list[int] = []
@@ -100,6 +103,11 @@ class GatewayLink:
         if self.streams.pop(stream.handle, None) is not None:
             self._cancel.append(stream.handle)
             self._outbox.set()
+
+    def serves(self) -> None:
+        """This spare serves clients now: the next message tells the gateway."""
+        self.spare = False
+        self._outbox.set()
 
     async def cancel_by_id(self, request_id: str) -> bool:
         """``Cancel`` of a request by id, whichever frontend holds it."""
@@ -182,7 +190,7 @@ class GatewayLink:
         resubmit = [_submission(stream, resume=True) for stream in self.streams.values()]
         for stream in self.streams.values():
             stream.restart()  # the gateway sends them all again; the stream skips what its client has
-        yield scheduling_pb2.FrontendBatch(frontend=self.name, pid=os.getpid(), submit=resubmit)
+        yield scheduling_pb2.FrontendBatch(frontend=self.name, pid=os.getpid(), submit=resubmit, spare=self.spare)
         while True:
             await self._outbox.wait()
             if connection != self._connection:
@@ -190,7 +198,7 @@ class GatewayLink:
             self._outbox.clear()
             submit, self._submit = self._submit, []
             cancel, self._cancel = self._cancel, []
-            yield scheduling_pb2.FrontendBatch(submit=submit, cancel=cancel)
+            yield scheduling_pb2.FrontendBatch(submit=submit, cancel=cancel, spare=self.spare)
 
     def _dispatch(self, events: Events) -> None:
         """One EventBatch: tokens first (in order), then finishes and errors."""

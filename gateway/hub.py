@@ -57,6 +57,8 @@ class FrontendLink:
         """The frontend's name (its peer address until its first message names it)."""
         self.pid = 0
         """Its process id as its first message gives it (0: not yet known)."""
+        self.spare = False
+        """A warm spare frontend, linked but serving no client until a serving one exits."""
         self.taken = 0
         """Requests it submitted (new, resumed or resubmitted) since it attached: how the client
         port's connections spread over the frontends."""
@@ -150,9 +152,9 @@ class FrontendHub:
 
     def frontends(self) -> list[dict]:
         """The attached frontends for the status document: name, pid (None: not known), open
-        requests, requests taken since it attached."""
+        requests, requests taken since it attached, whether it is a spare."""
         return sorted(({"name": link.name, "pid": link.pid or None, "requests": len(link.followers),
-                        "taken": link.taken} for link in self.links), key=lambda f: f["name"])
+                        "taken": link.taken, "spare": link.spare} for link in self.links), key=lambda f: f["name"])
 
     def detach(self, link: FrontendLink) -> None:
         """The frontend's stream ended: its requests run on as orphans until taken up again."""

@@ -49,6 +49,7 @@ class SchedulingServicer(scheduling_pb2_grpc.SchedulingServicer):
                 link.name = batch.frontend
             if batch.pid:
                 link.pid = batch.pid
+            link.spare = batch.spare
             for msg in batch.submit:
                 try:
                     sub = submission_from_pb(msg)

@@ -59,7 +59,10 @@ def format_status(doc: dict) -> str:
 
 
 def _frontend(f: dict) -> str:
-    """``frontend-0 (pid 41, 3 open, 120 taken)``; a gateway before ``taken`` gives no count."""
+    """``frontend-0 (pid 41, 3 open, 120 taken)``, ``frontend-1 (pid 42, spare)``; a gateway before
+    ``taken`` gives no count."""
+    if f.get("spare"):
+        return f"{f['name']} (pid {f['pid'] or '?'}, spare)"
     taken = f", {f['taken']} taken" if "taken" in f else ""
     return f"{f['name']} (pid {f['pid'] or '?'}, {f['requests']} open{taken})"
 

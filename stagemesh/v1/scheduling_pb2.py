@@ -27,7 +27,7 @@ from stagemesh.v1 import sampling_pb2 as stagemesh_dot_v1_dot_sampling__pb2
 from stagemesh.v1 import tensor_pb2 as stagemesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstagemesh/v1/scheduling.proto\x12\x0cstagemesh.v1\x1a\x1astagemesh/v1/gateway.proto\x1a\x1bstagemesh/v1/sampling.proto\x1a\x19stagemesh/v1/tensor.proto\"\xcd\x01\n\nSubmission\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12-\n\x0fknown_token_ids\x18\x06 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\"h\n\rFrontendBatch\x12\x10\n\x08\x66rontend\x18\x01 \x01(\t\x12(\n\x06submit\x18\x02 \x03(\x0b\x32\x18.stagemesh.v1.Submission\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x03(\x04\x12\x0b\n\x03pid\x18\x04 \x01(\r\"B\n\x0cRequestError\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.stagemesh.v1.Error\"\xfb\x02\n\nEventBatch\x12%\n\x07handles\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\x38\n\x08\x66inished\x18\x03 \x03(\x0b\x32&.stagemesh.v1.EventBatch.FinishedEntry\x12*\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x1a.stagemesh.v1.RequestError\x12\x38\n\x08logprobs\x18\x05 \x03(\x0b\x32&.stagemesh.v1.EventBatch.LogprobsEntry\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.stagemesh.v1.TokenLogprobs:\x02\x38\x01\x32\xdc\x01\n\nScheduling\x12\x44\n\x07\x43onnect\x12\x1b.stagemesh.v1.FrontendBatch\x1a\x18.stagemesh.v1.EventBatch(\x01\x30\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.stagemesh.v1.CancelRequest\x1a\x1c.stagemesh.v1.CancelResponse\x12\x43\n\x06Status\x12\x1b.stagemesh.v1.StatusRequest\x1a\x1c.stagemesh.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstagemesh/v1/scheduling.proto\x12\x0cstagemesh.v1\x1a\x1astagemesh/v1/gateway.proto\x1a\x1bstagemesh/v1/sampling.proto\x1a\x19stagemesh/v1/tensor.proto\"\xcd\x01\n\nSubmission\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12-\n\x0fknown_token_ids\x18\x06 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\"w\n\rFrontendBatch\x12\x10\n\x08\x66rontend\x18\x01 \x01(\t\x12(\n\x06submit\x18\x02 \x03(\x0b\x32\x18.stagemesh.v1.Submission\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x03(\x04\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\r\n\x05spare\x18\x05 \x01(\x08\"B\n\x0cRequestError\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.stagemesh.v1.Error\"\xfb\x02\n\nEventBatch\x12%\n\x07handles\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\x38\n\x08\x66inished\x18\x03 \x03(\x0b\x32&.stagemesh.v1.EventBatch.FinishedEntry\x12*\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x1a.stagemesh.v1.RequestError\x12\x38\n\x08logprobs\x18\x05 \x03(\x0b\x32&.stagemesh.v1.EventBatch.LogprobsEntry\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.stagemesh.v1.TokenLogprobs:\x02\x38\x01\x32\xdc\x01\n\nScheduling\x12\x44\n\x07\x43onnect\x12\x1b.stagemesh.v1.FrontendBatch\x1a\x18.stagemesh.v1.EventBatch(\x01\x30\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.stagemesh.v1.CancelRequest\x1a\x1c.stagemesh.v1.CancelResponse\x12\x43\n\x06Status\x12\x1b.stagemesh.v1.StatusRequest\x1a\x1c.stagemesh.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMISSION']._serialized_start=132
   _globals['_SUBMISSION']._serialized_end=337
   _globals['_FRONTENDBATCH']._serialized_start=339
-  _globals['_FRONTENDBATCH']._serialized_end=443
-  _globals['_REQUESTERROR']._serialized_start=445
-  _globals['_REQUESTERROR']._serialized_end=511
-  _globals['_EVENTBATCH']._serialized_start=514
-  _globals['_EVENTBATCH']._serialized_end=893
-  _globals['_EVENTBATCH_FINISHEDENTRY']._serialized_start=768
-  _globals['_EVENTBATCH_FINISHEDENTRY']._serialized_end=815
-  _globals['_EVENTBATCH_LOGPROBSENTRY']._serialized_start=817
-  _globals['_EVENTBATCH_LOGPROBSENTRY']._serialized_end=893
-  _globals['_SCHEDULING']._serialized_start=896
-  _globals['_SCHEDULING']._serialized_end=1116
+  _globals['_FRONTENDBATCH']._serialized_end=458
+  _globals['_REQUESTERROR']._serialized_start=460
+  _globals['_REQUESTERROR']._serialized_end=526
+  _globals['_EVENTBATCH']._serialized_start=529
+  _globals['_EVENTBATCH']._serialized_end=908
+  _globals['_EVENTBATCH_FINISHEDENTRY']._serialized_start=783
+  _globals['_EVENTBATCH_FINISHEDENTRY']._serialized_end=830
+  _globals['_EVENTBATCH_LOGPROBSENTRY']._serialized_start=832
+  _globals['_EVENTBATCH_LOGPROBSENTRY']._serialized_end=908
+  _globals['_SCHEDULING']._serialized_start=911
+  _globals['_SCHEDULING']._serialized_end=1131
 # @@protoc_insertion_point(module_scope)

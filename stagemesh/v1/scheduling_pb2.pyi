@@ -26,16 +26,18 @@ class Submission(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., resume: _Optional[bool] = ..., known_token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class FrontendBatch(_message.Message):
-    __slots__ = ("frontend", "submit", "cancel", "pid")
+    __slots__ = ("frontend", "submit", "cancel", "pid", "spare")
     FRONTEND_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    SPARE_FIELD_NUMBER: _ClassVar[int]
     frontend: str
     submit: _containers.RepeatedCompositeFieldContainer[Submission]
     cancel: _containers.RepeatedScalarFieldContainer[int]
     pid: int
-    def __init__(self, frontend: _Optional[str] = ..., submit: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., cancel: _Optional[_Iterable[int]] = ..., pid: _Optional[int] = ...) -> None: ...
+    spare: bool
+    def __init__(self, frontend: _Optional[str] = ..., submit: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., cancel: _Optional[_Iterable[int]] = ..., pid: _Optional[int] = ..., spare: _Optional[bool] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("handle", "error")

@@ -171,6 +171,7 @@ def test_a_lone_frontend_killed_with_a_spare_beside_it_costs_no_token_and_the_sp
         assert _eventually(lambda: _logged(logs, "frontend").count("is a spare") == trial + 1)
         serving = int(slot.read_text())
         (spare,) = [pid for pid in children(proc.pid, "frontend") if pid != serving]
+        assert _spares(addr) == [spare]  # the gateway's status names the spare as one
         results, gap = asyncio.run(run_streams(addr, lambda: kill(serving)))
         assert results == reference
         # the spare serves now (not a process the launcher started after the kill) ...
@@ -178,8 +179,14 @@ def test_a_lone_frontend_killed_with_a_spare_beside_it_costs_no_token_and_the_sp
         assert _logged(logs, "frontend").count("this spare serves now") == trial + 1
         # ... and the launcher started the killed one again, which waits as the next spare
         assert _eventually(lambda: _logged(logs, "frontend").count("is a spare") == trial + 2)
+        assert _eventually(lambda: _spares(addr) == [p for p in children(proc.pid, "frontend") if p != spare])
         print(f"lone frontend SIGKILL with a spare {trial + 1}/{TRIALS}: {STREAMS} streams whole; "
               f"longest gap a stream saw {gap:.2f} s")
+
+
+def _spares(addr: str) -> list[int]:
+    """The pids of the frontends the gateway's status document calls spares."""
+    return [f["pid"] for f in status(addr)["gateway"]["frontends"] if f["spare"]]
 
 
 def _logged(logs: Path, role: str = "gateway") -> str:

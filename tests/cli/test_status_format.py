@@ -10,6 +10,12 @@ def _doc(frontends: list[dict] | None) -> dict:
     return {"model": "m", "version": "v", "chains": [], "workers": [], "gateway": gateway}
 
 
+def test_a_spare_frontend_is_named_as_one():
+    text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3, "taken": 120, "spare": False},
+                               {"name": "frontend-1", "pid": 42, "requests": 0, "taken": 0, "spare": True}]))
+    assert text.splitlines()[-1] == "frontends: frontend-0 (pid 41, 3 open, 120 taken), frontend-1 (pid 42, spare)"
+
+
 def test_the_attached_frontends_are_named_with_pid_open_and_taken_requests():
     text = format_status(_doc([{"name": "frontend-0", "pid": 41, "requests": 3, "taken": 120},
                                {"name": "frontend-1", "pid": None, "requests": 0, "taken": 0}]))

@@ -66,8 +66,8 @@ def test_each_step_reaches_a_frontend_as_one_message_with_every_request_of_it():
         assert steps <= 8, steps  # ~one message per step for 4 requests x 6 tokens, not one per token
     assert not any(link.followers for link in hub.links)
     # the status names each with the requests it took, none open any more
-    assert hub.frontends() == [{"name": "a", "pid": None, "requests": 0, "taken": 4},
-                               {"name": "b", "pid": None, "requests": 0, "taken": 4}]
+    assert hub.frontends() == [{"name": "a", "pid": None, "requests": 0, "taken": 4, "spare": False},
+                               {"name": "b", "pid": None, "requests": 0, "taken": 4, "spare": False}]
 
 
 def test_a_cancel_frees_its_request_and_an_orphan_nobody_takes_up_is_cancelled_after_the_window():
