@@ -5,13 +5,14 @@
 Startup: connect to Redis and read the topology (both retried until present), with a
 ``lock_file`` wait until this process holds it (a warm standby: ``gateway.lead``), start the gRPC
 server with health NOT_SERVING, wait until every stage of every chain answers its health
-check SERVING and its ``Info``, build one engine per chain, take over the open requests a
-previous gateway journaled (``FrontendHub.adopt``), then turn health SERVING: the frontends
-connect (again) and resubmit their clients' requests. From then on ``gateway.chain_health``
-takes chains whose workers stop answering out of service and puts them back when they answer
-again, requests of a failed chain resume on another (``gateway.failover``), and the overall
-health ("") says NOT_SERVING while no chain is in service (the ``Scheduling`` service stays
-SERVING, so the frontends stay connected and their requests wait for a chain).
+check SERVING and its ``Info`` (after a restart: until one chain does), build one engine per
+chain, take over the open requests a previous gateway journaled (``FrontendHub.adopt``), then
+turn health SERVING: the frontends connect (again) and resubmit their clients' requests. From
+then on ``gateway.chain_health`` takes chains whose workers stop answering out of service and
+puts them back when they answer again, requests of a failed chain resume on another
+(``gateway.failover``), and the overall health ("") says NOT_SERVING while no chain is in
+service (the ``Scheduling`` service stays SERVING, so the frontends stay connected and their
+requests wait for a chain).
 
 NOTE: each start is a new *epoch* (its start time in microseconds; a standby's: when it leads),
 stamped on every step: a stage worker that sees a newer one drops the sequences of the old
@@ -46,6 +47,7 @@ from gateway.scheduling import SchedulingServicer
 from gateway.status import StatusReporter
 from stagemesh.config import ModelConfig
 from stagemesh.errors import StagemeshError
+from stagemesh.mesh.figures import StageFigures
 from stagemesh.mesh.signing import Signer
 from stagemesh.mesh.store import JournalEntry, Store
 from stagemesh.mesh.topology import Chain, Topology
@@ -178,7 +180,8 @@ class Gateway(Role):
             self.experts = experts
             await experts.start()  # the placement in Redis; returns once every expert worker serves
         open_requests = await self._journaled(topology)
-        await self._build_chains(topology, config, tokenizer, late_wait_s=0.0 if open_requests else LATE_CHAIN_WAIT_S)
+        restart = bool(open_requests) or await self._mesh_served()
+        await self._build_chains(topology, config, tokenizer, late_wait_s=0.0 if restart else LATE_CHAIN_WAIT_S)
         self.chain_watch = ChainWatch(self.store, self.router, topology, self.probe, self.experts)
         self._watch = asyncio.create_task(self.chain_watch.run(), name="gateway-health")
         self.hub.start()
@@ -203,9 +206,11 @@ class Gateway(Role):
         """Every chain, built as its workers serve: returns once all are, or once one is and the
         others have had ``late_wait_s`` more; those join the router when they serve.
 
-        NOTE: a gateway restarted while a chain's worker is dead (being restarted, or given up
-        on) must not hold the requests it takes over until that chain is back: with requests
-        to take over it serves as soon as one chain does."""
+        NOTE: a gateway restarted while a chain's worker is dead or frozen must not hold the
+        requests until that chain is back: those it takes over from the journal, and those its
+        frontends hold, which they resubmit only once it serves (a journal flushes every 100 ms,
+        and Redis may have lost it). A restart (requests to take over, or a mesh whose stages ran
+        steps: ``_mesh_served``) serves as soon as one chain does; a first start waits for all."""
         async def build(chain: Chain) -> None:
             self.router.add(await build_chain(chain, config, tokenizer, self.store, self.opts, self.epoch))
 
@@ -220,6 +225,17 @@ class Gateway(Role):
             logger.warning("serving with %d of %d chain(s); the others join once their workers serve",
                            len(done), len(tasks))
         self._late_chains = pending
+
+    async def _mesh_served(self) -> bool:
+        """Whether a stage of the mesh ran steps since it started (its figures in Redis, which expire
+        30 s after its last heartbeat): this gateway follows another one."""
+        try:
+            metrics = await self.store.get_metrics()
+        except StagemeshError as err:
+            logger.warning("could not read the workers' figures: %s", err)
+            return False
+        steps = (StageFigures.from_json(doc).steps for doc in metrics.values())
+        return any(isinstance(n, int) and n > 0 for n in steps)
 
     async def _journaled(self, topology: Topology) -> list[JournalEntry]:
         """The requests a previous gateway left open in the journal (none when it cannot be read)."""
