@@ -130,7 +130,7 @@ def main() -> None:
             elif args.victim == "stage":
                 victim = next(w["pid"] for w in doc["workers"] if w["role"] == "stage" and w["stage"] == args.pp - 1)
             elif args.spare_frontends:  # a serving one: it holds a slot's lock and wrote its pid there
-                victim = int((logs / "frontend-slot-0.lock").read_text())
+                victim = int((logs / f"frontend-slot-0-{args.port}.lock").read_text())
             else:
                 victim = _children(up.pid, "frontend")[0]
             gap, tokens = asyncio.run(trial(addr, args.streams, lambda: os.kill(victim, sig)))

@@ -201,7 +201,7 @@ class Mesh:
         if not self.opts.standby_gateway:
             self._spawn("gateway", "gateway", *args, address=scheduling, service=SCHEDULING_SERVICE)
             return
-        lock = ["--lock-file", str(self.log_dir / "gateway.lock")]
+        lock = ["--lock-file", str(self._lock_file("gateway"))]
         if self.opts.standby_fence_s is not None:
             lock += ["--fence-after-s", str(self.opts.standby_fence_s)]
         for name in STANDBY_PAIR:  # whichever locks first leads; the other's log says it waits
@@ -212,7 +212,12 @@ class Mesh:
         serves, so the rest wait as warm spares (``frontend.frontend.Frontend._take_slot``)."""
         if not self.opts.spare_frontends:
             return []
-        return ["--slot-files", *(str(self.log_dir / f"frontend-slot-{i}.lock") for i in range(self.frontends))]
+        return ["--slot-files", *(str(self._lock_file(f"frontend-slot-{i}")) for i in range(self.frontends))]
+
+    def _lock_file(self, name: str) -> Path:
+        """``name``'s lock file in the log dir, named for the client port too: two meshes given one
+        ``--log-dir`` (never one port: ``up`` checks it) must not share a lock."""
+        return self.log_dir / f"{name}-{self.opts.port}.lock"
 
     def _api_key_args(self) -> list[str]:
         """The frontends' ``--api-key-file`` (none without keys). NOTE: the keys go to the frontends

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -335,3 +336,18 @@ def test_a_frozen_redis_is_killed_and_restarted_on_its_port_with_its_data(tmp_pa
         assert journaled == ["r1"]  # back from its append-only file
     finally:
         keeper.stop()
+
+
+def test_two_meshes_given_one_log_dir_share_no_lock_file(tmp_path):
+    """The spare frontends' slots and the standby gateways' lock are named for the client port too:
+    two meshes logging into one directory (on two ports: ``up`` refuses a port in use) would
+    otherwise take each other's slots, and one of them would have no frontend serving."""
+    def locks(port: int) -> set[str]:
+        mesh = _mesh(tmp_path, port=port, spare_frontends=2, standby_gateway=True)
+        slots = mesh._slot_args()
+        assert slots[0] == "--slot-files" and len(slots) == 2  # one slot per serving frontend (one here)
+        return {*slots[1:], str(mesh._lock_file("gateway"))}
+
+    first, second = locks(50051), locks(50061)
+    assert len(first) == len(second) == 2 and not first & second
+    assert all(Path(path).parent == tmp_path for path in first | second)
