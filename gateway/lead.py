@@ -44,7 +44,10 @@ class LeadLock(FileLocks):
 
     def __init__(self, path: Path):
         super().__init__((path,))
-        self.path = path
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
 
     async def acquire(self, fence: Fence | None = None) -> None:
         """Until this process holds the lock; with ``fence``, a leader that freezes is killed."""

@@ -111,8 +111,8 @@ def main() -> None:
     command = [sys.executable, "-m", "stagemesh.cli", "up", "--model", args.model, "--pp", str(args.pp), "--insecure",
                "--frontends", str(args.frontends), "--port", str(args.port)]
     command += ["--standby-gateway"] if args.standby_gateway else []
-    logs = Path(tempfile.mkdtemp(prefix="kill-gap-"))
-    command += ["--spare-frontends", str(args.spare_frontends), "--log-dir", str(logs)] if args.spare_frontends else []
+    logs = Path(tempfile.mkdtemp(prefix="kill-gap-"))  # where a spare's slot files are
+    command += ["--spare-frontends", str(args.spare_frontends), "--log-dir", str(logs)]
     command += ["--liveness-s", str(args.liveness_s)] if args.liveness_s is not None else []
     up = subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
